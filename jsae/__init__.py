@@ -1,0 +1,46 @@
+"""jsae: sparse autoencoders in JAX, weight-compatible with SAELens.
+
+`import jsae` never imports torch; the PyTorch side (TransformerLens models, DLPack
+hand-off) lives in the separate `bridge` package.
+"""
+
+from jsae._errors import ConfigError, FormatError, InputError, JsaeError, MissingFileError
+from jsae.config import SAEConfig, Metadata
+from jsae.sae import SAE
+from jsae.saes import ARCHITECTURES, ForwardOutput, InputState, init_params
+from jsae.saes.gated import GatedSAEConfig
+from jsae.saes.jumprelu import JumpReLUSAEConfig
+from jsae.saes.standard import StandardSAEConfig
+from jsae.saes.topk import TopKSAEConfig
+from jsae.saes.transcoder import (
+    JumpReLUSkipTranscoderConfig,
+    JumpReLUTranscoderConfig,
+    SkipTranscoderConfig,
+    TranscoderConfig,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES",
+    "ConfigError",
+    "ForwardOutput",
+    "FormatError",
+    "GatedSAEConfig",
+    "InputError",
+    "InputState",
+    "JsaeError",
+    "JumpReLUSAEConfig",
+    "JumpReLUSkipTranscoderConfig",
+    "JumpReLUTranscoderConfig",
+    "Metadata",
+    "MissingFileError",
+    "SAE",
+    "SAEConfig",
+    "SkipTranscoderConfig",
+    "StandardSAEConfig",
+    "TopKSAEConfig",
+    "TranscoderConfig",
+    "__version__",
+    "init_params",
+]

@@ -1,0 +1,75 @@
+"""The architecture registry: one explicit dict from SAELens architecture name to its pieces."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from jsae._errors import ConfigError, close_names
+from jsae.config import SAEConfig
+from jsae.saes import gated, jumprelu, standard, topk, transcoder
+from jsae.saes._base import BaseSAEModule, ForwardOutput, InputState
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """What jsae knows about one SAELens architecture."""
+
+    name: str
+    config_cls: type[SAEConfig]
+    module_cls: type[BaseSAEModule]
+    fold_W_dec_norm: Callable[[dict, SAEConfig], dict]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        Architecture("standard", standard.StandardSAEConfig, standard.StandardSAE, standard.fold_W_dec_norm),
+        Architecture("gated", gated.GatedSAEConfig, gated.GatedSAE, gated.fold_W_dec_norm),
+        Architecture("jumprelu", jumprelu.JumpReLUSAEConfig, jumprelu.JumpReLUSAE, jumprelu.fold_W_dec_norm),
+        Architecture("topk", topk.TopKSAEConfig, topk.TopKSAE, topk.fold_W_dec_norm),
+        Architecture(
+            "transcoder", transcoder.TranscoderConfig, transcoder.Transcoder, transcoder.fold_W_dec_norm
+        ),
+        Architecture(
+            "skip_transcoder",
+            transcoder.SkipTranscoderConfig,
+            transcoder.SkipTranscoder,
+            transcoder.fold_W_dec_norm,
+        ),
+        Architecture(
+            "jumprelu_transcoder",
+            transcoder.JumpReLUTranscoderConfig,
+            transcoder.JumpReLUTranscoder,
+            transcoder.fold_W_dec_norm,
+        ),
+        Architecture(
+            "jumprelu_skip_transcoder",
+            transcoder.JumpReLUSkipTranscoderConfig,
+            transcoder.JumpReLUSkipTranscoder,
+            transcoder.fold_W_dec_norm,
+        ),
+    )
+}
+
+
+def get_architecture(name: str, *, where: str = "architecture") -> Architecture:
+    """The registry entry for `name`, or a ConfigError listing the known names."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(
+            f"{where}: unknown architecture {name!r}; jsae knows {sorted(ARCHITECTURES)}."
+            + close_names(str(name), ARCHITECTURES)
+        )
+    return ARCHITECTURES[name]
+
+
+def init_params(cfg: SAEConfig, key) -> dict:
+    """Freshly initialised parameters for cfg (SAELens' inference-time init)."""
+    import jax.numpy as jnp
+
+    module = get_architecture(cfg.architecture).module_cls(cfg)
+    shape = (1, 1, cfg.d_in) if cfg.reshape_activations == "hook_z" and module.flattens_hook_z else (1, cfg.d_in)
+    return dict(module.init(key, jnp.ones(shape, cfg.jnp_dtype), method="encode")["params"])
+
+
+__all__ = ["init_params", "ARCHITECTURES", "Architecture", "ForwardOutput", "InputState", "get_architecture"]
