@@ -5,7 +5,7 @@ hand-off) lives in the separate `bridge` package.
 """
 
 from jsae._errors import ConfigError, FormatError, InputError, JsaeError, MissingFileError
-from jsae.config import SAEConfig, Metadata
+from jsae.config import Metadata, SAEConfig
 from jsae.sae import SAE
 from jsae.saes import ARCHITECTURES, ForwardOutput, InputState, init_params
 from jsae.saes.gated import GatedSAEConfig

@@ -139,24 +139,19 @@ class SAEConfig:
                 raise ConfigError(f"{name}.{field} must be a positive integer, got {value!r}.")
         if self.dtype not in DTYPES:
             raise ConfigError(
-                f"{name}.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}."
-                + close_names(self.dtype, DTYPES)
+                f"{name}.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}." + close_names(self.dtype, DTYPES)
             )
         if self.normalize_activations not in NORMALIZE_MODES:
             raise ConfigError(
                 f"{name}.normalize_activations must be one of {list(NORMALIZE_MODES)}, "
-                f"got {self.normalize_activations!r}."
-                + close_names(self.normalize_activations, NORMALIZE_MODES)
+                f"got {self.normalize_activations!r}." + close_names(self.normalize_activations, NORMALIZE_MODES)
             )
         if self.reshape_activations not in RESHAPE_MODES:
             raise ConfigError(
-                f"{name}.reshape_activations must be one of {list(RESHAPE_MODES)}, "
-                f"got {self.reshape_activations!r}."
+                f"{name}.reshape_activations must be one of {list(RESHAPE_MODES)}, got {self.reshape_activations!r}."
             )
         if not isinstance(self.apply_b_dec_to_input, bool):
-            raise ConfigError(
-                f"{name}.apply_b_dec_to_input must be a bool, got {self.apply_b_dec_to_input!r}."
-            )
+            raise ConfigError(f"{name}.apply_b_dec_to_input must be a bool, got {self.apply_b_dec_to_input!r}.")
         if not isinstance(self.metadata, Metadata):
             raise ConfigError(f"{name}.metadata must be a jsae.Metadata, got {type(self.metadata)}.")
 

@@ -221,7 +221,8 @@ def check_params(params: Mapping[str, Any], cfg: SAEConfig, *, source: str) -> N
         if found != shape:
             raise FormatError(
                 f"{source}: tensor {name!r} has shape {found}, but the config (d_in={cfg.d_in}, "
-                f"d_sae={cfg.d_sae}" + (f", d_out={cfg.d_out}" if cfg.d_out != cfg.d_in else "")
+                f"d_sae={cfg.d_sae}"
+                + (f", d_out={cfg.d_out}" if cfg.d_out != cfg.d_in else "")
                 + f") calls for {shape}."
             )
 
@@ -332,8 +333,8 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
             raise FormatError(f"{weights_path}: missing tensor {key!r} (found {sorted(tensors)}).")
     d_sae = raw.get("num_latents") or raw["d_in"] * raw.get("expansion_factor", 32)
     match = re.search(r"layers[._](\d+)", path.name)
-    hook_name = "hook_embed" if path.name == "embed_tokens" else (
-        f"blocks.{match.group(1)}.hook_resid_post" if match else None
+    hook_name = (
+        "hook_embed" if path.name == "embed_tokens" else (f"blocks.{match.group(1)}.hook_resid_post" if match else None)
     )
     cfg_dict = {
         "architecture": "topk",

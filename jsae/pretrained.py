@@ -101,8 +101,7 @@ def resolve(release: str, sae_id: str) -> tuple[str, str, str, dict[str, Any], f
         ids = list(entry.saes)
         shown = ids[:8] + (["..."] if len(ids) > 8 else [])
         raise ConfigError(
-            f"sae_id: {sae_id!r} is not in release {entry.name!r}; its ids are {shown}."
-            + close_names(sae_id, ids)
+            f"sae_id: {sae_id!r} is not in release {entry.name!r}; its ids are {shown}." + close_names(sae_id, ids)
         )
     info = entry.saes[sae_id]
     overrides = dict(entry.config_overrides)
@@ -123,17 +122,17 @@ def _download(repo_id: str, filename: str, *, force_download: bool, optional: bo
 
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, force_download=force_download))
-    except EntryNotFoundError:
-        if optional:
-            return None
-        raise MissingFileError(f"{repo_id}/{filename}: the Hub repository has no such file.") from None
-    except LocalEntryNotFoundError as err:
+    except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: test it first
         if optional:
             return None
         raise MissingFileError(
             f"{repo_id}/{filename}: not in the local Hugging Face cache and the Hub cannot be reached "
             f"(offline or HF_HUB_OFFLINE set): {err}"
         ) from None
+    except EntryNotFoundError:
+        if optional:
+            return None
+        raise MissingFileError(f"{repo_id}/{filename}: the Hub repository has no such file.") from None
 
 
 def _path_in_repo(folder: str, filename: str) -> str:
@@ -154,8 +153,11 @@ def load(
         cfg_path = fetch(io.CFG_FILENAME, optional=True)
         if cfg_path is None and fetch(io.GEMMA_SCOPE_FILENAME, optional=True) is not None:
             converter = "gemma_2"
-        elif cfg_path is not None and fetch(io.WEIGHTS_FILENAME, optional=True) is None and \
-                fetch(io.SPARSIFY_WEIGHTS_FILENAME, optional=True) is not None:
+        elif (
+            cfg_path is not None
+            and fetch(io.WEIGHTS_FILENAME, optional=True) is None
+            and fetch(io.SPARSIFY_WEIGHTS_FILENAME, optional=True) is not None
+        ):
             converter = "sparsify"
         else:
             converter = "sae_lens"

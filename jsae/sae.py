@@ -102,7 +102,11 @@ class SAE:
     ) -> SAE:
         """Download (or read from the Hugging Face cache) a released SAE; see `jsae.pretrained`."""
         return cls.from_pretrained_with_cfg_and_sparsity(
-            release, sae_id, device=device, dtype=dtype, force_download=force_download,
+            release,
+            sae_id,
+            device=device,
+            dtype=dtype,
+            force_download=force_download,
             fold_W_dec_norm=fold_W_dec_norm,
         )[0]
 
@@ -186,7 +190,9 @@ class SAE:
         return self.params["b_dec"]
 
     def __repr__(self) -> str:
-        return f"SAE(architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.cfg.dtype!r})"
+        return (
+            f"SAE(architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}, dtype={self.cfg.dtype!r})"
+        )
 
     # ------------------------------------------------------------------ compute
     def apply(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -20,16 +20,32 @@ VARIANTS = {
 }
 
 
-def make_saelens_sae(variant, *, d_in=16, d_sae=48, dtype="float32", apply_b_dec_to_input=True,
-                     normalize_activations="none", reshape_activations="none", metadata=None, seed=0):
+def make_saelens_sae(
+    variant,
+    *,
+    d_in=16,
+    d_sae=48,
+    dtype="float32",
+    apply_b_dec_to_input=True,
+    normalize_activations="none",
+    reshape_activations="none",
+    metadata=None,
+    seed=0,
+):
     """A sae_lens inference SAE of `variant` whose every parameter is random (thresholds > 0)."""
     from sae_lens.registry import get_sae_class
     from sae_lens.saes.sae import SAEMetadata
 
     arch, extra = VARIANTS[variant]
     sae_cls, cfg_cls = get_sae_class(arch)
-    kwargs = dict(d_in=d_in, d_sae=d_sae, dtype=dtype, normalize_activations=normalize_activations,
-                  reshape_activations=reshape_activations, **extra)
+    kwargs = dict(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=dtype,
+        normalize_activations=normalize_activations,
+        reshape_activations=reshape_activations,
+        **extra,
+    )
     kwargs["apply_b_dec_to_input"] = False if arch in TRANSCODERS else apply_b_dec_to_input
     cfg = cfg_cls(**kwargs)
     cfg.metadata = SAEMetadata(**(metadata or {"hook_name": "blocks.1.hook_resid_pre", "model_name": "toy"}))

@@ -129,7 +129,9 @@ def test_hook_z_reshape_matches(tmp_path, variant):
     assert_close("forward", sae(to_numpy(x)), out, "float32")
 
 
-@pytest.mark.parametrize("variant", ["standard", "gated", "jumprelu", "topk_rescaled", "transcoder", "jumprelu_transcoder"])
+@pytest.mark.parametrize(
+    "variant", ["standard", "gated", "jumprelu", "topk_rescaled", "transcoder", "jumprelu_transcoder"]
+)
 def test_fold_W_dec_norm_matches_saelens(tmp_path, variant):
     ref = make_saelens_sae(variant)
     ref.save_model(tmp_path)

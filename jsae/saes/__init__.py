@@ -28,9 +28,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("gated", gated.GatedSAEConfig, gated.GatedSAE, gated.fold_W_dec_norm),
         Architecture("jumprelu", jumprelu.JumpReLUSAEConfig, jumprelu.JumpReLUSAE, jumprelu.fold_W_dec_norm),
         Architecture("topk", topk.TopKSAEConfig, topk.TopKSAE, topk.fold_W_dec_norm),
-        Architecture(
-            "transcoder", transcoder.TranscoderConfig, transcoder.Transcoder, transcoder.fold_W_dec_norm
-        ),
+        Architecture("transcoder", transcoder.TranscoderConfig, transcoder.Transcoder, transcoder.fold_W_dec_norm),
         Architecture(
             "skip_transcoder",
             transcoder.SkipTranscoderConfig,

@@ -80,9 +80,7 @@ def decoder_row_norms(W_dec: Array) -> Array:
 def topk_scatter(values: Array, k: int) -> Array:
     """Keep the k largest entries of the last axis, relu'd, zeros elsewhere (SAELens' TopK)."""
     top_values, top_indices = jax.lax.top_k(values, k)
-    return jnp.put_along_axis(
-        jnp.zeros_like(values), top_indices, jax.nn.relu(top_values), axis=-1, inplace=False
-    )
+    return jnp.put_along_axis(jnp.zeros_like(values), top_indices, jax.nn.relu(top_values), axis=-1, inplace=False)
 
 
 class BaseSAEModule(nn.Module):
@@ -120,9 +118,7 @@ class BaseSAEModule(nn.Module):
                     f"d_in = {cfg.d_in}, got shape {tuple(x.shape)}."
                 )
         elif x.ndim < 1 or x.shape[-1] != cfg.d_in:
-            raise InputError(
-                f"input: expected a last dimension of d_in = {cfg.d_in}, got shape {tuple(x.shape)}."
-            )
+            raise InputError(f"input: expected a last dimension of d_in = {cfg.d_in}, got shape {tuple(x.shape)}.")
 
     flattens_hook_z = True
 
@@ -171,8 +167,7 @@ class BaseSAEModule(nn.Module):
         feature_acts = jnp.asarray(feature_acts)
         if feature_acts.ndim < 1 or feature_acts.shape[-1] != self.cfg.d_sae:
             raise InputError(
-                f"decode: expected a last dimension of d_sae = {self.cfg.d_sae}, "
-                f"got shape {tuple(feature_acts.shape)}."
+                f"decode: expected a last dimension of d_sae = {self.cfg.d_sae}, got shape {tuple(feature_acts.shape)}."
             )
         out = self.decode_linear(feature_acts)
         return self.finish_output(out, state)

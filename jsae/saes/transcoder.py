@@ -46,9 +46,7 @@ class TranscoderConfig(SAEConfig):
         if isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out <= 0:
             raise ConfigError(f"{name}.d_out must be a positive integer, got {self.d_out!r}.")
         if self.apply_b_dec_to_input:
-            raise ConfigError(
-                f"{name}.apply_b_dec_to_input must be false: b_dec has width d_out, not d_in."
-            )
+            raise ConfigError(f"{name}.apply_b_dec_to_input must be false: b_dec has width d_out, not d_in.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,48 @@
+"""Package-level promises: torch-free import, the demo command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jsae
+
+
+def test_import_jsae_does_not_import_torch():
+    code = "import sys, jsae, jsae.io, jsae.pretrained; print('torch' in sys.modules, 'sae_lens' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_public_api_exports():
+    for name in jsae.__all__:
+        assert hasattr(jsae, name), name
+    assert set(jsae.ARCHITECTURES) >= {
+        "standard",
+        "gated",
+        "jumprelu",
+        "topk",
+        "transcoder",
+        "skip_transcoder",
+        "jumprelu_transcoder",
+    }
+
+
+def test_demo_command_round_trips(tmp_path, capsys):
+    from bridge.cli import main
+
+    assert main(["demo", "--output-path", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "tensors bit-identical True" in out
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    again = jsae.SAE.load_from_disk(tmp_path / "demo")
+    assert again.cfg.metadata.hook_name == "blocks.1.hook_resid_pre"
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert "pytest" in ci and ci in readme
