@@ -19,9 +19,32 @@ from jsae.saes.transcoder import (
     TranscoderConfig,
 )
 
+from jsae.saes.batchtopk import BatchTopKTrainingSAEConfig
+from jsae.saes.gated import GatedTrainingSAEConfig
+from jsae.saes.jumprelu import JumpReLUTrainingSAEConfig
+from jsae.saes.matryoshka import MatryoshkaBatchTopKTrainingSAEConfig
+from jsae.saes.standard import StandardTrainingSAEConfig
+from jsae.saes.topk import TopKTrainingSAEConfig
+from jsae.training.config import TrainConfig
+from jsae.training.step import TrainState, init_train_state, make_train_step
+from jsae.training.trainer import Trainer, TrainingInterrupted, train
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchTopKTrainingSAEConfig",
+    "GatedTrainingSAEConfig",
+    "JumpReLUTrainingSAEConfig",
+    "MatryoshkaBatchTopKTrainingSAEConfig",
+    "StandardTrainingSAEConfig",
+    "TopKTrainingSAEConfig",
+    "TrainConfig",
+    "TrainState",
+    "Trainer",
+    "TrainingInterrupted",
+    "init_train_state",
+    "make_train_step",
+    "train",
     "ARCHITECTURES",
     "ConfigError",
     "ForwardOutput",

@@ -179,3 +179,25 @@ class SAEConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def dataclass_from_dict(cls: type, data: Mapping[str, Any], *, where: str) -> Any:
+    """Build dataclass `cls` from `data`; an unknown key is an error naming it and the closest field."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of field names to values, got {type(data).__name__}.")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} for {cls.__name__}." + close_names(str(key), names)
+                + f" Known keys: {sorted(names)}."
+            )
+    kwargs = dict(data)
+    if "metadata" in kwargs and not isinstance(kwargs["metadata"], Metadata):
+        kwargs["metadata"] = Metadata(kwargs["metadata"] or {})
+    if "dtype" in kwargs:
+        kwargs["dtype"] = canonical_dtype(kwargs["dtype"], field=f"{where}.dtype")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from err

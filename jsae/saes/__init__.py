@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from jsae._errors import ConfigError, close_names
 from jsae.config import SAEConfig
-from jsae.saes import gated, jumprelu, standard, topk, transcoder
+from jsae.saes import batchtopk, gated, jumprelu, matryoshka, standard, topk, transcoder
 from jsae.saes._base import BaseSAEModule, ForwardOutput, InputState
+from jsae.saes._training import TrainOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,64 @@ def get_architecture(name: str, *, where: str = "architecture") -> Architecture:
     return ARCHITECTURES[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingArchitecture:
+    """What the trainer needs of one trainable architecture.
+
+    Attributes:
+        forward: (params, x, *, cfg, coefficients, dead_mask) -> TrainOutput.
+        init_extra: cfg -> parameters that do not start at zero / in the SAE dtype.
+        project: (params, cfg) -> params, applied before each step (e.g. thresholds >= 0).
+        batch_threshold: keeps a BatchTopK running threshold (saved as a JumpReLU threshold).
+        fold_for_inference: (params, cfg) -> params as SAELens saves the trained SAE.
+    """
+
+    name: str
+    config_cls: type
+    forward: Callable[..., TrainOutput]
+    init_extra: Callable[[SAEConfig], dict] = lambda cfg: {}
+    project: Callable[[dict, SAEConfig], dict] | None = None
+    batch_threshold: bool = False
+    fold_for_inference: Callable[[dict, SAEConfig], dict] = lambda params, cfg: params
+
+
+TRAINING_ARCHITECTURES: dict[str, TrainingArchitecture] = {
+    arch.name: arch
+    for arch in (
+        TrainingArchitecture("standard", standard.StandardTrainingSAEConfig, standard.training_forward),
+        TrainingArchitecture("gated", gated.GatedTrainingSAEConfig, gated.training_forward),
+        TrainingArchitecture(
+            "jumprelu",
+            jumprelu.JumpReLUTrainingSAEConfig,
+            jumprelu.training_forward,
+            init_extra=jumprelu.init_training_extra,
+            project=jumprelu.project_params,
+        ),
+        TrainingArchitecture(
+            "topk", topk.TopKTrainingSAEConfig, topk.training_forward, fold_for_inference=topk.to_inference_params
+        ),
+        TrainingArchitecture(
+            "batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward, batch_threshold=True
+        ),
+        TrainingArchitecture(
+            "matryoshka_batchtopk",
+            matryoshka.MatryoshkaBatchTopKTrainingSAEConfig,
+            matryoshka.training_forward,
+            batch_threshold=True,
+        ),
+    )
+}
+
+
+def get_training_architecture(name: str, *, where: str = "architecture") -> TrainingArchitecture:
+    if name not in TRAINING_ARCHITECTURES:
+        raise ConfigError(
+            f"{where}: jsae cannot train architecture {name!r}; it trains {sorted(TRAINING_ARCHITECTURES)}."
+            + close_names(str(name), TRAINING_ARCHITECTURES)
+        )
+    return TRAINING_ARCHITECTURES[name]
+
+
 def init_params(cfg: SAEConfig, key) -> dict:
     """Freshly initialised parameters for cfg (SAELens' inference-time init)."""
     import jax.numpy as jnp
@@ -70,4 +129,5 @@ def init_params(cfg: SAEConfig, key) -> dict:
     return dict(module.init(key, jnp.ones(shape, cfg.jnp_dtype), method="encode")["params"])
 
 
-__all__ = ["init_params", "ARCHITECTURES", "Architecture", "ForwardOutput", "InputState", "get_architecture"]
+__all__ = ["TRAINING_ARCHITECTURES", "TrainOutput", "TrainingArchitecture", "get_training_architecture",
+           "init_params", "ARCHITECTURES", "Architecture", "ForwardOutput", "InputState", "get_architecture"]

@@ -239,3 +239,17 @@ def fold_decoder_norms(params: dict, scale_keys: tuple[str, ...] = ()) -> dict:
     for key in scale_keys:
         out[key] = params[key] * norms
     return out
+
+
+def lp_norm(x: Array, p: float, axis: int = -1) -> Array:
+    """(Σ|x|^p)^(1/p) along `axis`, with torch.norm's zero subgradient at x = 0."""
+    if p == 1:
+        return jnp.sum(jnp.abs(x), axis=axis)
+    total = jnp.sum(jnp.abs(x) ** p, axis=axis)
+    positive = total > 0
+    return jnp.where(positive, jnp.where(positive, total, 1.0) ** (1.0 / p), 0.0)
+
+
+def training_module_cfg(cfg: SAEConfig) -> SAEConfig:
+    """Training sees flat (tokens, d_in) batches: the hook_z reshape happens before the SAE."""
+    return cfg.replace(reshape_activations="none") if cfg.reshape_activations != "none" else cfg

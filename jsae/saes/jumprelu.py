@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
+import functools
 
+import jax
+import jax.numpy as jnp
+
+from jsae._errors import ConfigError
 from jsae.config import SAEConfig
-from jsae.saes._base import Array, BaseSAEModule, fold_decoder_norms, zeros
+from jsae.saes._base import (
+    Array,
+    BaseSAEModule,
+    decoder_row_norms,
+    fold_decoder_norms,
+    training_module_cfg,
+    zeros,
+)
+from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,3 +50,140 @@ class JumpReLUSAE(BaseSAEModule):
 def fold_W_dec_norm(params: dict, cfg: JumpReLUSAEConfig) -> dict:
     """Unit-norm decoder rows; encoder, b_enc and threshold scaled so outputs are unchanged."""
     return fold_decoder_norms(params, scale_keys=("b_enc", "threshold"))
+
+
+# --------------------------------------------------------------------------- training
+SPARSITY_LOSS_MODES = ("step", "tanh", "quadratic")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JumpReLUTrainingSAEConfig(JumpReLUSAEConfig, TrainingFields):
+    """Training config of a JumpReLU SAE (SAELens' JumpReLUTrainingSAEConfig).
+
+    Attributes:
+        jumprelu_init_threshold: initial threshold of every latent.
+        jumprelu_bandwidth: width of the rectangle kernel of the straight-through estimator.
+        jumprelu_sparsity_loss_mode: "step" (DeepMind's L0), "tanh" (Anthropic) or "quadratic"
+            (Gemma Scope 2, around `target_l0`).
+        l0_coefficient: weight of the sparsity loss; l0_warm_up_steps ramps it from 0.
+        pre_act_loss_coefficient: Anthropic's pre-activation loss on dead latents (None = off).
+        jumprelu_tanh_scale: scale inside tanh for the "tanh" mode.
+        jumprelu_ste_to_input: also pass the estimator's gradient to the pre-activations.
+        target_l0: the L0 the "quadratic" mode pulls towards.
+    """
+
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_sparsity_loss_mode: str = "step"
+    l0_coefficient: float = 1.0
+    l0_warm_up_steps: int = 0
+    pre_act_loss_coefficient: float | None = None
+    jumprelu_tanh_scale: float = 4.0
+    jumprelu_ste_to_input: bool = False
+    target_l0: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_training()
+        name = type(self).__name__
+        check_nonnegative(self, "jumprelu_init_threshold", "l0_coefficient", "l0_warm_up_steps")
+        if not self.jumprelu_bandwidth > 0:
+            raise ConfigError(f"{name}.jumprelu_bandwidth must be > 0, got {self.jumprelu_bandwidth!r}.")
+        if self.jumprelu_sparsity_loss_mode not in SPARSITY_LOSS_MODES:
+            raise ConfigError(
+                f"{name}.jumprelu_sparsity_loss_mode must be one of {list(SPARSITY_LOSS_MODES)}, "
+                f"got {self.jumprelu_sparsity_loss_mode!r}."
+            )
+        if self.jumprelu_sparsity_loss_mode == "quadratic":
+            if self.target_l0 is None or not 0 < self.target_l0 <= self.d_sae:
+                raise ConfigError(
+                    f"{name}.target_l0 must be in (0, d_sae={self.d_sae}] for the quadratic sparsity loss, "
+                    f"got {self.target_l0!r}."
+                )
+
+    def coefficients(self) -> dict[str, tuple[float, int]]:
+        return {"l0": (self.l0_coefficient, self.l0_warm_up_steps)}
+
+
+def _rectangle(u: Array) -> Array:
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+def _sum_to(grad: Array, shape: tuple[int, ...]) -> Array:
+    return jnp.sum(grad, axis=tuple(range(grad.ndim - len(shape))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def jumprelu_ste(x: Array, threshold: Array, bandwidth: float, ste_to_input: bool) -> Array:
+    """x * (x > threshold), with a rectangle-kernel straight-through gradient for the threshold."""
+    return x * (x > threshold).astype(x.dtype)
+
+
+def _jumprelu_fwd(x, threshold, bandwidth, ste_to_input):
+    return jumprelu_ste(x, threshold, bandwidth, ste_to_input), (x, threshold)
+
+
+def _jumprelu_bwd(bandwidth, ste_to_input, res, g):
+    x, threshold = res
+    ste = (threshold / bandwidth) * _rectangle((x - threshold) / bandwidth) * g
+    x_grad = (x > threshold).astype(g.dtype) * g
+    if ste_to_input:
+        x_grad = x_grad + ste
+    return x_grad, _sum_to(-ste, threshold.shape)
+
+
+jumprelu_ste.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def step_ste(x: Array, threshold: Array, bandwidth: float, ste_to_input: bool) -> Array:
+    """Heaviside (x > threshold), with the same straight-through gradient (Rajamanoharan et al. 2024)."""
+    return (x > threshold).astype(x.dtype)
+
+
+def _step_fwd(x, threshold, bandwidth, ste_to_input):
+    return step_ste(x, threshold, bandwidth, ste_to_input), (x, threshold)
+
+
+def _step_bwd(bandwidth, ste_to_input, res, g):
+    x, threshold = res
+    ste = (1.0 / bandwidth) * _rectangle((x - threshold) / bandwidth) * g
+    x_grad = ste if ste_to_input else jnp.zeros_like(x)
+    return x_grad, _sum_to(-ste, threshold.shape)
+
+
+step_ste.defvjp(_step_fwd, _step_bwd)
+
+
+def init_training_extra(cfg: JumpReLUTrainingSAEConfig) -> dict[str, Array]:
+    """The threshold starts at jumprelu_init_threshold and is kept in float32 whatever the dtype."""
+    return {"threshold": jnp.full((cfg.d_sae,), cfg.jumprelu_init_threshold, jnp.float32)}
+
+
+def project_params(params: dict, cfg: JumpReLUTrainingSAEConfig) -> dict:
+    """Keep thresholds >= 0 (applied before each step's forward, as SAELens does)."""
+    return params | {"threshold": jnp.maximum(params["threshold"], 0.0)}
+
+
+def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, coefficients: dict,
+                     dead_mask: Array) -> TrainOutput:
+    module = JumpReLUSAE(training_module_cfg(cfg))
+    sae_in, state = module.apply({"params": params}, x, method="prepare_input")
+    hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
+    threshold = params["threshold"].astype(hidden_pre.dtype)
+    bandwidth, ste_to_input = cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input
+    feature_acts = jumprelu_ste(hidden_pre, threshold, bandwidth, ste_to_input)
+    sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+    W_dec_norm = decoder_row_norms(params["W_dec"])
+    mode = cfg.jumprelu_sparsity_loss_mode
+    if mode == "tanh":
+        per_item = jnp.sum(jnp.tanh(cfg.jumprelu_tanh_scale * feature_acts * W_dec_norm), axis=-1)
+    else:
+        l0 = jnp.sum(step_ste(hidden_pre, threshold, bandwidth, ste_to_input), axis=-1)
+        per_item = l0 if mode == "step" else 2 / cfg.target_l0 * (l0 - cfg.target_l0) ** 2
+    losses = {"mse_loss": mse(sae_out, x), "l0_loss": jnp.mean(coefficients["l0"] * per_item)}
+    if cfg.pre_act_loss_coefficient is not None:
+        # Anthropic's pre-activation loss, on dead latents only (zero when none is dead).
+        gap = jax.nn.relu(threshold - hidden_pre) * dead_mask.astype(hidden_pre.dtype) * W_dec_norm
+        losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * jnp.mean(jnp.sum(gap, axis=-1))
+    return finish(losses, feature_acts, hidden_pre, sae_out)

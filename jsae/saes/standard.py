@@ -5,9 +5,20 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
+from jsae._errors import ConfigError
 from jsae.config import SAEConfig
-from jsae.saes._base import Array, BaseSAEModule, fold_decoder_norms, zeros
+from jsae.saes._base import (
+    Array,
+    BaseSAEModule,
+    decoder_row_norms,
+    fold_decoder_norms,
+    lp_norm,
+    training_module_cfg,
+    zeros,
+)
+from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -33,3 +44,39 @@ class StandardSAE(BaseSAEModule):
 def fold_W_dec_norm(params: dict, cfg: StandardSAEConfig) -> dict:
     """Unit-norm decoder rows, scaling the encoder so outputs are unchanged."""
     return fold_decoder_norms(params, scale_keys=("b_enc",))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StandardTrainingSAEConfig(StandardSAEConfig, TrainingFields):
+    """Training config of a standard SAE (SAELens' StandardTrainingSAEConfig).
+
+    Attributes:
+        l1_coefficient: weight of the decoder-norm-weighted Lp sparsity penalty.
+        lp_norm: p of that penalty (1 = L1).
+        l1_warm_up_steps: the coefficient ramps linearly from 0 over this many steps.
+    """
+
+    l1_coefficient: float = 1.0
+    lp_norm: float = 1.0
+    l1_warm_up_steps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_training()
+        check_nonnegative(self, "l1_coefficient", "l1_warm_up_steps")
+        if not self.lp_norm >= 1:
+            raise ConfigError(f"StandardTrainingSAEConfig.lp_norm must be >= 1, got {self.lp_norm!r}.")
+
+    def coefficients(self) -> dict[str, tuple[float, int]]:
+        return {"l1": (self.l1_coefficient, self.l1_warm_up_steps)}
+
+
+def training_forward(params: dict, x: Array, *, cfg: StandardTrainingSAEConfig, coefficients: dict,
+                     dead_mask: Array) -> TrainOutput:
+    """MSE + l1_coefficient * mean_tokens ‖f ⊙ ‖W_dec rows‖‖_p (SAELens 6 standard loss)."""
+    module = StandardSAE(training_module_cfg(cfg))
+    feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
+    sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+    sparsity = lp_norm(feature_acts * decoder_row_norms(params["W_dec"]), cfg.lp_norm)
+    losses = {"mse_loss": mse(sae_out, x), "l1_loss": jnp.mean(coefficients["l1"] * sparsity)}
+    return finish(losses, feature_acts, hidden_pre, sae_out)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
 from jsae.saes._base import (
@@ -16,8 +19,10 @@ from jsae.saes._base import (
     decoder_row_norms,
     fold_decoder_norms,
     topk_scatter,
+    training_module_cfg,
     zeros,
 )
+from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,3 +71,79 @@ def fold_W_dec_norm(params: dict, cfg: TopKSAEConfig) -> dict:
             "folding the decoder norms changes which latents are in the top k."
         )
     return fold_decoder_norms(params, scale_keys=("b_enc",))
+
+
+# --------------------------------------------------------------------------- training
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopKTrainingSAEConfig(TopKSAEConfig, TrainingFields):
+    """Training config of a TopK SAE (SAELens' TopKTrainingSAEConfig).
+
+    Attributes:
+        aux_loss_coefficient: weight of the aux-k loss that revives dead latents.
+        rescale_acts_by_decoder_norm: choose the top k as if decoder rows had unit norm (training default on).
+        use_sparse_activations: SAELens' flag, kept for config compatibility.
+    """
+
+    aux_loss_coefficient: float = 1.0
+    rescale_acts_by_decoder_norm: bool = True
+    use_sparse_activations: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_training()
+        check_topk_training(self)
+
+
+def check_topk_training(cfg) -> None:
+    check_nonnegative(cfg, "aux_loss_coefficient")
+    if cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+        raise ConfigError(
+            f"{type(cfg).__name__}.normalize_activations={cfg.normalize_activations!r} cannot be trained with "
+            "the aux-k loss (it would reconstruct in normalised space); use 'none' or 'expected_average_only_in'."
+        )
+
+
+def act_times_W_dec(feature_acts: Array, W_dec: Array, rescale: bool) -> Array:
+    """feature_acts @ W_dec, dividing by the decoder row norms first when rescaling (no b_dec)."""
+    if rescale:
+        feature_acts = feature_acts * (1 / decoder_row_norms(W_dec))
+    return feature_acts @ W_dec
+
+
+def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array, W_dec: Array, *,
+                  rescale: bool, coefficient: float) -> Array:
+    """Aux-k loss (Gao et al. 2024, App. B.1): the top d_in/2 dead latents reconstruct the residual.
+
+    scale = min(n_dead / k_aux, 1); reconstruction without b_dec; zero when nothing is dead.
+    """
+    k_aux = x.shape[-1] // 2
+    k_static = min(k_aux, hidden_pre.shape[-1])
+    num_dead = jnp.sum(dead_mask)
+
+    def compute(_):
+        residual = jax.lax.stop_gradient(x - sae_out)
+        masked = jnp.where(dead_mask, hidden_pre, -jnp.inf)
+        values, indices = jax.lax.top_k(masked, k_static)
+        values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
+        acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
+        recons = act_times_W_dec(acts, W_dec, rescale)
+        scale = jnp.minimum(num_dead / k_aux, 1.0)
+        return (coefficient * scale * mse(recons, residual)).astype(jnp.float32)
+
+    return jax.lax.cond(num_dead > 0, compute, lambda _: jnp.zeros((), jnp.float32), None)
+
+
+def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coefficients: dict,
+                     dead_mask: Array) -> TrainOutput:
+    module = TopKSAE(training_module_cfg(cfg))
+    feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
+    sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+    aux = topk_aux_loss(x, sae_out, hidden_pre, dead_mask, params["W_dec"],
+                        rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient)
+    losses = {"mse_loss": mse(sae_out, x), "auxiliary_reconstruction_loss": aux}
+    return finish(losses, feature_acts, hidden_pre, sae_out)
+
+
+def to_inference_params(params: dict, cfg: TopKTrainingSAEConfig) -> dict:
+    """Fold decoder norms into the encoder when trained with rescaling (as SAELens saves it)."""
+    return fold_decoder_norms(params, scale_keys=("b_enc",)) if cfg.rescale_acts_by_decoder_norm else params

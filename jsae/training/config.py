@@ -1,0 +1,155 @@
+"""The training run's config: the SAE to train (its own config) plus optimiser and loop settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from jsae._errors import ConfigError
+from jsae.config import SAEConfig, dataclass_from_dict
+from jsae.saes import get_training_architecture
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train one SAE. Field names follow SAELens' runner config where it has one.
+
+    Attributes:
+        sae: the training config of the SAE (e.g. `jsae.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=32)`).
+        total_training_tokens: tokens to train on; steps = total_training_tokens // train_batch_size_tokens.
+        train_batch_size_tokens: global batch size (all devices and processes together).
+        lr, lr_end, lr_scheduler_name, lr_warm_up_steps, lr_decay_steps, n_restart_cycles: the lr
+            schedule (see `jsae.training.schedules`); lr_end defaults to lr / 10.
+        adam_beta1, adam_beta2: Adam's betas. max_grad_norm: global-norm clip (SAELens: 1.0).
+        dead_feature_window: a latent that has not fired for this many steps is dead.
+        feature_sampling_window: steps over which feature density is accumulated (then reset).
+        n_batches_for_norm_estimate: batches used to estimate the expected_average_only_in scale.
+        seed: initialisation seed.
+        output_path: where the trained SAE folder is written (None: not written).
+        checkpoint_path: orbax checkpoints go here (None: no checkpoints, no resume).
+        checkpoint_every_n_steps: checkpoint period (0: only on interrupt and at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        resume: continue from the newest checkpoint in checkpoint_path when there is one.
+        log_path: JSONL metrics file (default: <output_path>/metrics.jsonl when output_path is set).
+        log_every_n_steps: metrics are fetched, logged and shown this often.
+        log_to_wandb, wandb_project, run_name: optional Weights & Biases logging.
+        on_nonfinite: "error" stops on a batch with NaN/inf; "skip" leaves the parameters untouched,
+            counts it and goes on. Either way parameters never take a non-finite update.
+        n_devices: devices of the data-parallel mesh (None: all).
+        sync_every_n_steps: wait for the device every n steps (None: every step on multi-device CPU,
+            where XLA's collectives otherwise deadlock, else never).
+        progress_bar: show a tqdm bar.
+    """
+
+    sae: SAEConfig
+    total_training_tokens: int
+    train_batch_size_tokens: int = 4096
+    lr: float = 3e-4
+    lr_end: float | None = None
+    lr_scheduler_name: str = "constant"
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0
+    n_restart_cycles: int = 1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    dead_feature_window: int = 1000
+    feature_sampling_window: int = 2000
+    n_batches_for_norm_estimate: int = 1000
+    seed: int = 42
+    output_path: str | None = None
+    checkpoint_path: str | None = None
+    checkpoint_every_n_steps: int = 0
+    keep_checkpoints: int = 3
+    resume: bool = True
+    log_path: str | None = None
+    log_every_n_steps: int = 10
+    log_to_wandb: bool = False
+    wandb_project: str = "jsae"
+    run_name: str | None = None
+    on_nonfinite: str = "error"
+    n_devices: int | None = None
+    sync_every_n_steps: int | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        get_training_architecture(self.sae.architecture, where="TrainConfig.sae.architecture")
+        if not hasattr(self.sae, "coefficients"):
+            raise ConfigError(
+                f"TrainConfig.sae must be a training config (e.g. {type(self.sae).__name__.replace('SAE', 'TrainingSAE')}), "
+                f"got {type(self.sae).__name__}."
+            )
+        positive = ("total_training_tokens", "train_batch_size_tokens", "dead_feature_window",
+                    "feature_sampling_window", "log_every_n_steps", "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
+        nonnegative = ("lr_warm_up_steps", "lr_decay_steps", "checkpoint_every_n_steps",
+                       "n_batches_for_norm_estimate")
+        for name in nonnegative:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}.")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}.")
+        if self.lr_end is not None and self.lr_end < 0:
+            raise ConfigError(f"TrainConfig.lr_end must be >= 0, got {self.lr_end!r}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"TrainConfig.max_grad_norm must be > 0, got {self.max_grad_norm!r}.")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(
+                f"TrainConfig.on_nonfinite must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}."
+            )
+        if self.total_training_steps < 1:
+            raise ConfigError(
+                f"TrainConfig.total_training_tokens ({self.total_training_tokens}) is less than one batch "
+                f"(train_batch_size_tokens={self.train_batch_size_tokens})."
+            )
+        if self.n_devices is not None and (not isinstance(self.n_devices, int) or self.n_devices < 1):
+            raise ConfigError(f"TrainConfig.n_devices must be a positive integer or null, got {self.n_devices!r}.")
+        self.lr_schedule()  # validates scheduler name and step counts
+
+    @property
+    def total_training_steps(self) -> int:
+        return self.total_training_tokens // self.train_batch_size_tokens
+
+    def lr_schedule(self):
+        from jsae.training.schedules import lr_schedule
+
+        try:
+            return lr_schedule(
+                lr=self.lr, total_steps=self.total_training_steps, scheduler=self.lr_scheduler_name,
+                warm_up_steps=self.lr_warm_up_steps, decay_steps=self.lr_decay_steps, lr_end=self.lr_end,
+                n_restart_cycles=self.n_restart_cycles,
+            )
+        except ConfigError as err:
+            raise ConfigError(f"TrainConfig: {err}") from err
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["sae"] = self.sae.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "config") -> TrainConfig:
+        """Build from plain data (e.g. YAML): `sae` holds the SAE fields with its `architecture`."""
+        data = dict(data)
+        if "sae" not in data:
+            raise ConfigError(f"{where}: missing the 'sae' section (architecture, d_in, d_sae, ...).")
+        sae = data.pop("sae")
+        if isinstance(sae, Mapping):
+            sae = dict(sae)
+            arch = get_training_architecture(sae.pop("architecture", "standard"), where=f"{where}.sae.architecture")
+            sae = dataclass_from_dict(arch.config_cls, sae, where=f"{where}.sae")
+        data["sae"] = sae
+        return dataclass_from_dict(cls, data, where=where)

@@ -1,0 +1,197 @@
+"""The pure training step: `step(state, batch) -> (state, metrics)`, built by `make_train_step`.
+
+The same function runs on one device, under a user's `jax.pmap(step, axis_name=...)` and under
+jsae's own `jax.jit(jax.shard_map(...))` driver: with `axis_name` it averages gradients and
+metrics over that axis. It never logs, saves or waits for the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jsae.saes import get_training_architecture
+from jsae.saes._training import init_training_params
+from jsae.saes.batchtopk import init_threshold, threshold_value, update_threshold
+from jsae.training.config import TrainConfig
+from jsae.training.schedules import coefficient_schedule
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (a pytree; checkpointed whole).
+
+    Attributes:
+        step: optimiser steps taken (int32 scalar).
+        params: SAE parameters, SAELens tensor names.
+        opt_state: optax state.
+        rng: raw uint32 PRNG key data.
+        steps_since_fired: per latent, steps since it last fired (SAELens' n_forward_passes_since_fired).
+        act_freq: per latent, tokens it fired on in the current feature_sampling_window.
+        window_tokens: tokens seen in the current window.
+        batch_threshold: BatchTopK running threshold as a float32 (hi, lo) pair (zeros otherwise).
+        scaling_factor: input scale for expected_average_only_in (1.0 otherwise).
+        skipped_batches: batches left out for holding NaN/inf.
+    """
+
+    step: Array
+    params: dict
+    opt_state: Any
+    rng: Array
+    steps_since_fired: Array
+    act_freq: Array
+    window_tokens: Array
+    batch_threshold: Array
+    scaling_factor: Array
+    skipped_batches: Array
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clip, then Adam with the lr schedule (torch Adam: eps 1e-8 outside the sqrt)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adam(cfg.lr_schedule(), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=1e-8),
+    )
+
+
+def init_train_state(cfg: TrainConfig, *, params: dict | None = None, scaling_factor: float = 1.0) -> TrainState:
+    """A fresh state: SAELens' training init (or `params`), optimiser state and zeroed counters."""
+    sae_cfg = cfg.sae
+    arch = get_training_architecture(sae_cfg.architecture)
+    key = jax.random.key(cfg.seed)
+    if params is None:
+        params = init_training_params(sae_cfg, key, arch.init_extra(sae_cfg))
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    d_sae = sae_cfg.d_sae
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=make_optimizer(cfg).init(params),
+        rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+        steps_since_fired=jnp.zeros((d_sae,), jnp.float32),
+        act_freq=jnp.zeros((d_sae,), jnp.float32),
+        window_tokens=jnp.zeros((), jnp.float32),
+        batch_threshold=init_threshold(),
+        scaling_factor=jnp.asarray(scaling_factor, jnp.float32),
+        skipped_batches=jnp.zeros((), jnp.int32),
+    )
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[[TrainState, Array], tuple]:
+    """Build the pure step for `cfg`.
+
+    Args:
+        cfg: the run config (static: closed over, never traced).
+        axis_name: the collective axis to average gradients and metrics over (pmap / shard_map), or None.
+
+    Returns:
+        step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard.
+    """
+    sae_cfg = cfg.sae
+    arch = get_training_architecture(sae_cfg.architecture)
+    tx = make_optimizer(cfg)
+    lr_fn = cfg.lr_schedule()
+    coefficient_fns = {name: coefficient_schedule(v, w) for name, (v, w) in sae_cfg.coefficients().items()}
+    scale_inputs = sae_cfg.normalize_activations == "expected_average_only_in"
+
+    def reduce_mean(x):
+        return jax.lax.pmean(x, axis_name) if axis_name is not None else x
+
+    def reduce_sum(x):
+        return jax.lax.psum(x, axis_name) if axis_name is not None else x
+
+    def step(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
+        x = batch * state.scaling_factor.astype(batch.dtype) if scale_inputs else batch
+        params = arch.project(state.params, sae_cfg) if arch.project is not None else state.params
+        coefficients = {name: fn(state.step) for name, fn in coefficient_fns.items()}
+        dead_mask = state.steps_since_fired > cfg.dead_feature_window
+
+        def loss_fn(p):
+            out = arch.forward(p, x, cfg=sae_cfg, coefficients=coefficients, dead_mask=dead_mask)
+            return out.loss, out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads = reduce_mean(grads)
+        finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & _all_finite(grads)
+        if axis_name is not None:
+            finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+
+        fired = (out.feature_acts != 0).astype(jnp.float32)
+        fired_counts = reduce_sum(jnp.sum(fired, axis=0))
+        n_tokens = reduce_sum(jnp.asarray(x.shape[0], jnp.float32))
+        reset = (state.step > 0) & (state.step % cfg.feature_sampling_window == 0)
+        steps_since_fired = jnp.where(fired_counts > 0, 0.0, state.steps_since_fired + 1)
+        batch_threshold = state.batch_threshold
+        if arch.batch_threshold:
+            batch_threshold = update_threshold(batch_threshold, out.feature_acts, sae_cfg.topk_threshold_lr, axis_name)
+        updated = state.replace(
+            step=state.step + 1,
+            params=new_params,
+            opt_state=opt_state,
+            steps_since_fired=steps_since_fired,
+            act_freq=jnp.where(reset, 0.0, state.act_freq) + fired_counts,
+            window_tokens=jnp.where(reset, 0.0, state.window_tokens) + n_tokens,
+            batch_threshold=batch_threshold,
+        )
+        # A non-finite batch (or gradient) leaves the state untouched, step counter included.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+        new_state = new_state.replace(skipped_batches=state.skipped_batches + (~finite))
+
+        # Metrics, SAELens names. Explained variance over the global batch from summed moments.
+        xf = x.astype(jnp.float32)
+        sq_err = reduce_sum(jnp.sum(jnp.square(out.sae_out.astype(jnp.float32) - xf)))
+        sum_x = reduce_sum(jnp.sum(xf, axis=0))
+        sum_sq = reduce_sum(jnp.sum(jnp.square(xf)))
+        total_variance = sum_sq - jnp.sum(jnp.square(sum_x)) / n_tokens
+        metrics = {f"losses/{name}": reduce_mean(value.astype(jnp.float32)) for name, value in out.losses.items()}
+        metrics |= {
+            "losses/overall_loss": reduce_mean(loss.astype(jnp.float32)),
+            "metrics/l0": reduce_sum(jnp.sum(fired)) / n_tokens,
+            "metrics/explained_variance": 1 - sq_err / total_variance,
+            "sparsity/dead_features": jnp.sum(new_state.steps_since_fired > cfg.dead_feature_window),
+            "sparsity/mean_passes_since_fired": jnp.mean(new_state.steps_since_fired),
+            "details/current_learning_rate": lr_fn(state.step),
+            "details/skipped_batches": new_state.skipped_batches,
+            "details/batch_finite": finite,
+        }
+        metrics |= {f"details/{name}_coefficient": value for name, value in coefficients.items()}
+        if arch.batch_threshold:
+            metrics["metrics/topk_threshold"] = threshold_value(new_state.batch_threshold)
+        return new_state, metrics
+
+    return step
+
+
+def feature_density(state: TrainState) -> Array:
+    """Fraction of tokens each latent fired on in the current window."""
+    return state.act_freq / jnp.maximum(state.window_tokens, 1.0)
+
+
+def log_feature_sparsity(state: TrainState) -> Array:
+    """SAELens' sparsity.safetensors content: log10(density + 1e-10)."""
+    return jnp.log10(feature_density(state) + 1e-10)
+
+
+def estimate_scaling_factor(batches: list[Array], d_in: int) -> float:
+    """expected_average_only_in: sqrt(d_in) / mean token norm over the given batches."""
+    total, count = 0.0, 0
+    for batch in batches:
+        norms = jnp.linalg.norm(jnp.asarray(batch).astype(jnp.float32), axis=-1)
+        total += float(jnp.sum(norms))
+        count += norms.size
+    return math.sqrt(d_in) / (total / count)

@@ -1,0 +1,380 @@
+"""The training loop: feeds batches to the pure step on a device mesh, logs, checkpoints, resumes.
+
+The loop owns no math: the step (jsae.training.step) does all of it. What lives here is what
+must touch the host: data, the mesh, metrics files, orbax checkpoints, signals, the final save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jsae._errors import ConfigError, InputError, JsaeError
+from jsae.sae import SAE
+from jsae.saes import get_training_architecture
+from jsae.saes.batchtopk import threshold_value
+from jsae.saes.batchtopk import to_inference_params as batchtopk_inference_params
+from jsae.training.config import TrainConfig
+from jsae.training.step import (
+    TrainState,
+    estimate_scaling_factor,
+    feature_density,
+    init_train_state,
+    log_feature_sparsity,
+    make_train_step,
+)
+
+DATA_AXIS = "data"
+
+
+class TrainingInterrupted(JsaeError, KeyboardInterrupt):
+    """Raised after SIGTERM / Ctrl-C once the checkpoint has been written."""
+
+
+class Trainer:
+    """Trains one SAE on a data-parallel mesh of devices (all processes' devices after
+    `jax.distributed.initialize`).
+
+    Args:
+        cfg: the run config.
+        devices: devices of the mesh (default: the first `cfg.n_devices` of `jax.devices()`).
+    """
+
+    def __init__(self, cfg: TrainConfig, devices: list | None = None):
+        self.cfg = cfg
+        self.arch = get_training_architecture(cfg.sae.architecture)
+        if devices is None:
+            available = jax.devices()
+            n = cfg.n_devices or len(available)
+            if n > len(available):
+                raise ConfigError(f"TrainConfig.n_devices={n}, but only {len(available)} device(s) exist.")
+            devices = available[:n]
+        self.devices = list(devices)
+        n = len(self.devices)
+        if cfg.train_batch_size_tokens % n:
+            raise ConfigError(
+                f"TrainConfig.train_batch_size_tokens={cfg.train_batch_size_tokens} is not divisible by the "
+                f"{n} devices of the mesh; choose a multiple of {n}."
+            )
+        self.n_processes = jax.process_count()
+        if cfg.train_batch_size_tokens % self.n_processes:
+            raise ConfigError(
+                f"TrainConfig.train_batch_size_tokens={cfg.train_batch_size_tokens} is not divisible by the "
+                f"{self.n_processes} processes."
+            )
+        self.local_batch_size = cfg.train_batch_size_tokens // self.n_processes
+        self.mesh = Mesh(np.array(self.devices), (DATA_AXIS,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        if n == 1:
+            self.step_fn = jax.jit(make_train_step(cfg), donate_argnums=0)
+        else:
+            sharded = jax.shard_map(
+                make_train_step(cfg, axis_name=DATA_AXIS),
+                mesh=self.mesh,
+                in_specs=(P(), P(DATA_AXIS)),
+                out_specs=(P(), P()),
+            )
+            self.step_fn = jax.jit(sharded, donate_argnums=0)
+        sync = cfg.sync_every_n_steps
+        if sync is None:  # XLA's CPU collectives deadlock when many steps are in flight
+            sync = 1 if n > 1 and self.devices[0].platform == "cpu" else 0
+        self.sync_every = sync
+        self.is_primary = jax.process_index() == 0
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ data
+    def _to_global(self, batch: Any) -> jax.Array:
+        shape = tuple(getattr(batch, "shape", ()))
+        d_in = self.cfg.sae.d_in
+        if len(shape) != 2 or shape[1] != d_in:
+            raise InputError(
+                f"batch: expected shape ({self.local_batch_size}, d_in={d_in}) of activations, got {shape}; "
+                "the SAE config's d_in must match the activations' width."
+            )
+        if shape[0] != self.local_batch_size:
+            raise InputError(
+                f"batch: expected {self.local_batch_size} tokens per process (train_batch_size_tokens="
+                f"{self.cfg.train_batch_size_tokens} over {self.n_processes} process(es)), got {shape[0]}."
+            )
+        if isinstance(batch, jax.Array) and len(self.devices) == 1 and self.n_processes == 1:
+            return jax.device_put(batch, self.devices[0])
+        return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch))
+
+    @staticmethod
+    def _skip(iterator: Iterator, source: Any, n: int) -> None:
+        if n <= 0:
+            return
+        if hasattr(source, "seek"):
+            source.seek(n)
+            return
+        for _ in range(n):
+            next(iterator)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_manager(self):
+        if self.cfg.checkpoint_path is None:
+            return None
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.cfg.keep_checkpoints, create=True, enable_async_checkpointing=False
+        )
+        return ocp.CheckpointManager(Path(self.cfg.checkpoint_path).absolute(), options=options)
+
+    def _save(self, manager, state: TrainState, meta: dict) -> None:
+        import orbax.checkpoint as ocp
+
+        step = int(meta["batches_consumed"])
+        if step in manager.all_steps():
+            return
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+
+    def _restore(self, manager, template: TrainState) -> tuple[TrainState, dict] | None:
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), template)
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["meta"]
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    # ------------------------------------------------------------------ the loop
+    def init_state(self, scaling_factor: float = 1.0, params: dict | None = None) -> TrainState:
+        state = init_train_state(self.cfg, params=params, scaling_factor=scaling_factor)
+        return jax.device_put(state, self.replicated)
+
+    def fit(self, batches: Iterable, *, params: dict | None = None) -> SAE:
+        """Train on `batches` (an iterable of (tokens, d_in) arrays, this process's share) and return the SAE.
+
+        Args:
+            batches: numpy / jax arrays; an object with `seek(n)` resumes without replaying data.
+            params: initial parameters (default: SAELens' initialisation from `cfg.seed`).
+        """
+        cfg = self.cfg
+        iterator = iter(batches)
+        manager = self._checkpoint_manager()
+        restored = None
+        template = self.init_state(params=params)
+        if manager is not None and cfg.resume:
+            restored = self._restore(manager, template)
+        if restored is not None:
+            state, meta = restored
+            consumed = int(meta["batches_consumed"])
+            self._skip(iterator, batches, consumed)
+        else:
+            consumed = 0
+            scaling_factor = 1.0
+            if cfg.sae.normalize_activations == "expected_average_only_in" and cfg.n_batches_for_norm_estimate:
+                sample = [self._next(iterator, 0) for _ in range(cfg.n_batches_for_norm_estimate)]
+                consumed = len(sample)
+                scaling_factor = estimate_scaling_factor(sample, cfg.sae.d_in)
+            state = template.replace(scaling_factor=jax.device_put(jnp.float32(scaling_factor), self.replicated))
+        del template
+
+        norm_batches = consumed if restored is None else int(meta["norm_batches"])
+        start_step = consumed - norm_batches
+        logger = MetricsLogger(cfg, enabled=self.is_primary, append=restored is not None)
+        total = cfg.total_training_steps
+        progress = _progress(cfg, start_step, enabled=self.is_primary)
+        previous = self._install_signal_handlers()
+        last_metrics = None
+        t0, tokens_since = time.perf_counter(), 0
+        try:
+            for step_index in range(start_step, total):
+                batch = self._to_global(self._next(iterator, step_index))
+                state, metrics = self.step_fn(state, batch)
+                consumed += 1
+                tokens_since += cfg.train_batch_size_tokens
+                if cfg.on_nonfinite == "error" and last_metrics is not None:
+                    self._check_finite(last_metrics, step_index - 1)
+                last_metrics = metrics
+                if self.sync_every and (step_index + 1) % self.sync_every == 0:
+                    jax.block_until_ready(metrics)
+                done = step_index + 1
+                if done % cfg.log_every_n_steps == 0 or done == total:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed = time.perf_counter() - t0
+                    values["details/tokens_per_second"] = tokens_since / max(elapsed, 1e-9)
+                    t0, tokens_since = time.perf_counter(), 0
+                    logger.log(done, done * cfg.train_batch_size_tokens, values)
+                    progress.update(values, done)
+                meta = {"batches_consumed": consumed, "norm_batches": norm_batches, "step": done}
+                if manager is not None and cfg.checkpoint_every_n_steps and done % cfg.checkpoint_every_n_steps == 0:
+                    self._save(manager, state, meta)
+                if self._stop_signal is not None:
+                    if manager is not None:
+                        self._save(manager, state, meta)
+                    raise TrainingInterrupted(
+                        f"training stopped by signal {self._stop_signal} after step {done}"
+                        + (f"; resume from {cfg.checkpoint_path}" if manager is not None else "")
+                    )
+            if cfg.on_nonfinite == "error" and last_metrics is not None:
+                self._check_finite(last_metrics, total - 1)
+            if manager is not None:
+                self._save(manager, state, {"batches_consumed": consumed, "norm_batches": norm_batches,
+                                            "step": total})
+        finally:
+            self._restore_signal_handlers(previous)
+            progress.close()
+            logger.close()
+            if manager is not None:
+                manager.close()
+        self.state = state
+        sae = self.inference_sae(state)
+        if cfg.output_path is not None and self.is_primary:
+            sae.save_model(cfg.output_path)
+        return sae
+
+    def _next(self, iterator: Iterator, step_index: int):
+        try:
+            return next(iterator)
+        except StopIteration:
+            raise InputError(
+                f"batches: the data ran out at step {step_index} of {self.cfg.total_training_steps} "
+                f"(total_training_tokens={self.cfg.total_training_tokens})."
+            ) from None
+
+    def _check_finite(self, metrics: dict, step_index: int) -> None:
+        if not bool(metrics["details/batch_finite"]):
+            raise InputError(
+                f"batch of step {step_index} holds NaN/inf values (or gave non-finite gradients); the "
+                "parameters were left unchanged. Fix the data, or set on_nonfinite: skip to skip and count such "
+                "batches."
+            )
+
+    # ------------------------------------------------------------------ the result
+    def inference_sae(self, state: TrainState) -> SAE:
+        """The trained SAE as SAELens saves it: input scaling folded, training-only state converted."""
+        cfg = self.cfg
+        sae_cfg = cfg.sae
+        host = jax.device_get(state)
+        params = {k: np.asarray(v) for k, v in host.params.items()}
+        scale = float(host.scaling_factor)
+        threshold = float(np.float64(host.batch_threshold[0]) + np.float64(host.batch_threshold[1]))
+        inference_cfg = sae_cfg.inference_config()
+        if sae_cfg.normalize_activations == "expected_average_only_in":
+            params["W_enc"] = params["W_enc"] * scale
+            params["W_dec"] = params["W_dec"] / scale
+            params["b_dec"] = params["b_dec"] / scale
+            if self.arch.batch_threshold and sae_cfg.rescale_acts_by_decoder_norm:
+                threshold /= scale
+            inference_cfg = inference_cfg.replace(normalize_activations="none")
+        params = {k: jnp.asarray(v) for k, v in params.items()}
+        if self.arch.batch_threshold:
+            params = batchtopk_inference_params(params, sae_cfg, threshold)
+        else:
+            params = self.arch.fold_for_inference(params, sae_cfg)
+        dtype = inference_cfg.jnp_dtype
+        params = {k: v.astype(dtype) for k, v in params.items()}
+        density = np.asarray(feature_density(host))
+        dead = int(np.sum(np.asarray(host.steps_since_fired) > cfg.dead_feature_window))
+        import jsae
+
+        metadata = inference_cfg.metadata.replace(
+            l0=float(density.sum()), num_dead_features=dead, jsae_version=jsae.__version__
+        )
+        return SAE(inference_cfg.replace(metadata=metadata), params, np.asarray(log_feature_sparsity(host)))
+
+
+def train(cfg: TrainConfig, batches: Iterable, **kwargs: Any) -> SAE:
+    """Train an SAE on any iterable of activation batches; see `Trainer.fit`."""
+    return Trainer(cfg).fit(batches, **kwargs)
+
+
+# ---------------------------------------------------------------------- logging and progress
+class MetricsLogger:
+    """Appends one JSON object per logged step to a JSONL file, and optionally logs to wandb."""
+
+    def __init__(self, cfg: TrainConfig, *, enabled: bool, append: bool):
+        self.file = None
+        self.wandb = None
+        if not enabled:
+            return
+        path = cfg.log_path or (os.path.join(cfg.output_path, "metrics.jsonl") if cfg.output_path else None)
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a" if append else "w")  # noqa: SIM115
+            self.path = path
+        if cfg.log_to_wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=cfg.to_dict(), resume="allow")
+
+    def log(self, step: int, tokens: int, values: dict[str, float]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "tokens": tokens, **values}) + "\n")
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+class _progress:
+    """A tqdm bar over tokens showing tokens/s, loss, L0, explained variance and dead latents."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, *, enabled: bool):
+        self.bar = None
+        self.cfg = cfg
+        self.last = start_step
+        if enabled and cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.total_training_steps * cfg.train_batch_size_tokens,
+                            initial=start_step * cfg.train_batch_size_tokens, unit="tok", unit_scale=True,
+                            desc="Training SAE", dynamic_ncols=True)
+
+    def update(self, values: dict[str, float], step: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix({
+            "loss": f"{values['losses/overall_loss']:.4g}",
+            "L0": f"{values['metrics/l0']:.1f}",
+            "EV": f"{values['metrics/explained_variance']:.3f}",
+            "dead": int(values["sparsity/dead_features"]),
+        }, refresh=False)
+        self.bar.update((step - self.last) * self.cfg.train_batch_size_tokens)
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
