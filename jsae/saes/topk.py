@@ -130,7 +130,11 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
         scale = jnp.minimum(num_dead / k_aux, 1.0)
         return (coefficient * scale * mse(recons, residual)).astype(jnp.float32)
 
-    return jax.lax.cond(num_dead > 0, compute, lambda _: jnp.zeros((), jnp.float32), None)
+    def nothing_dead(_):
+        # Zero, but derived from x so it carries x's device-varying type under shard_map.
+        return (x[0, 0] * 0).astype(jnp.float32)
+
+    return jax.lax.cond(num_dead > 0, compute, nothing_dead, None)
 
 
 def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coefficients: dict,

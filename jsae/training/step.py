@@ -85,6 +85,18 @@ def init_train_state(cfg: TrainConfig, *, params: dict | None = None, scaling_fa
     )
 
 
+def _as_varying(tree, axis_name: str):
+    """Mark every leaf as varying over `axis_name` (no-op for leaves that already vary, as under pmap)."""
+
+    def cast(x):
+        axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
+        if axis_type is not None and axis_name in axis_type.varying:
+            return x
+        return jax.lax.pcast(x, axis_name, to="varying")
+
+    return jax.tree.map(cast, tree)
+
+
 def _all_finite(tree) -> Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves))
@@ -123,7 +135,11 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
             out = arch.forward(p, x, cfg=sae_cfg, coefficients=coefficients, dead_mask=dead_mask)
             return out.loss, out
 
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        # Differentiate each device's own loss w.r.t. a device-varying view of the parameters, then
+        # average: under shard_map (parameters invariant over the axis) JAX would otherwise sum the
+        # per-device gradients implicitly; under pmap they already vary, and this is a no-op.
+        local_params = _as_varying(params, axis_name) if axis_name is not None else params
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
         grads = reduce_mean(grads)
         finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & _all_finite(grads)
         if axis_name is not None:
