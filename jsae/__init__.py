@@ -8,23 +8,18 @@ from jsae._errors import ConfigError, FormatError, InputError, JsaeError, Missin
 from jsae.config import Metadata, SAEConfig
 from jsae.sae import SAE
 from jsae.saes import ARCHITECTURES, ForwardOutput, InputState, init_params
-from jsae.saes.gated import GatedSAEConfig
-from jsae.saes.jumprelu import JumpReLUSAEConfig
-from jsae.saes.standard import StandardSAEConfig
-from jsae.saes.topk import TopKSAEConfig
+from jsae.saes.batchtopk import BatchTopKTrainingSAEConfig
+from jsae.saes.gated import GatedSAEConfig, GatedTrainingSAEConfig
+from jsae.saes.jumprelu import JumpReLUSAEConfig, JumpReLUTrainingSAEConfig
+from jsae.saes.matryoshka import MatryoshkaBatchTopKTrainingSAEConfig
+from jsae.saes.standard import StandardSAEConfig, StandardTrainingSAEConfig
+from jsae.saes.topk import TopKSAEConfig, TopKTrainingSAEConfig
 from jsae.saes.transcoder import (
     JumpReLUSkipTranscoderConfig,
     JumpReLUTranscoderConfig,
     SkipTranscoderConfig,
     TranscoderConfig,
 )
-
-from jsae.saes.batchtopk import BatchTopKTrainingSAEConfig
-from jsae.saes.gated import GatedTrainingSAEConfig
-from jsae.saes.jumprelu import JumpReLUTrainingSAEConfig
-from jsae.saes.matryoshka import MatryoshkaBatchTopKTrainingSAEConfig
-from jsae.saes.standard import StandardTrainingSAEConfig
-from jsae.saes.topk import TopKTrainingSAEConfig
 from jsae.training.config import TrainConfig
 from jsae.training.step import TrainState, init_train_state, make_train_step
 from jsae.training.trainer import Trainer, TrainingInterrupted, train

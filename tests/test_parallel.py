@@ -52,6 +52,7 @@ def test_single_pmap_and_shard_map_agree(arch):
     replicated = jax.tree.map(lambda x: jnp.stack([x] * N_DEV), jsae.init_train_state(cfg))
     for batch in data:
         replicated, metrics = pstep(replicated, batch.reshape(N_DEV, BATCH // N_DEV, D_IN))
+        jax.block_until_ready(metrics)  # XLA's CPU collectives abort when many steps are in flight
     pmapped = jax.tree.map(lambda x: x[0], replicated)
 
     # jsae's driver: jit + shard_map over a Mesh of 8 devices

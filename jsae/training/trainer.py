@@ -24,7 +24,6 @@ from jax.sharding import PartitionSpec as P
 from jsae._errors import ConfigError, InputError, JsaeError
 from jsae.sae import SAE
 from jsae.saes import get_training_architecture
-from jsae.saes.batchtopk import threshold_value
 from jsae.saes.batchtopk import to_inference_params as batchtopk_inference_params
 from jsae.training.config import TrainConfig
 from jsae.training.step import (

@@ -1,0 +1,138 @@
+"""Loading the language model: the one place that knows TransformerLens' model classes.
+
+Everything else in bridge/ talks to the model through `run_with_cache`, `to_tokens`, `cfg`,
+`tokenizer` and `hook_dict`, so another model class (TransformerLens 4's TransformerBridge)
+only needs a branch here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jsae import ConfigError, MissingFileError
+
+EMBEDDED_ALIASES = ("embedded", "jsae-embedded-stdlib")
+
+
+def load_model(
+    model: Any = "embedded",
+    *,
+    model_class_name: str = "HookedTransformer",
+    from_pretrained_kwargs: dict | None = None,
+    device: str = "cpu",
+):
+    """A `HookedTransformer` from any of:
+
+    - "embedded": the model shipped with jsae (offline);
+    - a local folder: the embedded format (config.json + model.safetensors), or a Hugging Face
+      GPT-2-style checkpoint (config.json with model_type gpt2 + weights), converted offline;
+    - a `HookedTransformerConfig` or a dict of its fields: a randomly initialised model;
+    - a `HookedTransformer`: returned as it is;
+    - an official TransformerLens name ("gpt2-small", ...): `HookedTransformer.from_pretrained`
+      (needs the Hub, or a populated Hugging Face cache).
+    """
+    if model_class_name != "HookedTransformer":
+        raise ConfigError(
+            f"model_class_name: only 'HookedTransformer' is supported so far, got {model_class_name!r}."
+        )
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    kwargs = dict(from_pretrained_kwargs or {})
+    if isinstance(model, HookedTransformer):
+        return model
+    if isinstance(model, HookedTransformerConfig):
+        return HookedTransformer(model).to(device)
+    if isinstance(model, dict):
+        return HookedTransformer(HookedTransformerConfig(**model, device=device))
+    name = str(model)
+    if name in EMBEDDED_ALIASES:
+        from bridge.embedded import load_embedded_model
+
+        return load_embedded_model(device=device)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_local(path, device)
+    if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors")):
+        raise MissingFileError(f"model_name: {name!r} looks like a path, but no such folder exists.")
+    return HookedTransformer.from_pretrained(name, device=device, **kwargs)
+
+
+def _load_local(path: Path, device: str):
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise MissingFileError(f"{config_path}: a local model folder needs a config.json.")
+    config = json.loads(config_path.read_text())
+    if "model_type" not in config and (path / "model.safetensors").is_file():
+        from bridge.embedded import load_embedded_model
+
+        return load_embedded_model(path, device=device)
+    if config.get("model_type") != "gpt2":
+        raise ConfigError(
+            f"{config_path}: model_type {config.get('model_type')!r}; local Hugging Face folders are converted "
+            "offline for GPT-2-style models only (use an official TransformerLens name for others)."
+        )
+    return _load_local_gpt2(path, config, device)
+
+
+def _load_local_gpt2(path: Path, config: dict, device: str):
+    """Convert a local Hugging Face GPT-2 checkpoint to a HookedTransformer without the Hub."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf_model = GPT2LMHeadModel.from_pretrained(path)
+    n_embd, n_head = config["n_embd"], config["n_head"]
+    cfg = HookedTransformerConfig(
+        d_model=n_embd, n_layers=config["n_layer"], n_heads=n_head, d_head=n_embd // n_head,
+        d_mlp=config.get("n_inner") or 4 * n_embd, n_ctx=config.get("n_ctx", config.get("n_positions", 1024)),
+        d_vocab=config["vocab_size"], act_fn="gelu_new", normalization_type="LN", eps=config.get("layer_norm_epsilon",
+        1e-5), positional_embedding_type="standard", model_name=path.name, device=device,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() or (
+        path / "vocab.json").exists() else None
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.load_and_process_state_dict(convert_gpt2_weights(hf_model, cfg), fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False)
+    model.eval()
+    return model
+
+
+def hook_width(model, hook_name: str, hook_head_index: int | None = None) -> int:
+    """The flattened width of a hook's activations (hook_z: n_heads * d_head; one head with hook_head_index)."""
+    import torch
+
+    check_hook(model, hook_name)
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=model.cfg.device)
+    _, cache = model.run_with_cache(tokens, names_filter=[hook_name], stop_at_layer=stop_layer(model, [hook_name]))
+    shape = cache[hook_name].shape[2:]
+    if hook_head_index is not None:
+        return int(shape[-1])
+    width = 1
+    for s in shape:
+        width *= int(s)
+    return width
+
+
+def check_hook(model, hook_name: str) -> None:
+    if hook_name not in model.hook_dict:
+        from jsae._errors import close_names
+
+        raise ConfigError(
+            f"hook_name: {hook_name!r} is not a hook point of this model." + close_names(hook_name, model.hook_dict, n=5)
+            + f" (The model has {len(model.hook_dict)} hook points, e.g. 'blocks.0.hook_resid_pre'.)"
+        )
+
+
+def stop_layer(model, hook_names: list[str]) -> int | None:
+    """The layer to stop the forward at: one past the deepest block any hook lives in."""
+    import re
+
+    layers = []
+    for name in hook_names:
+        match = re.match(r"blocks\.(\d+)\.", name)
+        if match is None:
+            return None  # e.g. ln_final or unembed hooks need the whole model
+        layers.append(int(match.group(1)))
+    return max(layers) + 1 if layers else None
