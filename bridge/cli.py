@@ -1,11 +1,69 @@
-"""The `jsae` command line."""
+"""The `jsae` command line: train, cache, demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _load_config(args: argparse.Namespace):
+    from bridge.runner import DEFAULT_CONFIG, RunConfig
+
+    overrides = _overrides(args.set)
+    if getattr(args, "output_path", None):
+        overrides["output_path"] = args.output_path
+    return RunConfig.from_yaml(args.config or DEFAULT_CONFIG, overrides)
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train an SAE on a language model's activations and write an SAELens folder."""
+    from bridge.runner import run
+
+    cfg = _load_config(args)
+    print(f"jsae train: {cfg.train.sae.architecture} SAE {cfg.train.sae.d_in} -> {cfg.train.sae.d_sae} on "
+          f"{cfg.model_name} {cfg.hook_name}, {cfg.train.total_training_tokens:,} tokens", flush=True)
+    sae, summary = run(cfg)
+    where = cfg.train.output_path or "(not saved: no output_path)"
+    print(f"\nSAE written to {where}")
+    print(f"held-out ({summary['eval_tokens']:,} tokens): L0 {summary['l0']:.1f} | explained variance "
+          f"{summary['explained_variance']:.3f} | MSE {summary['mse']:.4g} | dead features "
+          f"{summary['dead_features']} of {sae.cfg.d_sae} ({100 * summary['dead_fraction']:.1f}%)")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cache(args: argparse.Namespace) -> int:
+    """Write the configured run's activations to disk once, for repeated training."""
+    from bridge.cache import write_cache
+    from bridge.runner import prepare
+
+    cfg = _load_config(args)
+    if args.cache_path:
+        path = args.cache_path
+    elif cfg.activation_cache_path:
+        path = cfg.activation_cache_path
+    else:
+        raise SystemExit("jsae cache: give --cache-path or set activation_cache_path in the config.")
+    model, cfg = prepare(cfg)
+    info = write_cache(cfg, model, path, n_tokens=args.tokens or cfg.train.total_training_tokens)
+    print(f"cache written to {path}: {info['n_tokens']:,} tokens in {info['n_shards']} shards")
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -50,11 +108,33 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jsae", description="Sparse autoencoders in JAX, SAELens-compatible.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an SAE (default: configs/default.yaml, the embedded model)")
+    p.add_argument("config", nargs="?", default=None, help="run config YAML (default: configs/default.yaml)")
+    p.add_argument("--output-path", default=None, help="where the SAE folder is written")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
+    p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("cache", help="write a run's activations to disk")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("--cache-path", default=None)
+    p.add_argument("--tokens", type=int, default=None, help="tokens to cache (default: total_training_tokens)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cache)
+
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
     p.add_argument("--output-path", default=None, help="where to write the demo SAE folder")
     p.set_defaults(func=demo)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    from jsae import JsaeError
+
+    try:
+        return args.func(args)
+    except JsaeError as err:
+        print(f"jsae {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

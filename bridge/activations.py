@@ -1,0 +1,231 @@
+"""Activations from a running model, shuffled, handed to JAX without copies.
+
+Pipeline (all torch, in a background thread so the model forward overlaps the JAX step):
+token rows -> `run_with_cache(names_filter=hooks, stop_at_layer=...)` -> (tokens, d_in) per hook
+(hook_z heads flattened, `seqpos_slice` and special-token exclusion applied) -> a shuffle
+buffer -> batches, each a contiguous view of a freshly permuted tensor -> DLPack -> jax.Array.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from bridge.dlpack import torch_to_jax
+from bridge.model import check_hook, stop_layer
+from jsae import ConfigError, InputError
+
+_DONE = object()
+
+
+class ShuffleBuffer:
+    """Mixes tokens from many rows and documents; every token is served exactly once.
+
+    The buffer fills to `capacity` tokens, is permuted, and serves all but `keep_fraction` of
+    them as batches; the kept tokens stay to be mixed with the next refill (SAELens' mixing
+    buffer). A batch is a contiguous slice of a newly allocated permuted tensor, so handing it
+    to JAX by DLPack shares memory and nothing later writes to it.
+    """
+
+    def __init__(self, capacity: int, batch_size: int, *, keep_fraction: float = 0.5, seed: int = 0):
+        if capacity < 2 * batch_size:
+            raise ConfigError(
+                f"shuffle buffer: capacity ({capacity} tokens) must be at least twice the batch "
+                f"({batch_size} tokens); raise n_batches_in_buffer."
+            )
+        if not 0 <= keep_fraction < 1:
+            raise ConfigError(f"shuffle buffer: keep_fraction must be in [0, 1), got {keep_fraction}.")
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.keep = int(capacity * keep_fraction)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[torch.Tensor] = []
+        self.pending_tokens = 0
+
+    def add(self, activations: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Add (tokens, width) activations; yield the batches that became ready."""
+        self.pending.append(activations)
+        self.pending_tokens += activations.shape[0]
+        if self.pending_tokens < self.capacity:
+            return
+        stored = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
+        stored = stored[torch.randperm(stored.shape[0], generator=self.generator)]
+        n_serve = ((stored.shape[0] - self.keep) // self.batch_size) * self.batch_size
+        kept = stored[n_serve:]
+        self.pending, self.pending_tokens = [kept], kept.shape[0]
+        for start in range(0, n_serve, self.batch_size):
+            yield stored[start : start + self.batch_size]
+
+
+class ActivationSource:
+    """An endless, reproducible stream of activation batches for `jsae.train`.
+
+    Args:
+        model: a HookedTransformer.
+        hook_names: one or several hook points; several give dict batches (one forward for all).
+        token_rows: an iterator of token rows, each `context_size` ids (see bridge.data).
+        batch_size: tokens per yielded batch.
+        context_size: tokens per row (default: the model's n_ctx); sizes the shuffle buffer.
+        store_batch_size_prompts: rows per model forward.
+        n_batches_in_buffer: shuffle-buffer capacity in model forwards (rows x context).
+        seqpos_slice: positions kept from each row (SAELens' seqpos_slice).
+        exclude_token_ids: tokens whose activations are dropped (SAELens' exclude_special_tokens).
+        hook_head_index: keep one head of an attention hook.
+        dtype: activation dtype handed to JAX ("float32", "bfloat16").
+        seed: shuffle seed.
+        prefetch: ready batches the background thread may hold.
+        as_jax: yield jax.Arrays (DLPack, zero copy); False yields the torch tensors.
+    """
+
+    def __init__(
+        self,
+        model,
+        hook_names: str | Sequence[str],
+        token_rows: Iterator[Sequence[int]],
+        *,
+        batch_size: int,
+        context_size: int | None = None,
+        store_batch_size_prompts: int = 16,
+        n_batches_in_buffer: int = 32,
+        seqpos_slice: Sequence[int | None] = (None,),
+        exclude_token_ids: Sequence[int] | None = None,
+        hook_head_index: int | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        prefetch: int = 4,
+        as_jax: bool = True,
+        device: str | None = None,
+    ):
+        self.single = isinstance(hook_names, str)
+        self.hook_names = [hook_names] if self.single else list(hook_names)
+        for name in self.hook_names:
+            check_hook(model, name)
+        self.model = model
+        self.token_rows = token_rows
+        self.batch_size = batch_size
+        self.store_batch_size_prompts = store_batch_size_prompts
+        self.seqpos = slice(*seqpos_slice)
+        self.exclude = None if not exclude_token_ids else torch.tensor(list(exclude_token_ids), dtype=torch.long)
+        self.hook_head_index = hook_head_index
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        context = len(range(context_size or model.cfg.n_ctx)[self.seqpos])
+        capacity = max(n_batches_in_buffer * store_batch_size_prompts * context, 2 * batch_size)
+        self.buffer = ShuffleBuffer(capacity, batch_size, seed=seed)
+        self.stop_at_layer = stop_layer(model, self.hook_names)
+        self.prefetch = prefetch
+        self.as_jax = as_jax
+        self.device = device or str(model.cfg.device)
+        self.widths: list[int] | None = None
+        self.batches_served = 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ torch side
+    @torch.no_grad()
+    def model_activations(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(rows, context) token ids -> (kept tokens, sum of hook widths), hooks side by side."""
+        _, cache = self.model.run_with_cache(
+            tokens.to(self.device), names_filter=self.hook_names, stop_at_layer=self.stop_at_layer, prepend_bos=False
+        )
+        parts = []
+        for name in self.hook_names:
+            acts = cache[name][:, self.seqpos]
+            if self.hook_head_index is not None:
+                acts = acts[:, :, self.hook_head_index]
+            parts.append(acts.reshape(acts.shape[0] * acts.shape[1], -1))
+        if self.widths is None:
+            self.widths = [p.shape[1] for p in parts]
+        acts = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.exclude is not None:
+            keep = ~torch.isin(tokens[:, self.seqpos].reshape(-1).cpu(), self.exclude)
+            acts = acts[keep.to(acts.device)]
+        return acts.to(self.dtype)
+
+    def _rows(self) -> Iterator[torch.Tensor]:
+        while True:
+            rows = []
+            for row in self.token_rows:
+                rows.append(row)
+                if len(rows) == self.store_batch_size_prompts:
+                    break
+            if not rows:
+                if self.batches_served == 0 and self.buffer.pending_tokens == 0:
+                    raise InputError("dataset: it produced no token rows (is it empty, or shorter than context_size?).")
+                raise InputError("dataset: ran out of token rows; use a larger dataset or fewer training tokens.")
+            yield torch.as_tensor(np.asarray(rows), dtype=torch.long)
+            if len(rows) < self.store_batch_size_prompts:
+                return
+
+    def torch_batches(self) -> Iterator[torch.Tensor]:
+        """Shuffled batches as torch tensors (the hand-off to JAX happens in `__iter__`)."""
+        for tokens in self._rows():
+            yield from self.buffer.add(self.model_activations(tokens))
+
+    # ------------------------------------------------------------------ the hand-off
+    def _split(self, batch: torch.Tensor) -> Any:
+        if self.single:
+            return batch
+        out, start = {}, 0
+        for name, width in zip(self.hook_names, self.widths, strict=True):
+            out[name] = batch[:, start : start + width].contiguous()  # noqa: one copy per extra hook
+            start += width
+        return out
+
+    def _convert(self, batch: torch.Tensor) -> Any:
+        parts = self._split(batch)
+        if not self.as_jax:
+            return parts
+        if self.single:
+            return torch_to_jax(parts)
+        return {k: torch_to_jax(v) for k, v in parts.items()}
+
+    def _produce(self) -> None:
+        try:
+            for batch in self.torch_batches():
+                item = self._convert(batch)
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as err:  # handed to the consumer
+            self._queue.put(err)
+            return
+        self._queue.put(_DONE)
+
+    def __iter__(self):
+        if self.prefetch <= 0:
+            for batch in self.torch_batches():
+                self.batches_served += 1
+                yield self._convert(batch)
+            return
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._produce, name="jsae-activations", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                self.batches_served += 1
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,300 @@
+"""`jsae train CONFIG.yaml`: a language model's activations in, a trained SAELens folder out.
+
+A run config is one YAML mapping: the model / hook / dataset fields below (SAELens' runner
+names), the training fields of `jsae.TrainConfig`, and an `sae:` section (architecture and its
+hyperparameters). The runner only wires the pieces together: bridge.model, bridge.data,
+bridge.activations, jsae.Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jsae import ConfigError, InputError, MissingFileError, TrainConfig
+from jsae._errors import close_names
+from jsae.config import Metadata
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where the activations come from (SAELens' runner field names).
+
+    Attributes:
+        model_name: "embedded" (shipped), an official TransformerLens name, or a local folder.
+        model_class_name: "HookedTransformer".
+        model_from_pretrained_kwargs: passed to HookedTransformer.from_pretrained.
+        hook_name: the hook point the SAE reads, e.g. "blocks.2.hook_resid_pre".
+        hook_head_index: keep one attention head of a hook_z-style hook.
+        dataset_path: "stdlib" (the embedded corpus), a Hugging Face dataset name, a local data
+            file (.txt / .jsonl / .json / .parquet / .csv / .npy of token rows) or a folder of text files.
+        dataset_split: split of a Hugging Face dataset.
+        streaming: stream a Hub dataset instead of downloading it.
+        context_size: tokens per row.
+        prepend_bos: put BOS at position 0 of every row.
+        sequence_separator_token: between concatenated documents: "bos", "eos", "sep", a token id or null.
+        exclude_special_tokens: drop activations of BOS/EOS/PAD/SEP tokens (true), or of the listed ids.
+        seqpos_slice: [start, stop(, step)] positions of each row that are kept.
+        disable_concat_sequences: one row per document; shorter documents are dropped.
+        store_batch_size_prompts: rows per model forward.
+        n_batches_in_buffer: shuffle-buffer size, in model forwards.
+        device: torch device of the model.
+        activation_cache_path: train from a cache written by `jsae cache` instead of the model.
+        train: the SAE and training settings.
+    """
+
+    model_name: str = "embedded"
+    model_class_name: str = "HookedTransformer"
+    model_from_pretrained_kwargs: dict = dataclasses.field(default_factory=dict)
+    hook_name: str = "blocks.2.hook_resid_pre"
+    hook_head_index: int | None = None
+    dataset_path: str = "stdlib"
+    dataset_split: str = "train"
+    streaming: bool = False
+    context_size: int = 128
+    prepend_bos: bool = True
+    sequence_separator_token: int | str | None = "bos"
+    exclude_special_tokens: bool | list = False
+    seqpos_slice: tuple = (None,)
+    disable_concat_sequences: bool = False
+    store_batch_size_prompts: int = 16
+    n_batches_in_buffer: int = 32
+    device: str = "cpu"
+    activation_cache_path: str | None = None
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seqpos_slice", tuple(self.seqpos_slice))
+        for name in ("context_size", "store_batch_size_prompts", "n_batches_in_buffer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if not 1 <= len(self.seqpos_slice) <= 3:
+            raise ConfigError(f"seqpos_slice must have 1 to 3 entries, got {list(self.seqpos_slice)}.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "config") -> RunConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}.")
+        run_fields = {f.name for f in dataclasses.fields(cls)} - {"train"}
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key in data:
+            if key not in run_fields | train_fields:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}." + close_names(str(key), run_fields | train_fields)
+                )
+        run = {k: v for k, v in data.items() if k in run_fields}
+        train = TrainConfig.from_dict({k: v for k, v in data.items() if k in train_fields}, where=where)
+        return cls(**run, train=train)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"{path}: config file not found.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+        return cls.from_dict(dict(data) | dict(overrides or {}), where=str(path))
+
+    def metadata(self) -> dict[str, Any]:
+        """What SAELens records in an SAE's metadata about where its activations came from."""
+        return {
+            "model_name": self.model_name,
+            "model_class_name": self.model_class_name,
+            "hook_name": self.hook_name,
+            "hook_head_index": self.hook_head_index,
+            "dataset_path": self.dataset_path,
+            "context_size": self.context_size,
+            "prepend_bos": self.prepend_bos,
+            "seqpos_slice": list(self.seqpos_slice),
+            "exclude_special_tokens": self.exclude_special_tokens,
+            "sequence_separator_token": self.sequence_separator_token,
+            "disable_concat_sequences": self.disable_concat_sequences,
+            "model_from_pretrained_kwargs": dict(self.model_from_pretrained_kwargs),
+        }
+
+
+# ---------------------------------------------------------------------- data
+def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
+    """Documents of the dataset: strings, or token-id sequences for pretokenized data."""
+    path = cfg.dataset_path
+    if path in ("stdlib", "embedded"):
+        from bridge.corpus import stdlib_documents
+
+        yield from (text for _, text in stdlib_documents(split or cfg.dataset_split))
+        return
+    local = Path(path).expanduser()
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".py", ".rst"))
+        if not files:
+            raise InputError(f"dataset_path: folder {local} holds no .txt/.md/.py/.rst files.")
+        for f in files:
+            yield f.read_text(encoding="utf-8", errors="replace")
+        return
+    if local.suffix == ".npy":
+        yield from (list(map(int, row)) for row in _load_npy(local))
+        return
+    if local.suffix == ".txt":
+        yield local.read_text(encoding="utf-8", errors="replace")
+        return
+    import datasets
+
+    if local.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
+        if kind is None:
+            raise InputError(f"dataset_path: cannot read {local.suffix!r} files (use .txt .jsonl .json .parquet .csv .npy).")
+        dataset = datasets.load_dataset(kind, data_files=str(local), split="train")
+    else:
+        dataset = datasets.load_dataset(path, split=split or cfg.dataset_split, streaming=cfg.streaming)
+    column = next((c for c in ("tokens", "input_ids", "text") if c in (dataset.column_names or [])), None)
+    if column is None:
+        raise InputError(f"dataset_path: {path} has no 'tokens', 'input_ids' or 'text' column "
+                         f"(columns: {dataset.column_names}).")
+    for row in dataset:
+        yield row[column]
+
+
+def _load_npy(path: Path):
+    import numpy as np
+
+    rows = np.load(path, mmap_mode="r")
+    if rows.ndim != 2:
+        raise InputError(f"dataset_path: {path} must hold a 2-D array of token rows, found shape {rows.shape}.")
+    return rows
+
+
+def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool = True) -> Iterator[list[int]]:
+    """Rows of `context_size` token ids, packed as SAELens packs them; epochs repeat with a warning."""
+    from bridge.data import pack_token_sequences, resolve_special_token
+
+    tokenizer = model.tokenizer
+    if cfg.prepend_bos and (tokenizer is None or tokenizer.bos_token_id is None):
+        raise ConfigError("prepend_bos is true, but the model's tokenizer has no BOS token; set prepend_bos: false.")
+    separator = resolve_special_token(cfg.sequence_separator_token, tokenizer) if tokenizer is not None else None
+    bos = tokenizer.bos_token_id if cfg.prepend_bos else None
+
+    def one_epoch() -> Iterator[list[int]]:
+        documents = text_documents(cfg, split)
+        first = next(documents, None)
+        if first is None:
+            raise InputError(f"dataset_path: {cfg.dataset_path!r} is empty.")
+        documents = itertools.chain([first], documents)
+        if not isinstance(first, str):  # pretokenized rows are used as they are
+            for row in documents:
+                row = list(row)[: cfg.context_size]
+                if len(row) < cfg.context_size:
+                    raise InputError(f"dataset_path: pretokenized rows have {len(row)} tokens, fewer than "
+                                     f"context_size={cfg.context_size}.")
+                yield row
+            return
+        tokens = (model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False)[0].tolist()
+                  for text in documents)
+        yield from pack_token_sequences(tokens, cfg.context_size, bos_token_id=bos, separator_token_id=separator,
+                                        disable_concat_sequences=cfg.disable_concat_sequences)
+
+    epoch = 0
+    while True:
+        produced = False
+        for row in one_epoch():
+            produced = True
+            yield row
+        if not produced:
+            raise InputError(f"dataset_path: {cfg.dataset_path!r} gave no row of context_size={cfg.context_size} tokens.")
+        if not cycle:
+            return
+        epoch += 1
+        warnings.warn(f"dataset exhausted: starting epoch {epoch + 1} (tokens will be seen again).", stacklevel=2)
+
+
+def excluded_token_ids(cfg: RunConfig, model) -> list[int] | None:
+    from bridge.data import special_token_ids
+
+    if cfg.exclude_special_tokens is True:
+        return special_token_ids(model.tokenizer)
+    if cfg.exclude_special_tokens:
+        return [int(t) for t in cfg.exclude_special_tokens]
+    return None
+
+
+# ---------------------------------------------------------------------- the run
+def prepare(cfg: RunConfig):
+    """Load and check the model; return (model, cfg with the SAE's metadata filled in)."""
+    from bridge.model import hook_width, load_model
+
+    model = load_model(cfg.model_name, model_class_name=cfg.model_class_name,
+                       from_pretrained_kwargs=cfg.model_from_pretrained_kwargs, device=cfg.device)
+    if cfg.context_size > model.cfg.n_ctx:
+        raise ConfigError(f"context_size={cfg.context_size} is larger than the model's n_ctx={model.cfg.n_ctx}.")
+    width = hook_width(model, cfg.hook_name, cfg.hook_head_index)
+    sae = cfg.train.sae
+    if sae.d_in != width:
+        raise ConfigError(
+            f"sae.d_in={sae.d_in} contradicts the width of {cfg.hook_name!r} in {cfg.model_name!r}, which is {width}."
+        )
+    metadata = Metadata(dict(sae.metadata) | cfg.metadata())
+    return model, dataclasses.replace(cfg, train=cfg.train.replace(sae=sae.replace(metadata=metadata)))
+
+
+def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: int | None = None,
+                      batch_size: int | None = None, cycle: bool = True):
+    from bridge.activations import ActivationSource
+
+    return ActivationSource(
+        model, cfg.hook_name, token_rows(cfg, model, split=split, cycle=cycle),
+        batch_size=batch_size or cfg.train.train_batch_size_tokens, context_size=cfg.context_size,
+        store_batch_size_prompts=cfg.store_batch_size_prompts, n_batches_in_buffer=cfg.n_batches_in_buffer,
+        seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
+        hook_head_index=cfg.hook_head_index, dtype="float32", seed=cfg.train.seed if seed is None else seed,
+    )
+
+
+def run(cfg: RunConfig):
+    """Train the configured SAE; returns (sae, summary dict)."""
+    import jsae
+
+    model, cfg = prepare(cfg)
+    if cfg.activation_cache_path is not None:
+        from bridge.cache import CachedActivations
+
+        source = CachedActivations(cfg.activation_cache_path, cfg.hook_name, cfg.train.train_batch_size_tokens,
+                                   seed=cfg.train.seed)
+    else:
+        source = activation_source(cfg, model)
+    sae = jsae.Trainer(cfg.train).fit(source)
+    summary = evaluate(cfg, model, sae)
+    return sae, summary
+
+
+def evaluate(cfg: RunConfig, model, sae, n_tokens: int = 65536) -> dict[str, float]:
+    """L0, explained variance and dead features of the trained SAE on held-out activations."""
+    import numpy as np
+
+    from jsae.evals import explained_variance_stats
+
+    split = "heldout" if cfg.dataset_path in ("stdlib", "embedded") else cfg.dataset_split
+    source = activation_source(dataclasses.replace(cfg, n_batches_in_buffer=4), model, split=split, seed=1,
+                               batch_size=2048)
+    stats = explained_variance_stats()
+    seen = 0
+    for batch in source:
+        stats.update(np.asarray(batch), np.asarray(sae(batch)), np.asarray(sae.encode(batch)))
+        seen += batch.shape[0]
+        if seen >= n_tokens:
+            break
+    source.close()
+    out = stats.result()
+    out["dead_features"] = int(sae.cfg.metadata.num_dead_features or 0)
+    out["dead_fraction"] = out["dead_features"] / sae.cfg.d_sae
+    out["eval_tokens"] = seen
+    return out
