@@ -53,8 +53,11 @@ def pack_token_sequences(
         sequence_start_token_id: put at the start of every document.
         disable_concat_sequences: one row per document; shorter documents are dropped.
     """
-    if context_size <= 0:
-        raise ValueError(f"context_size must be positive, got {context_size}")
+    prefix = (bos_token_id is not None) + (sequence_start_token_id is not None)
+    if context_size <= prefix:
+        from jsae import ConfigError
+
+        raise ConfigError(f"context_size={context_size} leaves no room for tokens after the {prefix} prefix token(s).")
     if disable_concat_sequences:
         start = sequence_start_token_id if sequence_start_token_id is not None else bos_token_id
         for seq in sequences:
