@@ -12,12 +12,17 @@ import yaml
 
 
 def _overrides(pairs: list[str]) -> dict:
-    out = {}
+    """--set KEY=VALUE pairs as a nested dict; "sae.k=16" sets k in the sae section."""
+    out: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        *parents, leaf = key.split(".")
+        target = out
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(value)
     return out
 
 

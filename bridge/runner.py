@@ -105,7 +105,13 @@ class RunConfig:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err}).") from err
-        return cls.from_dict(dict(data) | dict(overrides or {}), where=str(path))
+        data = dict(data)
+        for key, value in (overrides or {}).items():
+            if isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
+                data[key] = dict(data[key]) | dict(value)
+            else:
+                data[key] = value
+        return cls.from_dict(data, where=str(path))
 
     def metadata(self) -> dict[str, Any]:
         """What SAELens records in an SAE's metadata about where its activations came from."""

@@ -97,6 +97,9 @@ class Metadata(Mapping):
     def __repr__(self) -> str:
         return f"Metadata({self._data!r})"
 
+    def __reduce__(self):
+        return (Metadata, (self._data,))
+
     def replace(self, **changes: Any) -> Metadata:
         """A copy with `changes` applied."""
         return Metadata(self._data | changes)

@@ -190,6 +190,7 @@ class Trainer:
             restored = self._restore(manager, template)
         if restored is not None:
             state, meta = restored
+            self._check_same_run(meta)
             consumed = int(meta["batches_consumed"])
             self._skip(iterator, batches, consumed)
         else:
@@ -229,7 +230,8 @@ class Trainer:
                     t0, tokens_since = time.perf_counter(), 0
                     logger.log(done, done * cfg.train_batch_size_tokens, values)
                     progress.update(values, done)
-                meta = {"batches_consumed": consumed, "norm_batches": norm_batches, "step": done}
+                meta = {"batches_consumed": consumed, "norm_batches": norm_batches, "step": done,
+                        "config": self._fingerprint()}
                 if manager is not None and cfg.checkpoint_every_n_steps and done % cfg.checkpoint_every_n_steps == 0:
                     self._save(manager, state, meta)
                 if self._stop_signal is not None:
@@ -243,7 +245,7 @@ class Trainer:
                 self._check_finite(last_metrics, total - 1)
             if manager is not None:
                 self._save(manager, state, {"batches_consumed": consumed, "norm_batches": norm_batches,
-                                            "step": total})
+                                            "step": total, "config": self._fingerprint()})
         finally:
             self._restore_signal_handlers(previous)
             progress.close()
@@ -255,6 +257,25 @@ class Trainer:
         if cfg.output_path is not None and self.is_primary:
             sae.save_model(cfg.output_path)
         return sae
+
+    def _fingerprint(self) -> dict:
+        """The config fields that decide the result (not where files go or how progress shows)."""
+        skip = {"output_path", "checkpoint_path", "log_path", "progress_bar", "resume", "log_to_wandb",
+                "wandb_project", "run_name", "log_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints",
+                "sync_every_n_steps"}
+        data = {k: v for k, v in self.cfg.to_dict().items() if k not in skip}
+        data["sae"] = {k: v for k, v in data["sae"].items() if k != "metadata"}
+        return json.loads(json.dumps(data, default=str))
+
+    def _check_same_run(self, meta: dict) -> None:
+        saved = meta.get("config")
+        if saved is not None and saved != self._fingerprint():
+            changed = sorted(k for k in set(saved) | set(self._fingerprint())
+                             if saved.get(k) != self._fingerprint().get(k))
+            raise ConfigError(
+                f"checkpoint_path {self.cfg.checkpoint_path} holds a run with a different config (changed: "
+                f"{changed}); use another checkpoint_path, delete it, or set resume: false."
+            )
 
     def _next(self, iterator: Iterator, step_index: int):
         try:
