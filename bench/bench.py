@@ -1,0 +1,259 @@
+"""Side-by-side training-step benchmark: jsae vs sae_lens on identical work, in one process.
+
+For each case (architecture, d_in, d_sae, tokens per batch, dtype) it times one full training
+step — forward, backward, gradient clipping, Adam — alternating the two libraries, and reports
+tokens/s, the ratio, and the share of the measured matmul ceiling under the FLOP model below.
+
+FLOP model (dense step): 12 * tokens * d_in * d_sae — encoder and decoder products forward
+(2 + 2) and their backward (4 + 4). Elementwise work, top-k and Adam are not counted.
+
+    python bench/bench.py                       # CPU, the default cases, both libraries
+    python bench/bench.py --libs jsae --cases gpu --dtypes float32,bfloat16   # on a GPU
+    python bench/bench.py --write               # also append the table to bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = {
+    "cpu": [
+        ("standard", 768, 6144, 4096, {"l1_coefficient": 1.0}),
+        ("jumprelu", 768, 6144, 4096, {"l0_coefficient": 1.0}),
+        ("topk", 768, 6144, 4096, {"k": 32}),
+        ("standard", 768, 16384, 4096, {"l1_coefficient": 1.0}),
+        ("jumprelu", 768, 16384, 4096, {"l0_coefficient": 1.0}),
+        ("topk", 768, 16384, 4096, {"k": 32}),
+    ],
+    "gpu": [
+        ("standard", 768, 16384, 4096, {"l1_coefficient": 1.0}),
+        ("topk", 768, 16384, 4096, {"k": 32}),
+        ("jumprelu", 768, 16384, 4096, {"l0_coefficient": 1.0}),
+        ("standard", 2304, 16384, 4096, {"l1_coefficient": 1.0}),
+        ("topk", 2304, 16384, 4096, {"k": 64}),
+        ("jumprelu", 2304, 16384, 4096, {"l0_coefficient": 1.0}),
+    ],
+    "quick": [("standard", 128, 1024, 1024, {"l1_coefficient": 1.0}), ("topk", 128, 1024, 1024, {"k": 16})],
+}
+
+
+def dense_flops(tokens: int, d_in: int, d_sae: int) -> float:
+    return 12.0 * tokens * d_in * d_sae
+
+
+# ---------------------------------------------------------------------- ceilings
+def jax_matmul_rate(dtype: str, n: int = 4096, reps: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def torch_matmul_rate(dtype: str, device: str, n: int = 4096, reps: int = 10) -> float:
+    import torch
+
+    dt = getattr(torch, dtype)
+    a = torch.randn(n, n, device=device).to(dt)
+    b = torch.randn(n, n, device=device).to(dt)
+    a @ b
+    times = []
+    for _ in range(reps):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ---------------------------------------------------------------------- one step, each library
+class JsaeStep:
+    def __init__(self, arch, d_in, d_sae, tokens, extra, dtype):
+        import jax
+        import numpy as np
+
+        import jsae
+        from jsae.saes import TRAINING_ARCHITECTURES
+
+        sae_cfg = TRAINING_ARCHITECTURES[arch].config_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, **extra)
+        cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
+                               dead_feature_window=10**6)
+        self.step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0)
+        self.state = jsae.init_train_state(cfg)
+        rng = np.random.default_rng(0)
+        self.batch = jax.device_put(rng.normal(size=(tokens, d_in)).astype(np.float32).astype(sae_cfg.jnp_dtype))
+        self.metrics = None
+
+    def __call__(self):
+        self.state, self.metrics = self.step(self.state, self.batch)
+        self.metrics["losses/overall_loss"].block_until_ready()
+
+
+class SaelensStep:
+    """What SAETrainer._train_step does: forward, backward, clip_grad_norm_(1.0), Adam, zero_grad."""
+
+    def __init__(self, arch, d_in, d_sae, tokens, extra, dtype, device):
+        import torch
+        from sae_lens.registry import get_sae_training_class
+        from sae_lens.saes.sae import TrainStepInput
+
+        sae_cls, cfg_cls = get_sae_training_class(arch)
+        self.sae = sae_cls(cfg_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, device=device, **extra)).to(device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=3e-4)
+        self.x = torch.randn(tokens, d_in, device=device).to(getattr(torch, dtype))
+        self.coefficients = {name: (c.value if hasattr(c, "value") else c)
+                             for name, c in self.sae.get_coefficients().items()}
+        self.input_cls = TrainStepInput
+        self.device = device
+        self.dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
+
+    def __call__(self):
+        import torch
+
+        out = self.sae.training_forward_pass(self.input_cls(
+            sae_in=self.x, coefficients=self.coefficients, dead_neuron_mask=self.dead, n_training_steps=0,
+            is_logging_step=False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad()
+        if self.device != "cpu":
+            torch.cuda.synchronize()
+
+
+def time_steps(fns: dict, warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds per step of each callable, calls alternated so both see the same machine state."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------- main
+def machine() -> dict:
+    import jax
+
+    info = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(), "machine": platform.machine()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    try:
+        import sae_lens
+
+        info["sae_lens"] = sae_lens.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="cpu", choices=sorted(CASES))
+    parser.add_argument("--libs", default="jsae,saelens")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args()
+    libs = args.libs.split(",")
+    import jax
+
+    gpu = jax.default_backend() == "gpu"
+    torch_device = "cuda" if gpu else "cpu"
+    info = machine()
+    print(json.dumps(info))
+    ceilings = {}
+    for dtype in ("float32", "bfloat16"):
+        ceilings[f"jax_{dtype}"] = jax_matmul_rate(dtype)
+        if "saelens" in libs:
+            ceilings[f"torch_{dtype}"] = torch_matmul_rate(dtype, torch_device)
+    print("matmul ceilings (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()), flush=True)
+
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for arch, d_in, d_sae, tokens, extra in CASES[args.cases]:
+            fns = {}
+            if "jsae" in libs:
+                fns["jsae"] = JsaeStep(arch, d_in, d_sae, tokens, extra, dtype)
+            if "saelens" in libs:
+                fns["sae_lens"] = SaelensStep(arch, d_in, d_sae, tokens, extra, dtype, torch_device)
+            secs = time_steps(fns, args.warmup, args.reps)
+            flops = dense_flops(tokens, d_in, d_sae)
+            ceiling = ceilings[f"jax_{dtype}"]
+            row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens, "dtype": dtype}
+            for name, s in secs.items():
+                row[f"{name}_s"] = s
+                row[f"{name}_tok_s"] = tokens / s
+                row[f"{name}_ceiling_share"] = flops / s / ceiling
+            if "jsae_s" in row and "sae_lens_s" in row:
+                row["speedup"] = row["sae_lens_s"] / row["jsae_s"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del fns
+
+    table = format_table(rows, ceilings, info)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "ceilings": ceilings, "rows": rows}, indent=2))
+    if args.write:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(table + "\n")
+
+
+def format_table(rows, ceilings, info) -> str:
+    date = datetime.date.today().isoformat()
+    lines = [
+        f"### {date} — {info['backend']} ({info['device']}, {info['cpus']} CPUs), jax {info['jax']}"
+        + (f", torch {info['torch']}" if "torch" in info else "")
+        + (f", sae_lens {info['sae_lens']}" if "sae_lens" in info else ""),
+        "",
+        "Matmul ceiling (4096³, TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()),
+        "",
+        "| arch | d_in → d_sae | tokens | dtype | jsae tok/s | sae_lens tok/s | speed-up | jsae share of ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        jsae_tok = f"{r['jsae_tok_s']:,.0f}" if "jsae_tok_s" in r else "—"
+        sl_tok = f"{r['sae_lens_tok_s']:,.0f}" if "sae_lens_tok_s" in r else "—"
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
+        share = f"{100 * r['jsae_ceiling_share']:.0f}%" if "jsae_ceiling_share" in r else "—"
+        lines.append(f"| {r['arch']} | {r['d_in']} → {r['d_sae']} | {r['tokens']} | {r['dtype']} | {jsae_tok} | "
+                     f"{sl_tok} | {speed} | {share} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
