@@ -12,6 +12,7 @@ def main() -> None:
     from bridge.dlpack import jax_to_torch, torch_to_jax
 
     print("jax devices:", jax.devices(), flush=True)
+    jax.config.update("jax_default_matmul_precision", "highest")  # compare GPU and CPU at full float32
     for dtype in (torch.float32, torch.bfloat16):
         t = torch.randn(4096, 2304, device="cuda").to(dtype)
         x = torch_to_jax(t)
