@@ -50,20 +50,25 @@ def make_saelens_sae(
     cfg = cfg_cls(**kwargs)
     cfg.metadata = SAEMetadata(**(metadata or {"hook_name": "blocks.1.hook_resid_pre", "model_name": "toy"}))
     sae = sae_cls(cfg)
+    randomize_parameters(sae, seed)
+    return sae
+
+
+def randomize_parameters(sae, seed, *, threshold_scale=0.3, w_dec_floor=0.5):
+    """Fill every parameter of a sae_lens SAE with random values (thresholds > 0, uneven decoder norms)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sae.named_parameters():
             values = torch.randn(p.shape, generator=gen)
             if name == "threshold":
-                values = values.abs() * 0.3
+                values = values.abs() * threshold_scale
             elif name == "r_mag":
                 values = values * 0.2
             elif name == "W_dec":
-                values = values * (0.5 + torch.rand(p.shape[0], 1, generator=gen))  # uneven row norms
+                values = values * (w_dec_floor + torch.rand(p.shape[0], 1, generator=gen))
             elif name.startswith("b_"):
                 values = values * 0.3
             p.copy_(values.to(p.dtype))
-    return sae
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -187,3 +187,35 @@ def test_every_shipped_config_parses(path):
 
     cfg = RunConfig.from_yaml(path)
     assert cfg.train.total_training_steps > cfg.train.lr_warm_up_steps + cfg.train.lr_decay_steps
+
+
+def test_local_hugging_face_gpt2_folder_is_converted_offline(tmp_path):
+    """A GPT-2-style checkpoint on disk loads as a HookedTransformer with the same logits."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from bridge.embedded import EMBEDDED_DIR
+    from bridge.model import load_model
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=64, n_embd=64, n_layer=2, n_head=4))
+    hf.eval()
+    hf.save_pretrained(tmp_path / "gpt2ish")
+    AutoTokenizer.from_pretrained(EMBEDDED_DIR).save_pretrained(tmp_path / "gpt2ish")
+    model = load_model(str(tmp_path / "gpt2ish"))
+    tokens = torch.randint(0, 4096, (2, 16))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = model(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert model.tokenizer is not None and model.cfg.n_ctx == 64
+
+
+def test_jsonl_dataset_through_hugging_face_datasets(tmp_path, model):
+    from bridge.runner import token_rows
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"line {i} " * 30}) for i in range(5)))
+    rows = list(token_rows(small_cfg(tmp_path, dataset_path=str(path), context_size=32), model, cycle=False))
+    assert rows and all(len(r) == 32 and r[0] == model.tokenizer.bos_token_id for r in rows)
+    want = model.to_tokens("line 0 " * 30, prepend_bos=False)[0].tolist()
+    assert rows[0][1:32] == want[:31]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from saelens_helpers import rel_err, to_numpy
+from saelens_helpers import randomize_parameters, rel_err, to_numpy
 
 from jsae.saes import TRAINING_ARCHITECTURES
 
@@ -42,19 +42,7 @@ def make_pair(case, seed=0):
     arch, extra = CASES[case]
     sae_cls, cfg_cls = get_sae_training_class(arch)
     ref = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **extra))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            values = torch.randn(p.shape, generator=gen)
-            if name == "threshold":
-                values = values.abs() * 0.5
-            elif name == "r_mag":
-                values = values * 0.2
-            elif name == "W_dec":
-                values = values * (0.3 + torch.rand(p.shape[0], 1, generator=gen))
-            elif name.startswith("b_"):
-                values = values * 0.3
-            p.copy_(values)
+    randomize_parameters(ref, seed, threshold_scale=0.5, w_dec_floor=0.3)
     jarch = TRAINING_ARCHITECTURES[arch]
     fields = {f.name for f in dataclasses.fields(jarch.config_cls)} - {"metadata"}
     cfg = jarch.config_cls(**{k: v for k, v in ref.cfg.to_dict().items() if k in fields})

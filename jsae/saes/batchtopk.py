@@ -67,8 +67,8 @@ def batch_topk(hidden_pre: Array, k: float) -> Array:
     return jnp.zeros_like(flat).at[indices].set(values).reshape(acts.shape)
 
 
-def training_forward(params: dict, x: Array, *, cfg: BatchTopKTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array) -> TrainOutput:
+def encode_decode(params: dict, x: Array, cfg: BatchTopKTrainingSAEConfig):
+    """(feature_acts, hidden_pre, sae_out, module, input state) of the batch-level top-k forward."""
     module = cfg.topk_module()
     sae_in, state = module.apply({"params": params}, x, method="prepare_input")
     hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
@@ -76,6 +76,12 @@ def training_forward(params: dict, x: Array, *, cfg: BatchTopKTrainingSAEConfig,
         hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
     feature_acts = batch_topk(hidden_pre, cfg.k)
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+    return feature_acts, hidden_pre, sae_out, module, state
+
+
+def training_forward(params: dict, x: Array, *, cfg: BatchTopKTrainingSAEConfig, coefficients: dict,
+                     dead_mask: Array) -> TrainOutput:
+    feature_acts, hidden_pre, sae_out, _, _ = encode_decode(params, x, cfg)
     aux = topk_aux_loss(x, sae_out, hidden_pre, dead_mask, params["W_dec"],
                         rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient)
     losses = {"mse_loss": mse(sae_out, x), "auxiliary_reconstruction_loss": aux}

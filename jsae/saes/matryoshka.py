@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jsae._errors import ConfigError
 from jsae.saes._base import Array, decoder_row_norms
 from jsae.saes._training import TrainOutput, finish, mse
-from jsae.saes.batchtopk import BatchTopKTrainingSAEConfig, batch_topk
+from jsae.saes.batchtopk import BatchTopKTrainingSAEConfig, encode_decode
 from jsae.saes.topk import topk_aux_loss
 
 
@@ -63,13 +63,7 @@ def _prefix_decodes(params: dict, feature_acts: Array, cfg: MatryoshkaBatchTopKT
 
 def training_forward(params: dict, x: Array, *, cfg: MatryoshkaBatchTopKTrainingSAEConfig, coefficients: dict,
                      dead_mask: Array) -> TrainOutput:
-    module = cfg.topk_module()
-    sae_in, state = module.apply({"params": params}, x, method="prepare_input")
-    hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
-    if cfg.rescale_acts_by_decoder_norm:
-        hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
-    feature_acts = batch_topk(hidden_pre, cfg.k)
-    sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+    feature_acts, hidden_pre, sae_out, module, state = encode_decode(params, x, cfg)
     losses = {"mse_loss": mse(sae_out, x)}
     if cfg.use_matryoshka_aux_loss:
         losses["auxiliary_reconstruction_loss"] = _matryoshka_aux_loss(
