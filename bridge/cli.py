@@ -48,6 +48,9 @@ def train(args: argparse.Namespace) -> int:
     print(f"held-out ({summary['eval_tokens']:,} tokens): L0 {summary['l0']:.1f} | explained variance "
           f"{summary['explained_variance']:.3f} | MSE {summary['mse']:.4g} | dead features "
           f"{summary['dead_features']} of {sae.cfg.d_sae} ({100 * summary['dead_fraction']:.1f}%)")
+    print(f"spliced into the model ({summary['ce_eval_rows']} rows): CE loss score {summary['ce_loss_score']:.3f} "
+          f"(CE {summary['ce_loss_without_sae']:.3f} clean, {summary['ce_loss_with_sae']:.3f} with the SAE, "
+          f"{summary['ce_loss_with_ablation']:.3f} zero-ablated) | KL score {summary['kl_div_score']:.3f}")
     if args.json:
         print(json.dumps(summary))
     return 0

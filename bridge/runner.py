@@ -300,7 +300,28 @@ def evaluate(cfg: RunConfig, model, sae, n_tokens: int = 65536) -> dict[str, flo
             break
     source.close()
     out = stats.result()
+    out |= ce_metrics(cfg, model, sae, split)
     out["dead_features"] = int(sae.cfg.metadata.num_dead_features or 0)
     out["dead_fraction"] = out["dead_features"] / sae.cfg.d_sae
     out["eval_tokens"] = seen
     return out
+
+
+def ce_metrics(cfg: RunConfig, model, sae, split: str, n_rows: int = 128, batch_rows: int = 32) -> dict[str, float]:
+    """CE loss score and KL score with the SAE spliced in, on `n_rows` held-out rows (special tokens ignored)."""
+    import torch
+
+    from bridge.data import special_token_ids
+    from bridge.evals import downstream_reconstruction_metrics
+
+    rows = token_rows(cfg, model, split=split, cycle=False)
+    batches = []
+    for _ in range(n_rows // batch_rows):
+        chunk = list(itertools.islice(rows, batch_rows))
+        if not chunk:
+            break
+        batches.append(torch.tensor(chunk, device=cfg.device))
+    ignore = special_token_ids(model.tokenizer) if model.tokenizer is not None else None
+    metrics = downstream_reconstruction_metrics(model, sae, batches, hook_name=cfg.hook_name, ignore_tokens=ignore)
+    metrics["ce_eval_rows"] = sum(len(b) for b in batches)
+    return metrics

@@ -50,9 +50,11 @@ def test_cli_train_writes_a_folder_sae_lens_opens(tmp_path, capsys):
                  "--json"]) == 0
     printed = capsys.readouterr().out
     assert "L0" in printed and "explained variance" in printed and "dead features" in printed
+    assert "CE loss score" in printed
     summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["l0"] == pytest.approx(16, abs=0.5)
     assert summary["explained_variance"] > 0.25  # an untrained SAE scores below 0
+    assert 0.5 < summary["ce_loss_score"] <= 1.0
     ref = sae_lens.SAE.load_from_disk(str(out))
     assert ref.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
     assert ref.cfg.metadata.model_name == "embedded"

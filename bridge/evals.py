@@ -1,0 +1,138 @@
+"""A jsae SAE spliced into a running model: its output replaces the hook's activation.
+
+The activation goes to JAX by DLPack, the SAE runs there (jit-compiled once per shape), and the
+reconstruction comes back to torch by DLPack. CE-loss and KL metrics follow SAELens'
+`get_recons_loss` / `get_downstream_reconstruction_metrics` exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import torch
+
+from bridge.dlpack import jax_to_torch, torch_to_jax
+
+
+@partial(jax.jit, static_argnames=("use_error_term",))
+def _sae_forward(sae, x, use_error_term: bool):
+    return sae(x, use_error_term=use_error_term)
+
+
+def sae_hook(sae, *, use_error_term: bool = False, mask: torch.Tensor | None = None):
+    """A TransformerLens forward hook that replaces the activation by the SAE's output.
+
+    Args:
+        sae: a jsae.SAE (hook_z SAEs take the (..., n_heads, d_head) activation as it is).
+        use_error_term: add the SAE's error, so the model computes exactly what it did without it.
+        mask: (batch, pos) booleans; positions where it is False keep the original activation.
+    """
+
+    def hook(activations: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        out = jax_to_torch(_sae_forward(sae, torch_to_jax(activations), use_error_term))
+        out = out.to(activations.dtype)
+        if mask is not None:
+            extra = (None,) * (activations.ndim - mask.ndim)
+            out = torch.where(mask[(...,) + extra].to(out.device), out, activations)
+        return out
+
+    return hook
+
+
+def run_with_saes(model, tokens, saes: Mapping[str, Any] | Sequence, *, use_error_term: bool = False, **kwargs):
+    """`model(tokens)` with each SAE spliced in at its hook (SAELens' HookedSAETransformer.run_with_saes)."""
+    hooks = [(name, sae_hook(sae, use_error_term=use_error_term)) for name, sae in _by_hook(saes).items()]
+    return model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+
+
+def run_with_cache_with_saes(model, tokens, saes, *, use_error_term: bool = False, **kwargs):
+    """Logits and a cache holding, per SAE, hook_sae_input / acts_pre / acts_post / recons / error / output."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def make(name, sae):
+        def hook(activations, hook=None):
+            details = sae.forward_with_details(torch_to_jax(activations))
+            recons = jax_to_torch(details.sae_out).to(activations.dtype)
+            error = activations - recons
+            cache[f"{name}.hook_sae_input"] = activations.detach().clone()
+            cache[f"{name}.hook_sae_acts_pre"] = jax_to_torch(details.hidden_pre)
+            cache[f"{name}.hook_sae_acts_post"] = jax_to_torch(details.feature_acts)
+            cache[f"{name}.hook_sae_recons"] = recons
+            cache[f"{name}.hook_sae_error"] = error
+            out = recons + error if use_error_term else recons
+            cache[f"{name}.hook_sae_output"] = out
+            return out
+
+        return hook
+
+    hooks = [(name, make(name, sae)) for name, sae in _by_hook(saes).items()]
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
+    return logits, cache
+
+
+def _by_hook(saes) -> dict[str, Any]:
+    if isinstance(saes, Mapping):
+        return dict(saes)
+    out = {}
+    for sae in saes:
+        name = sae.cfg.metadata.hook_name
+        if name is None:
+            from jsae import ConfigError
+
+            raise ConfigError("an SAE without metadata.hook_name cannot be spliced; pass {hook_name: sae}.")
+        out[name] = sae
+    return out
+
+
+def _kl(original_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
+    """KL(original || new) per position, as SAELens computes it."""
+    log_probs_new = torch.nn.functional.log_softmax(new_logits, dim=-1)
+    probs_orig = torch.nn.functional.softmax(original_logits, dim=-1)
+    return torch.nn.functional.kl_div(log_probs_new, probs_orig, reduction="none").sum(dim=-1)
+
+
+@torch.no_grad()
+def recons_loss(model, sae, tokens: torch.Tensor, *, hook_name: str | None = None,
+                ignore_tokens: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Per-position CE losses and KL divergences with the SAE, without it and with the hook zeroed."""
+    hook_name = hook_name or sae.cfg.metadata.hook_name
+    original_logits, original_ce = model(tokens, return_type="both", loss_per_token=True)
+    if ignore_tokens:
+        mask = ~torch.isin(tokens, torch.as_tensor(list(ignore_tokens), device=tokens.device))
+    else:
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+    recons_logits, recons_ce = model.run_with_hooks(
+        tokens, return_type="both", loss_per_token=True, fwd_hooks=[(hook_name, sae_hook(sae, mask=mask))])
+    zero_logits, zero_ce = model.run_with_hooks(
+        tokens, return_type="both", loss_per_token=True, fwd_hooks=[(hook_name, lambda a, hook=None: torch.zeros_like(a))])
+    return {
+        "kl_div_with_sae": _kl(original_logits, recons_logits),
+        "kl_div_with_ablation": _kl(original_logits, zero_logits),
+        "ce_loss_with_sae": recons_ce,
+        "ce_loss_without_sae": original_ce,
+        "ce_loss_with_ablation": zero_ce,
+    }
+
+
+def downstream_reconstruction_metrics(model, sae, token_batches: Iterable[torch.Tensor], *,
+                                      hook_name: str | None = None,
+                                      ignore_tokens: Sequence[int] | None = None) -> dict[str, float]:
+    """SAELens' CE and KL metrics over batches of token rows, with ce_loss_score and kl_div_score."""
+    collected: dict[str, list[torch.Tensor]] = {}
+    for tokens in token_batches:
+        for name, value in recons_loss(model, sae, tokens, hook_name=hook_name, ignore_tokens=ignore_tokens).items():
+            if ignore_tokens:
+                mask = ~torch.isin(tokens, torch.as_tensor(list(ignore_tokens), device=tokens.device))
+                if value.shape[1] != mask.shape[1]:
+                    mask = mask[:, :-1]  # CE has no value for the last position
+                value = value[mask]
+            collected.setdefault(name, []).append(value.reshape(-1))
+    metrics = {name: torch.cat(values).mean().item() for name, values in collected.items()}
+    metrics["kl_div_score"] = (metrics["kl_div_with_ablation"] - metrics["kl_div_with_sae"]) / metrics[
+        "kl_div_with_ablation"]
+    metrics["ce_loss_score"] = (metrics["ce_loss_with_ablation"] - metrics["ce_loss_with_sae"]) / (
+        metrics["ce_loss_with_ablation"] - metrics["ce_loss_without_sae"])
+    return metrics

@@ -1,0 +1,84 @@
+"""A jsae SAE spliced into the running model: CE / KL metrics equal sae_lens' get_recons_loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from saelens_helpers import make_saelens_sae
+
+import jsae
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from bridge.model import load_model
+
+    return load_model("embedded")
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    from bridge.runner import RunConfig, token_rows
+
+    cfg = RunConfig.from_dict({"sae": {"architecture": "standard", "d_in": 128, "d_sae": 256},
+                               "total_training_tokens": 10**5, "context_size": 64})
+    rows = token_rows(cfg, model, split="heldout", cycle=False)
+    return torch.tensor([next(rows) for _ in range(8)])
+
+
+@pytest.mark.parametrize("variant", ["standard", "topk", "jumprelu"])
+def test_recons_loss_matches_saelens(tmp_path, model, tokens, variant):
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from bridge.evals import downstream_reconstruction_metrics, recons_loss
+
+    ref = make_saelens_sae(variant, d_in=128, d_sae=512, metadata={"hook_name": HOOK, "model_name": "embedded"})
+    with torch.no_grad():  # SAE-sized weights for this model's residual stream
+        ref.W_dec.mul_(0.05)
+        ref.W_enc.mul_(0.2)
+    ref.save_model(tmp_path / "sae")
+    sae = jsae.SAE.load_from_disk(tmp_path / "sae")
+    ignore = [model.tokenizer.bos_token_id]
+    want = get_recons_loss(ref, model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True,
+                           ignore_tokens=ignore)
+    got = recons_loss(model, sae, tokens, ignore_tokens=ignore)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    metrics = downstream_reconstruction_metrics(model, sae, [tokens[:4], tokens[4:]], ignore_tokens=ignore)
+    assert metrics["ce_loss_with_ablation"] > metrics["ce_loss_without_sae"]
+    ce = {k: torch.cat([v[~torch.isin(tokens[:, :-1] if v.shape[1] < tokens.shape[1] else tokens,
+                                        torch.tensor(ignore))]]).mean().item() for k, v in want.items()}
+    score = (ce["ce_loss_with_ablation"] - ce["ce_loss_with_sae"]) / (
+        ce["ce_loss_with_ablation"] - ce["ce_loss_without_sae"])
+    assert metrics["ce_loss_score"] == pytest.approx(score, rel=1e-4)
+
+
+def test_error_term_splice_is_exact(model, tokens):
+    from bridge.evals import run_with_cache_with_saes, run_with_saes
+
+    sae = jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=128, d_sae=512, k=16), seed=0)
+    with torch.no_grad():
+        clean = model(tokens)
+        spliced = run_with_saes(model, tokens, {HOOK: sae}, use_error_term=True)
+        torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
+        recon_only = run_with_saes(model, tokens, {HOOK: sae})
+        assert (recon_only - clean).abs().max() > 1e-2
+        # the pure-torch reference: the same SAE written with torch ops
+        p = {k: torch.from_numpy(np.asarray(v)) for k, v in sae.params.items()}
+
+        def torch_sae(acts, hook=None):
+            pre = (acts - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+            top = torch.topk(pre, 16, dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+            return f @ p["W_dec"] + p["b_dec"]
+
+        reference = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, torch_sae)])
+        torch.testing.assert_close(recon_only, reference, rtol=1e-4, atol=1e-4)
+        _, cache = run_with_cache_with_saes(model, tokens, {HOOK: sae})
+        assert cache[f"{HOOK}.hook_sae_acts_post"].shape == (8, 64, 512)
+        assert int((cache[f"{HOOK}.hook_sae_acts_post"] > 0).sum(-1).max()) <= 16
