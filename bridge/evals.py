@@ -136,3 +136,37 @@ def downstream_reconstruction_metrics(model, sae, token_batches: Iterable[torch.
     metrics["ce_loss_score"] = (metrics["ce_loss_with_ablation"] - metrics["ce_loss_with_sae"]) / (
         metrics["ce_loss_with_ablation"] - metrics["ce_loss_without_sae"])
     return metrics
+
+
+@torch.no_grad()
+def sparsity_and_variance_metrics(model, sae, token_batches: Iterable[torch.Tensor], *,
+                                  hook_name: str | None = None, hook_head_index: int | None = None,
+                                  ignore_tokens: Sequence[int] | None = None):
+    """SAELens' L0 / L1 / explained variance / MSE / cossim / l2 metrics and feature density, on token rows.
+
+    Returns (metrics, feature_metrics) like sae_lens.evals.get_sparsity_and_variance_metrics.
+    """
+    import numpy as np
+
+    from bridge.model import stop_layer
+    from jsae.evals import SparsityVarianceMetrics
+
+    hook_name = hook_name or sae.cfg.metadata.hook_name
+    if hook_head_index is None:
+        hook_head_index = sae.cfg.metadata.hook_head_index
+    acc = SparsityVarianceMetrics(sae.cfg.d_sae)
+    for tokens in token_batches:
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        if ignore_tokens:
+            mask = ~torch.isin(tokens, torch.as_tensor(list(ignore_tokens), device=tokens.device))
+        _, cache = model.run_with_cache(tokens, prepend_bos=False, names_filter=[hook_name],
+                                        stop_at_layer=stop_layer(model, [hook_name]))
+        act = cache[hook_name]
+        if hook_head_index is not None:
+            act = act[:, :, hook_head_index]
+        elif any(s in hook_name for s in ("hook_q", "hook_k", "hook_v", "hook_z")):
+            act = act.flatten(-2, -1)
+        feature_acts = sae.encode(torch_to_jax(act.contiguous()))
+        x_hat = sae.decode(feature_acts)
+        acc.update(act.cpu().numpy(), np.asarray(x_hat), np.asarray(feature_acts), mask.cpu().numpy())
+    return acc.result(), acc.feature_metrics()

@@ -42,3 +42,65 @@ class explained_variance_stats:  # noqa: N801 - used like a function that return
             "l0": self.l0 / self.n,
             "l1": self.l1 / self.n,
         }
+
+
+class SparsityVarianceMetrics:
+    """SAELens' sparsity and variance evals (get_sparsity_and_variance_metrics), accumulated per batch.
+
+    `update(x, x_hat, feature_acts, mask)` takes one batch of rows: x and x_hat (rows, ctx, d),
+    feature_acts (rows, ctx, d_sae), mask (rows, ctx) of positions to count. `result()` gives the
+    scalar metrics (l2_norm_in, l2_norm_out, l2_ratio, relative_reconstruction_bias, l0, l1,
+    explained_variance, explained_variance_legacy, mse, cossim) and `feature_metrics()` the
+    per-latent feature_density and consistent_activation_heuristic.
+    """
+
+    def __init__(self, d_sae: int) -> None:
+        self.per_token: dict[str, list[np.ndarray]] = {}
+        self.per_batch_bias: list[float] = []
+        self.variance = explained_variance_stats()
+        self.feature_acts = np.zeros(d_sae, np.float64)
+        self.feature_prompts = np.zeros(d_sae, np.float64)
+        self.tokens = 0
+
+    def _add(self, name: str, values: np.ndarray) -> None:
+        self.per_token.setdefault(name, []).append(np.asarray(values, np.float64))
+
+    def update(self, x, x_hat, feature_acts, mask=None) -> None:
+        x = np.asarray(x, np.float32)
+        x_hat = np.asarray(x_hat, np.float32)
+        acts = np.asarray(feature_acts, np.float32)
+        mask = np.ones(x.shape[:2], bool) if mask is None else np.asarray(mask, bool)
+        flat = mask.reshape(-1)
+        xi = x.reshape(-1, x.shape[-1])[flat].astype(np.float64)
+        xo = x_hat.reshape(-1, x_hat.shape[-1])[flat].astype(np.float64)
+        fa = acts.reshape(-1, acts.shape[-1])[flat]
+        norm_in = np.linalg.norm(xi, axis=-1)
+        norm_out = np.linalg.norm(xo, axis=-1)
+        self._add("l2_norm_in", norm_in)
+        self._add("l2_norm_out", norm_out)
+        self._add("l2_ratio", norm_out / np.where(np.abs(norm_in) < 1e-4, 1.0, norm_in))
+        self.per_batch_bias.append(float(np.mean(norm_out**2) / np.mean(np.sum(xi * xo, axis=-1))))
+        self._add("l0", np.sum(fa != 0, axis=-1))
+        self._add("l1", np.sum(np.abs(fa), axis=-1))
+        rss = np.sum((xi - xo) ** 2, axis=-1)
+        self._add("explained_variance_legacy", 1 - rss / np.sum((xi - xi.mean(0)) ** 2, axis=-1))
+        self._add("mse", rss)
+        self._add("cossim", np.sum(xi * xo, axis=-1) / (norm_in * norm_out))
+        self.variance.update(xi, xo)
+        fired = (acts * mask[..., None]) != 0
+        self.feature_acts += fired.sum(axis=(0, 1))
+        self.feature_prompts += (fired.sum(axis=1) > 0).sum(axis=0)
+        self.tokens += int(mask.sum())
+
+    def result(self) -> dict[str, float]:
+        out = {name: float(np.concatenate(values).mean()) for name, values in self.per_token.items()}
+        out["relative_reconstruction_bias"] = float(np.mean(self.per_batch_bias))
+        out["explained_variance"] = self.variance.result()["explained_variance"]
+        return out
+
+    def feature_metrics(self) -> dict[str, np.ndarray]:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {
+                "feature_density": self.feature_acts / self.tokens,
+                "consistent_activation_heuristic": self.feature_acts / self.feature_prompts,
+            }

@@ -82,3 +82,38 @@ def test_error_term_splice_is_exact(model, tokens):
         _, cache = run_with_cache_with_saes(model, tokens, {HOOK: sae})
         assert cache[f"{HOOK}.hook_sae_acts_post"].shape == (8, 64, 512)
         assert int((cache[f"{HOOK}.hook_sae_acts_post"] > 0).sum(-1).max()) <= 16
+
+
+@pytest.mark.parametrize("variant", ["standard", "topk", "jumprelu"])
+def test_sparsity_and_variance_metrics_match_saelens(tmp_path, model, tokens, variant):
+    from sae_lens.evals import get_sparsity_and_variance_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from bridge.evals import sparsity_and_variance_metrics
+
+    ref = make_saelens_sae(variant, d_in=128, d_sae=512, metadata={"hook_name": HOOK, "model_name": "embedded"})
+    with torch.no_grad():
+        ref.W_dec.mul_(0.05)
+        ref.W_enc.mul_(0.2)
+    ref.save_model(tmp_path / "sae")
+    sae = jsae.SAE.load_from_disk(tmp_path / "sae")
+    batches = [tokens[:4], tokens[4:]]
+
+    class Store:  # hands sae_lens the same token rows
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_batch_tokens(self, n):
+            return next(self.it)
+
+    ignore = [model.tokenizer.bos_token_id]
+    want, want_features = get_sparsity_and_variance_metrics(
+        ref, model, Store(), ActivationScaler(), n_batches=2, compute_l2_norms=True, compute_sparsity_metrics=True,
+        compute_variance_metrics=True, compute_featurewise_density_statistics=True, eval_batch_size_prompts=4,
+        model_kwargs={}, ignore_tokens=ignore)
+    got, got_features = sparsity_and_variance_metrics(model, sae, batches, ignore_tokens=ignore)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for name, values in want_features.items():
+        np.testing.assert_allclose(got_features[name], np.asarray(values, np.float64), rtol=1e-4, err_msg=name)
