@@ -104,3 +104,18 @@ class SparsityVarianceMetrics:
                 "feature_density": self.feature_acts / self.tokens,
                 "consistent_activation_heuristic": self.feature_acts / self.feature_prompts,
             }
+
+
+def featurewise_weight_metrics(params: dict) -> dict[str, np.ndarray]:
+    """Per latent: encoder norm, encoder/decoder cosine similarity and encoder bias (SAELens' names)."""
+    W_enc = np.asarray(params["W_enc"], np.float64)
+    W_dec = np.asarray(params["W_dec"], np.float64)
+    enc_norm = np.linalg.norm(W_enc, axis=0)
+    dec_norm = np.linalg.norm(W_dec, axis=1)
+    out = {
+        "encoder_norm": enc_norm,
+        "encoder_decoder_cosine_sim": np.sum(W_enc.T * W_dec, axis=1) / (enc_norm * dec_norm),
+    }
+    if "b_enc" in params:
+        out["encoder_bias"] = np.asarray(params["b_enc"], np.float64)
+    return out

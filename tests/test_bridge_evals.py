@@ -117,3 +117,18 @@ def test_sparsity_and_variance_metrics_match_saelens(tmp_path, model, tokens, va
         assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     for name, values in want_features.items():
         np.testing.assert_allclose(got_features[name], np.asarray(values, np.float64), rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("variant", ["standard", "gated", "topk"])
+def test_featurewise_weight_metrics_match_saelens(tmp_path, variant):
+    from sae_lens.evals import get_featurewise_weight_based_metrics
+
+    from jsae.evals import featurewise_weight_metrics
+
+    ref = make_saelens_sae(variant)
+    ref.save_model(tmp_path / "sae")
+    got = featurewise_weight_metrics(jsae.SAE.load_from_disk(tmp_path / "sae").params)
+    want = get_featurewise_weight_based_metrics(ref)
+    assert set(got) == set(want)
+    for name, values in want.items():
+        np.testing.assert_allclose(got[name], np.asarray(values), rtol=1e-5, atol=1e-6, err_msg=name)
