@@ -286,12 +286,12 @@ def evaluate(cfg: RunConfig, model, sae, n_tokens: int = 65536) -> dict[str, flo
     """L0, explained variance and dead features of the trained SAE on held-out activations."""
     import numpy as np
 
-    from jsae.evals import explained_variance_stats
+    from jsae.evals import ExplainedVarianceStats
 
     split = "heldout" if cfg.dataset_path in ("stdlib", "embedded") else cfg.dataset_split
     source = activation_source(dataclasses.replace(cfg, n_batches_in_buffer=4), model, split=split, seed=1,
                                batch_size=2048)
-    stats = explained_variance_stats()
+    stats = ExplainedVarianceStats()
     seen = 0
     for batch in source:
         stats.update(np.asarray(batch), np.asarray(sae(batch)), np.asarray(sae.encode(batch)))

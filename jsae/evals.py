@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-class explained_variance_stats:  # noqa: N801 - used like a function that returns an accumulator
+class ExplainedVarianceStats:
     """Streaming float64 accumulator of MSE, explained variance, L0 and L1 over batches.
 
     explained_variance = 1 - E‖x - x̂‖² / (E‖x‖² - ‖E x‖²), the SAELens definition.
@@ -57,7 +57,7 @@ class SparsityVarianceMetrics:
     def __init__(self, d_sae: int) -> None:
         self.per_token: dict[str, list[np.ndarray]] = {}
         self.per_batch_bias: list[float] = []
-        self.variance = explained_variance_stats()
+        self.variance = ExplainedVarianceStats()
         self.feature_acts = np.zeros(d_sae, np.float64)
         self.feature_prompts = np.zeros(d_sae, np.float64)
         self.tokens = 0

@@ -7,7 +7,6 @@ Everything here turns files into (config, params, sparsity) with plain numpy arr
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -448,6 +447,4 @@ def _replace_dir(new: Path, target: Path) -> None:
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     raise TypeError(f"cfg.json: value {value!r} of type {type(value).__name__} is not JSON-serialisable")

@@ -92,6 +92,7 @@ class Trainer:
             sync = 1 if n > 1 and self.devices[0].platform == "cpu" else 0
         self.sync_every = sync
         self.is_primary = jax.process_index() == 0
+        self.fingerprint = self._fingerprint()
         self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ data
@@ -230,13 +231,11 @@ class Trainer:
                     t0, tokens_since = time.perf_counter(), 0
                     logger.log(done, done * cfg.train_batch_size_tokens, values)
                     progress.update(values, done)
-                meta = {"batches_consumed": consumed, "norm_batches": norm_batches, "step": done,
-                        "config": self._fingerprint()}
                 if manager is not None and cfg.checkpoint_every_n_steps and done % cfg.checkpoint_every_n_steps == 0:
-                    self._save(manager, state, meta)
+                    self._save(manager, state, self._meta(consumed, norm_batches, done))
                 if self._stop_signal is not None:
                     if manager is not None:
-                        self._save(manager, state, meta)
+                        self._save(manager, state, self._meta(consumed, norm_batches, done))
                     raise TrainingInterrupted(
                         f"training stopped by signal {self._stop_signal} after step {done}"
                         + (f"; resume from {cfg.checkpoint_path}" if manager is not None else "")
@@ -244,8 +243,7 @@ class Trainer:
             if cfg.on_nonfinite == "error" and last_metrics is not None:
                 self._check_finite(last_metrics, total - 1)
             if manager is not None:
-                self._save(manager, state, {"batches_consumed": consumed, "norm_batches": norm_batches,
-                                            "step": total, "config": self._fingerprint()})
+                self._save(manager, state, self._meta(consumed, norm_batches, total))
         finally:
             self._restore_signal_handlers(previous)
             progress.close()
@@ -267,11 +265,14 @@ class Trainer:
         data["sae"] = {k: v for k, v in data["sae"].items() if k != "metadata"}
         return json.loads(json.dumps(data, default=str))
 
+    def _meta(self, consumed: int, norm_batches: int, step: int) -> dict:
+        """What a checkpoint records besides the state: data position and the run's fingerprint."""
+        return {"batches_consumed": consumed, "norm_batches": norm_batches, "step": step, "config": self.fingerprint}
+
     def _check_same_run(self, meta: dict) -> None:
         saved = meta.get("config")
-        if saved is not None and saved != self._fingerprint():
-            changed = sorted(k for k in set(saved) | set(self._fingerprint())
-                             if saved.get(k) != self._fingerprint().get(k))
+        if saved is not None and saved != self.fingerprint:
+            changed = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
             raise ConfigError(
                 f"checkpoint_path {self.cfg.checkpoint_path} holds a run with a different config (changed: "
                 f"{changed}); use another checkpoint_path, delete it, or set resume: false."
