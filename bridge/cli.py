@@ -1,4 +1,4 @@
-"""The `jsae` command line: train, cache, demo."""
+"""The `jsae` command line: train, eval, cache, demo."""
 
 from __future__ import annotations
 
@@ -45,14 +45,39 @@ def train(args: argparse.Namespace) -> int:
     sae, summary = run(cfg)
     where = cfg.train.output_path or "(not saved: no output_path)"
     print(f"\nSAE written to {where}")
-    print(f"held-out ({summary['eval_tokens']:,} tokens): L0 {summary['l0']:.1f} | explained variance "
-          f"{summary['explained_variance']:.3f} | MSE {summary['mse']:.4g} | dead features "
+    print(f"held-out ({int(summary['total_tokens_eval_sparsity_variance']):,} tokens): L0 {summary['l0']:.1f} | "
+          f"explained variance {summary['explained_variance']:.3f} | MSE {summary['mse']:.4g} | dead features "
           f"{summary['dead_features']} of {sae.cfg.d_sae} ({100 * summary['dead_fraction']:.1f}%)")
-    print(f"spliced into the model ({summary['ce_eval_rows']} rows): CE loss score {summary['ce_loss_score']:.3f} "
-          f"(CE {summary['ce_loss_without_sae']:.3f} clean, {summary['ce_loss_with_sae']:.3f} with the SAE, "
-          f"{summary['ce_loss_with_ablation']:.3f} zero-ablated) | KL score {summary['kl_div_score']:.3f}")
+    print(f"spliced into the model: CE loss score {summary['ce_loss_score']:.3f} (CE {summary['ce_loss_without_sae']:.3f} "
+          f"clean, {summary['ce_loss_with_sae']:.3f} with the SAE, {summary['ce_loss_with_ablation']:.3f} zero-ablated) "
+          f"| KL score {summary['kl_div_score']:.3f}")
+    if summary.get("plots"):
+        print(f"plots: {', '.join(summary['plots'])}")
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a SAELens-format SAE folder with it spliced into its model (SAELens' run_evals metrics)."""
+    import jsae
+    from bridge.runner import eval_run_config, evaluate_sae
+
+    sae = jsae.SAE.load_from_disk(args.sae_dir)
+    cfg = eval_run_config(sae, model_name=args.model, dataset_path=args.dataset, hook_name=args.hook,
+                          n_eval_batches=args.batches, eval_batch_size_prompts=args.batch_size,
+                          context_size=args.context_size, device=args.device)
+    if not args.json:
+        print(f"jsae eval: {sae.cfg.architecture} SAE {sae.cfg.d_in} -> {sae.cfg.d_sae} on {cfg.model_name} "
+              f"{cfg.hook_name}, data {cfg.dataset_path}", flush=True)
+    metrics, _ = evaluate_sae(sae, cfg, verbose=not args.json)
+    if args.json:
+        print(json.dumps(metrics))
+        return 0
+    for group, values in metrics.items():
+        print(f"{group}:")
+        for name, value in values.items():
+            print(f"  {name:<36} {value:.6g}" if isinstance(value, float) else f"  {name:<36} {value}")
     return 0
 
 
@@ -123,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
     p.set_defaults(func=train)
+
+    p = sub.add_parser("eval", help="evaluate an SAE folder (jsae or sae_lens) spliced into its model")
+    p.add_argument("sae_dir", help="folder with cfg.json and sae_weights.safetensors")
+    p.add_argument("--model", default=None, help="model (default: the SAE's metadata.model_name, else embedded)")
+    p.add_argument("--dataset", default=None, help="dataset (default: the SAE's metadata.dataset_path, else stdlib)")
+    p.add_argument("--hook", default=None, help="hook point (default: the SAE's metadata.hook_name)")
+    p.add_argument("--batches", type=int, default=10, help="batches of token rows to evaluate on (default 10)")
+    p.add_argument("--batch-size", type=int, default=16, help="token rows per batch (default 16)")
+    p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the SAE's metadata)")
+    p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
+    p.set_defaults(func=evaluate)
 
     p = sub.add_parser("cache", help="write a run's activations to disk")
     p.add_argument("config", nargs="?", default=None)

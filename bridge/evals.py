@@ -170,3 +170,72 @@ def sparsity_and_variance_metrics(model, sae, token_batches: Iterable[torch.Tens
         x_hat = sae.decode(feature_acts)
         acc.update(act.cpu().numpy(), np.asarray(x_hat), np.asarray(feature_acts), mask.cpu().numpy())
     return acc.result(), acc.feature_metrics()
+
+
+def run_evals(sae, model, token_batches: Sequence[torch.Tensor], eval_config=None, *,
+              exclude_special_tokens: Iterable[int] | bool = True, hook_name: str | None = None,
+              verbose: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """SAELens' `run_evals` for a jsae SAE: grouped metrics and per-latent metrics.
+
+    Args:
+        sae: a jsae.SAE whose metadata names its hook (or pass `hook_name`).
+        model: the HookedTransformer the SAE reads.
+        token_batches: batches of token rows (rows, context); the reconstruction metrics use the
+            first `n_eval_reconstruction_batches`, the sparsity/variance metrics the first
+            `n_eval_sparsity_variance_batches` (SAELens rewinds its data between the two as well).
+        eval_config: a jsae.evals.EvalConfig (default: every metric).
+        exclude_special_tokens: True ignores the tokenizer's special tokens, or a list of ids, or False.
+
+    Returns:
+        (metrics, feature_metrics): metrics grouped as SAELens groups them (model_behavior_preservation,
+        model_performance_preservation, reconstruction_quality, shrinkage, sparsity, token_stats);
+        feature_metrics maps names to per-latent numpy arrays.
+    """
+    from bridge.data import special_token_ids
+    from jsae import InputError
+    from jsae.evals import EvalConfig, featurewise_weight_metrics, group_metrics
+
+    cfg = eval_config or EvalConfig.everything()
+    hook_name = hook_name or sae.cfg.metadata.hook_name
+    if exclude_special_tokens is True:
+        ignore = special_token_ids(model.tokenizer) if model.tokenizer is not None else None
+    elif exclude_special_tokens:
+        ignore = [int(t) for t in exclude_special_tokens]
+    else:
+        ignore = None
+    batches = list(token_batches)
+    needed = max(cfg.n_eval_reconstruction_batches if cfg.compute_kl or cfg.compute_ce_loss else 0,
+                 cfg.n_eval_sparsity_variance_batches if cfg.sparsity_variance else 0)
+    if len(batches) < needed:
+        raise InputError(f"run_evals: the eval config needs {needed} batches of token rows, got {len(batches)}.")
+    reconstruction: dict[str, float] = {}
+    if cfg.compute_kl or cfg.compute_ce_loss:
+        reconstruction = downstream_reconstruction_metrics(
+            model, sae, _progress(batches[: cfg.n_eval_reconstruction_batches], verbose, "CE/KL batches"),
+            hook_name=hook_name, ignore_tokens=ignore)
+    sparsity_variance: dict[str, float] = {}
+    feature_metrics: dict[str, Any] = {}
+    if cfg.sparsity_variance:
+        sparsity_variance, density = sparsity_and_variance_metrics(
+            model, sae, _progress(batches[: cfg.n_eval_sparsity_variance_batches], verbose, "sparsity batches"),
+            hook_name=hook_name, ignore_tokens=ignore)
+        if cfg.compute_featurewise_density_statistics:
+            feature_metrics |= density
+    if cfg.compute_featurewise_weight_based_metrics:
+        feature_metrics |= featurewise_weight_metrics(sae.params)
+    metrics = group_metrics(cfg, reconstruction, sparsity_variance)
+    rows = len(batches[0]) if batches else 0
+    context = batches[0].shape[1] if batches else 0
+    metrics["token_stats"] = {
+        "total_tokens_eval_reconstruction": context * cfg.n_eval_reconstruction_batches * rows,
+        "total_tokens_eval_sparsity_variance": context * cfg.n_eval_sparsity_variance_batches * rows,
+    }
+    return metrics, feature_metrics
+
+
+def _progress(batches: list, verbose: bool, desc: str):
+    if not verbose:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=desc, leave=False)

@@ -47,9 +47,11 @@ class RunConfig:
         disable_concat_sequences: one row per document; shorter documents are dropped.
         store_batch_size_prompts: rows per model forward.
         n_batches_in_buffer: shuffle-buffer size, in model forwards.
+        n_eval_batches: held-out batches the evals (during training and at the end) run on.
+        eval_batch_size_prompts: rows per eval batch (None: store_batch_size_prompts).
         device: torch device of the model.
         activation_cache_path: train from a cache written by `jsae cache` instead of the model.
-        train: the SAE and training settings.
+        train: the SAE and training settings (None for a config that only evaluates).
     """
 
     model_name: str = "embedded"
@@ -68,16 +70,23 @@ class RunConfig:
     disable_concat_sequences: bool = False
     store_batch_size_prompts: int = 16
     n_batches_in_buffer: int = 32
+    n_eval_batches: int = 10
+    eval_batch_size_prompts: int | None = None
     device: str = "cpu"
     activation_cache_path: str | None = None
-    train: TrainConfig
+    train: TrainConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seqpos_slice", tuple(self.seqpos_slice))
-        for name in ("context_size", "store_batch_size_prompts", "n_batches_in_buffer"):
+        for name in ("context_size", "store_batch_size_prompts", "n_batches_in_buffer", "n_eval_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.eval_batch_size_prompts is not None and (
+                isinstance(self.eval_batch_size_prompts, bool) or not isinstance(self.eval_batch_size_prompts, int)
+                or self.eval_batch_size_prompts <= 0):
+            raise ConfigError(f"eval_batch_size_prompts must be a positive integer or null, got "
+                              f"{self.eval_batch_size_prompts!r}.")
         if not 1 <= len(self.seqpos_slice) <= 3:
             raise ConfigError(f"seqpos_slice must have 1 to 3 entries, got {list(self.seqpos_slice)}.")
 
@@ -266,9 +275,11 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
 
 
 def run(cfg: RunConfig):
-    """Train the configured SAE; returns (sae, summary dict)."""
+    """Train the configured SAE, evaluating it on held-out rows along the way; returns (sae, summary dict)."""
     import jsae
 
+    if cfg.train is None:
+        raise ConfigError("the run config has no training settings (an 'sae' section and total_training_tokens).")
     model, cfg = prepare(cfg)
     if cfg.activation_cache_path is not None:
         from bridge.cache import CachedActivations
@@ -277,51 +288,125 @@ def run(cfg: RunConfig):
                                    seed=cfg.train.seed)
     else:
         source = activation_source(cfg, model)
-    sae = jsae.Trainer(cfg.train).fit(source)
-    summary = evaluate(cfg, model, sae)
+    sae = jsae.Trainer(cfg.train).fit(source, evaluator=make_evaluator(cfg, model))
+    summary = dict(sae.cfg.metadata.eval_metrics or {})
+    summary["dead_features"] = int(sae.cfg.metadata.num_dead_features or 0)
+    summary["dead_fraction"] = summary["dead_features"] / sae.cfg.d_sae
+    if cfg.train.output_path is not None:
+        from jsae.plots import write_run_plots
+
+        summary["plots"] = [str(p) for p in write_run_plots(cfg.train.output_path, sae, cfg.train.log_path)]
     return sae, summary
 
 
-def evaluate(cfg: RunConfig, model, sae, n_tokens: int = 65536) -> dict[str, float]:
-    """L0, explained variance and dead features of the trained SAE on held-out activations."""
-    import numpy as np
-
-    from jsae.evals import ExplainedVarianceStats
-
-    split = "heldout" if cfg.dataset_path in ("stdlib", "embedded") else cfg.dataset_split
-    source = activation_source(dataclasses.replace(cfg, n_batches_in_buffer=4), model, split=split, seed=1,
-                               batch_size=2048)
-    stats = ExplainedVarianceStats()
-    seen = 0
-    for batch in source:
-        stats.update(np.asarray(batch), np.asarray(sae(batch)), np.asarray(sae.encode(batch)))
-        seen += batch.shape[0]
-        if seen >= n_tokens:
-            break
-    source.close()
-    out = stats.result()
-    out |= ce_metrics(cfg, model, sae, split)
-    out["dead_features"] = int(sae.cfg.metadata.num_dead_features or 0)
-    out["dead_fraction"] = out["dead_features"] / sae.cfg.d_sae
-    out["eval_tokens"] = seen
-    return out
+def heldout_split(cfg: RunConfig) -> str:
+    return "heldout" if cfg.dataset_path in ("stdlib", "embedded") else cfg.dataset_split
 
 
-def ce_metrics(cfg: RunConfig, model, sae, split: str, n_rows: int = 128, batch_rows: int = 32) -> dict[str, float]:
-    """CE loss score and KL score with the SAE spliced in, on `n_rows` held-out rows (special tokens ignored)."""
+def eval_token_batches(cfg: RunConfig, model, n_batches: int | None = None) -> list:
+    """`n_eval_batches` batches of `eval_batch_size_prompts` held-out token rows (fewer if the data runs out)."""
     import torch
 
-    from bridge.data import special_token_ids
-    from bridge.evals import downstream_reconstruction_metrics
-
-    rows = token_rows(cfg, model, split=split, cycle=False)
+    n_batches = cfg.n_eval_batches if n_batches is None else n_batches
+    rows_per_batch = cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts
+    rows = token_rows(cfg, model, split=heldout_split(cfg), cycle=False)
     batches = []
-    for _ in range(n_rows // batch_rows):
-        chunk = list(itertools.islice(rows, batch_rows))
-        if not chunk:
+    for _ in range(n_batches):
+        chunk = list(itertools.islice(rows, rows_per_batch))
+        if len(chunk) < rows_per_batch:
             break
         batches.append(torch.tensor(chunk, device=cfg.device))
-    ignore = special_token_ids(model.tokenizer) if model.tokenizer is not None else None
-    metrics = downstream_reconstruction_metrics(model, sae, batches, hook_name=cfg.hook_name, ignore_tokens=ignore)
-    metrics["ce_eval_rows"] = sum(len(b) for b in batches)
-    return metrics
+    if not batches:
+        raise InputError(f"dataset_path: {cfg.dataset_path!r} has fewer than {rows_per_batch} held-out rows of "
+                         f"context_size={cfg.context_size} for evals; lower eval_batch_size_prompts.")
+    return batches
+
+
+def eval_config(cfg: RunConfig, n_batches: int):
+    """What is evaluated during training and at its end: SAELens' training evals, plus KL."""
+    from jsae.evals import EvalConfig
+
+    return EvalConfig(n_eval_reconstruction_batches=n_batches, n_eval_sparsity_variance_batches=n_batches,
+                      compute_kl=True, compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+                      compute_variance_metrics=True)
+
+
+def make_evaluator(cfg: RunConfig, model):
+    """evaluator(sae) -> flat metrics with the SAE spliced into `model`, on fixed held-out rows."""
+    from bridge.evals import run_evals
+    from jsae.evals import flatten_metrics
+
+    batches = eval_token_batches(cfg, model)
+    config = eval_config(cfg, len(batches))
+    exclude = excluded_token_ids(cfg, model) if cfg.exclude_special_tokens else True
+
+    def evaluator(sae) -> dict[str, float]:
+        metrics, _ = run_evals(sae, model, batches, config, exclude_special_tokens=exclude, hook_name=cfg.hook_name)
+        return flatten_metrics(metrics)
+
+    return evaluator
+
+
+def eval_run_config(sae, *, model_name: str | None = None, dataset_path: str | None = None,
+                    hook_name: str | None = None, n_eval_batches: int = 10, eval_batch_size_prompts: int = 16,
+                    context_size: int | None = None, device: str = "cpu") -> RunConfig:
+    """Where to evaluate `sae`: the model, hook and data its metadata names, unless given (else the embedded default)."""
+    meta = sae.cfg.metadata
+    hook_name = hook_name or meta.hook_name
+    if hook_name is None:
+        raise ConfigError("the SAE's cfg.json names no metadata.hook_name; give the hook point (--hook NAME).")
+    settings = {
+        "model_name": model_name or meta.model_name or "embedded",
+        "model_class_name": meta.model_class_name or "HookedTransformer",
+        "model_from_pretrained_kwargs": dict(meta.model_from_pretrained_kwargs or {}),
+        "hook_name": hook_name,
+        "hook_head_index": meta.hook_head_index,
+        "dataset_path": dataset_path or meta.dataset_path or "stdlib",
+        "context_size": context_size or meta.context_size or 128,
+        "n_eval_batches": n_eval_batches,
+        "eval_batch_size_prompts": eval_batch_size_prompts,
+        "device": device,
+    }
+    for key in ("prepend_bos", "sequence_separator_token", "disable_concat_sequences", "exclude_special_tokens"):
+        if meta.get(key) is not None:
+            settings[key] = meta.get(key)
+    return RunConfig(**settings)
+
+
+def evaluate_sae(sae, cfg: RunConfig, *, verbose: bool = False):
+    """Every SAELens eval of `sae` on `cfg`'s model and held-out data: (grouped metrics, per-latent metrics).
+
+    Raises ConfigError when the hook is not in the model or its width is not the SAE's d_in.
+    """
+    import contextlib
+    import sys
+
+    import numpy as np
+
+    from bridge.evals import run_evals
+    from bridge.model import hook_width, load_model
+    from jsae.evals import EvalConfig
+
+    with contextlib.redirect_stdout(sys.stderr):  # loaders that print must not mix with --json output
+        model = load_model(cfg.model_name, model_class_name=cfg.model_class_name,
+                           from_pretrained_kwargs=cfg.model_from_pretrained_kwargs, device=cfg.device)
+    width = hook_width(model, cfg.hook_name, cfg.hook_head_index)
+    if width != sae.cfg.d_in:
+        raise ConfigError(f"the SAE's d_in={sae.cfg.d_in} does not match {cfg.hook_name!r} of {cfg.model_name!r}, "
+                          f"whose activations have width {width}; evaluate it on the model it was trained on (--model).")
+    if cfg.context_size > model.cfg.n_ctx:
+        raise ConfigError(f"context_size={cfg.context_size} is larger than the model's n_ctx={model.cfg.n_ctx}.")
+    batches = eval_token_batches(cfg, model)
+    n = len(batches)
+    exclude = excluded_token_ids(cfg, model) if cfg.exclude_special_tokens else True
+    metrics, features = run_evals(sae, model, batches, EvalConfig.everything(
+        n_eval_reconstruction_batches=n, n_eval_sparsity_variance_batches=n), exclude_special_tokens=exclude,
+        hook_name=cfg.hook_name, verbose=verbose)
+    density = np.asarray(features["feature_density"])
+    metrics["features"] = {
+        "dead_features": int(np.sum(density == 0)),
+        "dead_fraction": float(np.mean(density == 0)),
+        "mean_log10_feature_density": float(np.mean(np.log10(density + 1e-10))),
+        "mean_encoder_decoder_cosine_sim": float(np.mean(features["encoder_decoder_cosine_sim"])),
+    }
+    return metrics, features

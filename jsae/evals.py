@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 
 
@@ -119,3 +122,85 @@ def featurewise_weight_metrics(params: dict) -> dict[str, np.ndarray]:
     if "b_enc" in params:
         out["encoder_bias"] = np.asarray(params["b_enc"], np.float64)
     return out
+
+
+# ---------------------------------------------------------------------- run_evals' selection and layout
+METRIC_GROUPS = {
+    "model_behavior_preservation": ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae"),
+    "model_performance_preservation": ("ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae",
+                                       "ce_loss_without_sae"),
+    "reconstruction_quality": ("explained_variance", "explained_variance_legacy", "mse", "cossim"),
+    "shrinkage": ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias"),
+    "sparsity": ("l0", "l1"),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Which metrics to compute and on how much data (SAELens' EvalConfig fields).
+
+    Attributes:
+        batch_size_prompts: token rows per model forward (None: the data source's own batch size).
+        n_eval_reconstruction_batches: batches for the CE / KL metrics.
+        compute_kl, compute_ce_loss: the spliced-model metrics (model_behavior / performance_preservation).
+        n_eval_sparsity_variance_batches: batches for the sparsity, variance and shrinkage metrics.
+        compute_l2_norms, compute_sparsity_metrics, compute_variance_metrics: those metric groups.
+        compute_featurewise_density_statistics: per-latent feature_density and consistent_activation_heuristic.
+        compute_featurewise_weight_based_metrics: per-latent encoder_norm, encoder_decoder_cosine_sim, encoder_bias.
+    """
+
+    batch_size_prompts: int | None = None
+    n_eval_reconstruction_batches: int = 10
+    compute_kl: bool = False
+    compute_ce_loss: bool = False
+    n_eval_sparsity_variance_batches: int = 1
+    compute_l2_norms: bool = False
+    compute_sparsity_metrics: bool = False
+    compute_variance_metrics: bool = False
+    compute_featurewise_density_statistics: bool = False
+    compute_featurewise_weight_based_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        from jsae._errors import ConfigError
+
+        if (self.compute_kl or self.compute_ce_loss) and self.n_eval_reconstruction_batches <= 0:
+            raise ConfigError("EvalConfig.n_eval_reconstruction_batches must be > 0 when compute_kl or "
+                              f"compute_ce_loss is true, got {self.n_eval_reconstruction_batches}.")
+        if self.sparsity_variance and self.n_eval_sparsity_variance_batches <= 0:
+            raise ConfigError("EvalConfig.n_eval_sparsity_variance_batches must be > 0 when a sparsity, variance, "
+                              f"l2 or density metric is on, got {self.n_eval_sparsity_variance_batches}.")
+
+    @property
+    def sparsity_variance(self) -> bool:
+        return (self.compute_l2_norms or self.compute_sparsity_metrics or self.compute_variance_metrics
+                or self.compute_featurewise_density_statistics)
+
+    @classmethod
+    def everything(cls, batch_size_prompts: int | None = None, n_eval_reconstruction_batches: int = 10,
+                   n_eval_sparsity_variance_batches: int = 1) -> EvalConfig:
+        """Every metric on (SAELens' get_eval_everything_config)."""
+        return cls(batch_size_prompts=batch_size_prompts, n_eval_reconstruction_batches=n_eval_reconstruction_batches,
+                   n_eval_sparsity_variance_batches=n_eval_sparsity_variance_batches, compute_kl=True,
+                   compute_ce_loss=True, compute_l2_norms=True, compute_sparsity_metrics=True,
+                   compute_variance_metrics=True, compute_featurewise_density_statistics=True,
+                   compute_featurewise_weight_based_metrics=True)
+
+
+def group_metrics(cfg: EvalConfig, reconstruction: dict[str, float], sparsity_variance: dict[str, float]
+                  ) -> dict[str, dict[str, float]]:
+    """Arrange flat metrics into run_evals' groups, keeping only the groups `cfg` asks for."""
+    wanted = {
+        "model_behavior_preservation": cfg.compute_kl,
+        "model_performance_preservation": cfg.compute_ce_loss,
+        "reconstruction_quality": cfg.compute_variance_metrics,
+        "shrinkage": cfg.compute_l2_norms,
+        "sparsity": cfg.compute_sparsity_metrics,
+    }
+    values = reconstruction | sparsity_variance
+    return {group: {name: values[name] for name in METRIC_GROUPS[group]}
+            for group, on in wanted.items() if on}
+
+
+def flatten_metrics(grouped: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{group: {name: value}} -> {name: value} (names are unique across groups)."""
+    return {name: value for group in grouped.values() for name, value in group.items()}

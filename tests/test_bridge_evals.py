@@ -132,3 +132,55 @@ def test_featurewise_weight_metrics_match_saelens(tmp_path, variant):
     assert set(got) == set(want)
     for name, values in want.items():
         np.testing.assert_allclose(got[name], np.asarray(values), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+class TokenStore:
+    """The parts of sae_lens' ActivationsStore that run_evals uses, serving fixed token batches."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.store_batch_size_prompts = len(batches[0])
+        self.context_size = batches[0].shape[1]
+        self.reset_input_dataset()
+
+    def reset_input_dataset(self):
+        self.it = iter(self.batches)
+
+    def get_batch_tokens(self, n):
+        batch = next(self.it)
+        assert len(batch) == n
+        return batch
+
+
+@pytest.mark.parametrize("variant", ["standard", "topk", "jumprelu"])
+def test_run_evals_matches_saelens(tmp_path, model, tokens, variant):
+    from sae_lens.evals import get_eval_everything_config
+    from sae_lens.evals import run_evals as saelens_run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    from bridge.evals import run_evals
+    from jsae.evals import EvalConfig
+
+    ref = make_saelens_sae(variant, d_in=128, d_sae=512, metadata={"hook_name": HOOK, "model_name": "embedded"})
+    with torch.no_grad():
+        ref.W_dec.mul_(0.05)
+        ref.W_enc.mul_(0.2)
+    ref.save_model(tmp_path / "sae")
+    sae = jsae.SAE.load_from_disk(tmp_path / "sae")
+    batches = [tokens[:4], tokens[4:]]
+    want, want_features = saelens_run_evals(
+        ref, TokenStore(batches), model, ActivationScaler(),
+        get_eval_everything_config(n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=1))
+    got, got_features = run_evals(sae, model, batches, EvalConfig.everything(
+        n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=1))
+    assert {g: set(v) for g, v in got.items()} == {g: set(v) for g, v in want.items()}
+    for group, values in want.items():
+        for name, value in values.items():
+            assert got[group][name] == pytest.approx(value, rel=1e-4, abs=1e-7), f"{group}/{name}"
+    assert set(got_features) == set(want_features)
+    for name, values in want_features.items():
+        np.testing.assert_allclose(got_features[name], np.asarray(values, np.float64), rtol=1e-4, atol=1e-7,
+                                   err_msg=name)
+    # a narrower config computes only its groups
+    only_ce, features = run_evals(sae, model, batches, EvalConfig(compute_ce_loss=True, n_eval_reconstruction_batches=1))
+    assert set(only_ce) == {"model_performance_preservation", "token_stats"} and features == {}

@@ -47,7 +47,7 @@ def test_cli_train_writes_a_folder_sae_lens_opens(tmp_path, capsys):
 
     out = tmp_path / "sae"
     assert main(["train", "--output-path", str(out), "--set", f"checkpoint_path={tmp_path / 'ckpt'}", *SMALL,
-                 "--json"]) == 0
+                 "--set", "eval_every_n_steps=20", "--set", "n_eval_batches=2", "--json"]) == 0
     printed = capsys.readouterr().out
     assert "L0" in printed and "explained variance" in printed and "dead features" in printed
     assert "CE loss score" in printed
@@ -60,6 +60,18 @@ def test_cli_train_writes_a_folder_sae_lens_opens(tmp_path, capsys):
     assert ref.cfg.metadata.model_name == "embedded"
     assert ref.cfg.metadata.context_size == 128 and ref.cfg.metadata.prepend_bos is True
     assert (out / "metrics.jsonl").exists() and (out / "sparsity.safetensors").exists()
+    # evals ran during training (steps 20, 40) and at the end (48), and the final ones are in the metadata
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/ce_loss_score" in r] == [20, 40, 48]
+    final = ref.cfg.metadata.eval_metrics
+    assert final["ce_loss_score"] == pytest.approx(summary["ce_loss_score"])
+    assert final["total_tokens_eval_reconstruction"] == 2 * 32 * 128
+    assert set(final) >= {"kl_div_score", "explained_variance", "l0", "l2_ratio", "relative_reconstruction_bias"}
+    from test_plots import assert_drawn_png
+
+    assert sorted(summary["plots"]) == sorted(str(out / n) for n in ("feature_density.png", "training_curves.png"))
+    for name in summary["plots"]:
+        assert_drawn_png(name)
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ class TrainConfig:
         resume: continue from the newest checkpoint in checkpoint_path when there is one.
         log_path: JSONL metrics file (default: <output_path>/metrics.jsonl when output_path is set).
         log_every_n_steps: metrics are fetched, logged and shown this often.
+        eval_every_n_steps: run the evaluator given to `Trainer.fit` this often (0: only at the end).
         log_to_wandb, wandb_project, run_name: optional Weights & Biases logging.
         on_nonfinite: "error" stops on a batch with NaN/inf; "skip" leaves the parameters untouched,
             counts it and goes on. Either way parameters never take a non-finite update.
@@ -67,6 +68,7 @@ class TrainConfig:
     resume: bool = True
     log_path: str | None = None
     log_every_n_steps: int = 10
+    eval_every_n_steps: int = 0
     log_to_wandb: bool = False
     wandb_project: str = "jsae"
     run_name: str | None = None

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +175,16 @@ class Trainer:
         state = init_train_state(self.cfg, params=params, scaling_factor=scaling_factor)
         return jax.device_put(state, self.replicated)
 
-    def fit(self, batches: Iterable, *, params: dict | None = None) -> SAE:
+    def fit(self, batches: Iterable, *, params: dict | None = None,
+            evaluator: Callable[[SAE], Mapping[str, float]] | None = None) -> SAE:
         """Train on `batches` (an iterable of (tokens, d_in) arrays, this process's share) and return the SAE.
 
         Args:
             batches: numpy / jax arrays; an object with `seek(n)` resumes without replaying data.
             params: initial parameters (default: SAELens' initialisation from `cfg.seed`).
+            evaluator: called with the SAE as it would be saved every `cfg.eval_every_n_steps` steps and
+                at the end (primary process only); its metrics are logged with an "eval/" prefix, and
+                the final ones are written into the saved SAE's metadata as `eval_metrics`.
         """
         cfg = self.cfg
         iterator = iter(batches)
@@ -231,6 +235,9 @@ class Trainer:
                     t0, tokens_since = time.perf_counter(), 0
                     logger.log(done, done * cfg.train_batch_size_tokens, values)
                     progress.update(values, done)
+                if (evaluator is not None and cfg.eval_every_n_steps and done % cfg.eval_every_n_steps == 0
+                        and done != total):
+                    self._evaluate(evaluator, state, logger, done)
                 if manager is not None and cfg.checkpoint_every_n_steps and done % cfg.checkpoint_every_n_steps == 0:
                     self._save(manager, state, self._meta(consumed, norm_batches, done))
                 if self._stop_signal is not None:
@@ -244,6 +251,11 @@ class Trainer:
                 self._check_finite(last_metrics, total - 1)
             if manager is not None:
                 self._save(manager, state, self._meta(consumed, norm_batches, total))
+            sae = self.inference_sae(state)
+            if evaluator is not None and self.is_primary:
+                final = self._evaluate(evaluator, state, logger, total, sae=sae)
+                metadata = sae.cfg.metadata.replace(eval_metrics=final)
+                sae = SAE(sae.cfg.replace(metadata=metadata), sae.params, sae.sparsity)
         finally:
             self._restore_signal_handlers(previous)
             progress.close()
@@ -251,15 +263,23 @@ class Trainer:
             if manager is not None:
                 manager.close()
         self.state = state
-        sae = self.inference_sae(state)
         if cfg.output_path is not None and self.is_primary:
             sae.save_model(cfg.output_path)
         return sae
 
+    def _evaluate(self, evaluator, state: TrainState, logger: MetricsLogger, step: int, *,
+                  sae: SAE | None = None) -> dict[str, float]:
+        """Run the evaluator on the SAE of `state` and log its metrics with an "eval/" prefix."""
+        if not self.is_primary:
+            return {}
+        values = {k: float(v) for k, v in evaluator(sae or self.inference_sae(state)).items()}
+        logger.log(step, step * self.cfg.train_batch_size_tokens, {f"eval/{k}": v for k, v in values.items()})
+        return values
+
     def _fingerprint(self) -> dict:
         """The config fields that decide the result (not where files go or how progress shows)."""
         skip = {"output_path", "checkpoint_path", "log_path", "progress_bar", "resume", "log_to_wandb",
-                "wandb_project", "run_name", "log_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints",
+                "wandb_project", "run_name", "log_every_n_steps", "eval_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints",
                 "sync_every_n_steps"}
         data = {k: v for k, v in self.cfg.to_dict().items() if k not in skip}
         data["sae"] = {k: v for k, v in data["sae"].items() if k != "metadata"}

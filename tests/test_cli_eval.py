@@ -1,0 +1,81 @@
+"""`jsae eval SAE_DIR`: sae_lens folders evaluated unchanged, equal to sae_lens' run_evals; clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from saelens_helpers import make_saelens_sae
+from test_bridge_evals import TokenStore
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+HOOK = "blocks.1.hook_resid_post"
+
+
+def saelens_folder(path, *, d_in=128, metadata=None):
+    """A TopK SAE made and saved by sae_lens, scaled to suit the embedded model's residual stream."""
+    ref = make_saelens_sae("topk", d_in=d_in, d_sae=512, metadata={"hook_name": HOOK} | (metadata or {}))
+    with torch.no_grad():
+        ref.W_dec.mul_(0.05)
+        ref.W_enc.mul_(0.2)
+    ref.save_model(path)
+    return ref
+
+
+def test_eval_of_a_saelens_folder_equals_saelens_run_evals(tmp_path, capsys):
+    from sae_lens.evals import get_eval_everything_config
+    from sae_lens.evals import run_evals as saelens_run_evals
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    import jsae
+    from bridge.cli import main
+    from bridge.model import load_model
+    from bridge.runner import eval_run_config, eval_token_batches
+
+    ref = saelens_folder(tmp_path / "sae")
+    assert main(["eval", str(tmp_path / "sae"), "--batches", "2", "--batch-size", "8", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
+
+    model = load_model("embedded")
+    cfg = eval_run_config(jsae.SAE.load_from_disk(tmp_path / "sae"), n_eval_batches=2, eval_batch_size_prompts=8)
+    assert cfg.model_name == "embedded" and cfg.dataset_path == "stdlib"  # the metadata names neither
+    store = TokenStore(eval_token_batches(cfg, model))
+    want, _ = saelens_run_evals(ref, store, model, ActivationScaler(),
+                                get_eval_everything_config(n_eval_reconstruction_batches=2,
+                                                           n_eval_sparsity_variance_batches=2))
+    for group, values in want.items():
+        for name, value in values.items():
+            assert got[group][name] == pytest.approx(value, rel=1e-4, abs=1e-7), f"{group}/{name}"
+    assert 0 < got["sparsity"]["l0"] <= 6  # k = 6
+    assert 0 <= got["features"]["dead_features"] <= 512
+
+
+def test_eval_prints_a_readable_table(tmp_path, capsys):
+    from bridge.cli import main
+
+    saelens_folder(tmp_path / "sae")
+    assert main(["eval", str(tmp_path / "sae"), "--batches", "1", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "model_performance_preservation:" in out and "ce_loss_score" in out and "explained_variance" in out
+
+
+@pytest.mark.parametrize(("metadata", "d_in", "message"), [
+    ({"hook_name": "blocks.9.hook_resid_pre"}, 128, "'blocks.9.hook_resid_pre' is not a hook point"),
+    ({}, 64, "d_in=64 does not match 'blocks.1.hook_resid_post'"),
+    ({"hook_name": None}, 128, "--hook"),
+])
+def test_eval_bad_input_is_a_clear_error(tmp_path, capsys, metadata, d_in, message):
+    from bridge.cli import main
+
+    saelens_folder(tmp_path / "sae", d_in=d_in, metadata=metadata)
+    assert main(["eval", str(tmp_path / "sae"), "--batches", "1", "--batch-size", "4", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
+def test_eval_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    from bridge.cli import main
+
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "nothing" in capsys.readouterr().err
