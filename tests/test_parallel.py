@@ -88,7 +88,7 @@ def test_shard_map_gradient_is_the_global_mean_gradient():
     single, _ = jax.jit(jsae.make_train_step(cfg))(jsae.init_train_state(cfg), batch)
     trainer = jsae.Trainer(cfg.replace(n_devices=4))
     trainer.fit(iter([batch]))
-    mu_single = single.opt_state[1][0].mu
-    mu_sharded = trainer.state.opt_state[1][0].mu
+    mu_single = single.opt_state[1].mu
+    mu_sharded = trainer.state.opt_state[1].mu
     for name in mu_single:
         assert relative(mu_sharded[name], mu_single[name]) <= 1e-5, name

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -55,10 +55,14 @@ class TrainState:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clip, then Adam with the lr schedule (torch Adam: eps 1e-8 outside the sqrt)."""
+    """Global-norm clip, then Adam's direction (torch Adam: eps 1e-8 outside the sqrt).
+
+    The learning rate is applied by the step (`-lr(step) * direction`), so that SAEs trained side
+    by side in a sweep can each follow their own schedule.
+    """
     return optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adam(cfg.lr_schedule(), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=1e-8),
+        optax.scale_by_adam(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=1e-8),
     )
 
 
@@ -102,6 +106,29 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack(leaves))
 
 
+class Hyperparameters(NamedTuple):
+    """What may differ between the SAEs of a sweep, as functions of the step (and the member index).
+
+    lr(step, member) and coefficients(step, member) -> {name: value}; forward_kwargs(member) -> extra
+    keyword arguments of the architecture's forward (e.g. a traced `k`).
+    """
+
+    lr: Callable[[Array, Any], Array]
+    coefficients: Callable[[Array, Any], dict[str, Array]]
+    forward_kwargs: Callable[[Any], dict[str, Any]]
+
+
+def hyperparameters(cfg: TrainConfig) -> Hyperparameters:
+    """The hyperparameters of one SAE (the member index is ignored)."""
+    lr_fn = cfg.lr_schedule()
+    coefficient_fns = {name: coefficient_schedule(v, w) for name, (v, w) in cfg.sae.coefficients().items()}
+    return Hyperparameters(
+        lr=lambda step, member: lr_fn(step),
+        coefficients=lambda step, member: {name: fn(step) for name, fn in coefficient_fns.items()},
+        forward_kwargs=lambda member: {},
+    )
+
+
 def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[[TrainState, Array], tuple]:
     """Build the pure step for `cfg`.
 
@@ -112,11 +139,16 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
     Returns:
         step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard.
     """
+    step = build_step(cfg, hyperparameters(cfg), axis_name)
+    return lambda state, batch: step(state, batch, None)
+
+
+def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None = None) -> Callable:
+    """step(state, batch, member) -> (state, metrics) for `cfg`'s shapes and architecture, taking the
+    learning rate, coefficients and forward arguments from `hyper` (see `jsae.training.sweep`)."""
     sae_cfg = cfg.sae
     arch = get_training_architecture(sae_cfg.architecture)
     tx = make_optimizer(cfg)
-    lr_fn = cfg.lr_schedule()
-    coefficient_fns = {name: coefficient_schedule(v, w) for name, (v, w) in sae_cfg.coefficients().items()}
     scale_inputs = sae_cfg.normalize_activations == "expected_average_only_in"
 
     def reduce_mean(x):
@@ -125,14 +157,16 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
     def reduce_sum(x):
         return jax.lax.psum(x, axis_name) if axis_name is not None else x
 
-    def step(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
+    def step(state: TrainState, batch: Array, member: Any) -> tuple[TrainState, dict[str, Array]]:
         x = batch * state.scaling_factor.astype(batch.dtype) if scale_inputs else batch
         params = arch.project(state.params, sae_cfg) if arch.project is not None else state.params
-        coefficients = {name: fn(state.step) for name, fn in coefficient_fns.items()}
+        coefficients = hyper.coefficients(state.step, member)
+        lr = hyper.lr(state.step, member)
+        forward_kwargs = hyper.forward_kwargs(member)
         dead_mask = state.steps_since_fired > cfg.dead_feature_window
 
         def loss_fn(p):
-            out = arch.forward(p, x, cfg=sae_cfg, coefficients=coefficients, dead_mask=dead_mask)
+            out = arch.forward(p, x, cfg=sae_cfg, coefficients=coefficients, dead_mask=dead_mask, **forward_kwargs)
             return out.loss, out
 
         # Differentiate each device's own loss w.r.t. a device-varying view of the parameters, then
@@ -144,11 +178,11 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
         finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & _all_finite(grads)
         if axis_name is not None:
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-        updates, opt_state = tx.update(grads, state.opt_state, params)
+        directions, opt_state = tx.update(grads, state.opt_state, params)
+        updates = jax.tree.map(lambda d: (-lr * d).astype(d.dtype), directions)
         new_params = optax.apply_updates(params, updates)
-
-        fired = (out.feature_acts != 0).astype(jnp.float32)
-        fired_counts = reduce_sum(jnp.sum(fired, axis=0))
+        local_fired = out.fired_counts()
+        fired_counts = reduce_sum(local_fired)
         n_tokens = reduce_sum(jnp.asarray(x.shape[0], jnp.float32))
         reset = (state.step > 0) & (state.step % cfg.feature_sampling_window == 0)
         steps_since_fired = jnp.where(fired_counts > 0, 0.0, state.steps_since_fired + 1)
@@ -177,11 +211,11 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
         metrics = {f"losses/{name}": reduce_mean(value.astype(jnp.float32)) for name, value in out.losses.items()}
         metrics |= {
             "losses/overall_loss": reduce_mean(loss.astype(jnp.float32)),
-            "metrics/l0": reduce_sum(jnp.sum(fired)) / n_tokens,
+            "metrics/l0": reduce_sum(jnp.sum(local_fired)) / n_tokens,
             "metrics/explained_variance": 1 - sq_err / total_variance,
             "sparsity/dead_features": jnp.sum(new_state.steps_since_fired > cfg.dead_feature_window),
             "sparsity/mean_passes_since_fired": jnp.mean(new_state.steps_since_fired),
-            "details/current_learning_rate": lr_fn(state.step),
+            "details/current_learning_rate": lr,
             "details/skipped_batches": new_state.skipped_batches,
             "details/batch_finite": finite,
         }
