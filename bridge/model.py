@@ -8,6 +8,7 @@ only needs a branch here.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,26 @@ def _load_local_gpt2(path: Path, config: dict, device: str):
                                       center_unembed=False, fold_value_biases=False)
     model.eval()
     return model
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock that serialises forwards of `model` across threads.
+
+    TransformerLens' `run_with_hooks` / `run_with_cache` remove every temporary hook when they
+    finish, including hooks another thread's forward has just added, so two threads must never
+    run the same model at once (e.g. the activation producer and an eval during training).
+    """
+    lock = getattr(model, "_jsae_forward_lock", None)
+    if lock is None:
+        with _LOCK_GUARD:
+            lock = getattr(model, "_jsae_forward_lock", None)
+            if lock is None:
+                lock = threading.RLock()
+                model._jsae_forward_lock = lock
+    return lock
+
+
+_LOCK_GUARD = threading.Lock()
 
 
 def hook_width(model, hook_name: str, hook_head_index: int | None = None) -> int:

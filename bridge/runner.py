@@ -334,6 +334,7 @@ def eval_config(cfg: RunConfig, n_batches: int):
 def make_evaluator(cfg: RunConfig, model):
     """evaluator(sae) -> flat metrics with the SAE spliced into `model`, on fixed held-out rows."""
     from bridge.evals import run_evals
+    from bridge.model import model_lock
     from jsae.evals import flatten_metrics
 
     batches = eval_token_batches(cfg, model)
@@ -341,7 +342,9 @@ def make_evaluator(cfg: RunConfig, model):
     exclude = excluded_token_ids(cfg, model) if cfg.exclude_special_tokens else True
 
     def evaluator(sae) -> dict[str, float]:
-        metrics, _ = run_evals(sae, model, batches, config, exclude_special_tokens=exclude, hook_name=cfg.hook_name)
+        with model_lock(model):  # the activation producer thread runs the same model
+            metrics, _ = run_evals(sae, model, batches, config, exclude_special_tokens=exclude,
+                                   hook_name=sae.cfg.metadata.hook_name or cfg.hook_name)
         return flatten_metrics(metrics)
 
     return evaluator

@@ -154,3 +154,52 @@ def test_zero_copy_hand_off(model):
                                                 total_training_tokens=512, train_batch_size_tokens=512, n_devices=1))
         placed = trainer._to_global(handed)
         assert placed.unsafe_buffer_pointer() == torch_batch.data_ptr()
+
+
+def test_producer_thread_waits_while_another_thread_runs_the_model(model):
+    """TransformerLens removes every temporary hook after a forward, so the activation producer and
+    an eval during training must not run the model at the same time: both take the model's lock."""
+    import threading
+
+    from bridge.activations import ActivationSource
+    from bridge.evals import run_with_saes
+    from bridge.model import model_lock
+    from bridge.runner import RunConfig, token_rows
+
+    cfg = RunConfig.from_dict({"sae": {"architecture": "standard", "d_in": 128, "d_sae": 256},
+                               "total_training_tokens": 10**5, "train_batch_size_tokens": 256, "context_size": 32})
+    source = ActivationSource(model, cfg.hook_name, token_rows(cfg, model), batch_size=256, context_size=32,
+                              n_batches_in_buffer=2, store_batch_size_prompts=4, as_jax=False)
+    got = []
+    with model_lock(model):
+        thread = threading.Thread(target=lambda: got.append(next(iter(source.torch_batches()))), daemon=True)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not got  # blocked on the lock
+    thread.join(timeout=60)
+    assert len(got) == 1 and got[0].shape == (256, 128)
+
+    # and the evaluator holds the same lock: forwards interleaved from two threads stay correct
+    import jsae
+
+    sae = jsae.SAE.from_config(jsae.StandardSAEConfig(d_in=128, d_sae=256), seed=0)
+    tokens = torch.tensor([next(token_rows(cfg, model)) for _ in range(2)])
+    with torch.no_grad():
+        clean = model(tokens)
+    errors = []
+
+    def produce():
+        try:
+            for _, _batch in zip(range(20), source.torch_batches(), strict=False):
+                pass
+        except Exception as err:
+            errors.append(err)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    for _ in range(10):
+        with model_lock(model), torch.no_grad():
+            spliced = run_with_saes(model, tokens, {cfg.hook_name: sae}, use_error_term=True)
+        torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
+    producer.join(timeout=120)
+    assert not errors
