@@ -1,0 +1,151 @@
+"""Sweeps: N SAEs of one shape, each with its own hyperparameters, trained as one vmapped step.
+
+A sweep is a base `TrainConfig` plus axes, e.g. `{"sae.l1_coefficient": [1, 2, 4, 8], "seed": [0, 1, 2, 3]}`;
+the axes are zipped (all the same length), giving one member config per position. The members'
+states are stacked along a leading axis and `jax.vmap` runs every member's step on the same batch,
+so one activation stream (and one model forward) feeds all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jsae._errors import ConfigError
+from jsae.training.config import TrainConfig
+from jsae.training.schedules import coefficient_schedule
+from jsae.training.step import Hyperparameters, TrainState, build_step, init_train_state
+
+Array = jax.Array
+
+# Fields a sweep may vary: they change schedules, coefficients, the TopK k or the initialisation,
+# never the shapes or the architecture, so every member runs the same compiled step.
+SWEEPABLE_TRAIN_FIELDS = ("lr", "lr_end", "lr_scheduler_name", "lr_warm_up_steps", "lr_decay_steps",
+                          "n_restart_cycles", "seed")
+SWEEPABLE_SAE_FIELDS = ("k", "l1_coefficient", "l1_warm_up_steps", "l0_coefficient", "l0_warm_up_steps")
+K_ARCHITECTURES = ("topk",)
+
+
+def sweep_configs(base: TrainConfig, axes: Mapping[str, Sequence[Any]], *, where: str = "sweep") -> list[TrainConfig]:
+    """The member configs of a sweep: position i of every axis applied to `base`.
+
+    Args:
+        base: the shared config.
+        axes: field -> values; "sae.<field>" for SAE fields (e.g. "sae.k"), the plain name for training fields.
+
+    Raises:
+        ConfigError naming the field: an unknown or unsweepable field, an empty axis, axes of different lengths.
+    """
+    if not axes:
+        return [base]
+    lengths = {}
+    for field, values in axes.items():
+        _check_field(base, field, where)
+        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ConfigError(f"{where}.{field}: expected a non-empty list of values, got {values!r}.")
+        lengths[field] = len(values)
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{field} has {n}" for field, n in lengths.items())
+        raise ConfigError(f"{where}: the sweep axes are zipped, so they need the same length, but {listed} values.")
+    members = []
+    for i in range(next(iter(lengths.values()))):
+        train_changes, sae_changes = {}, {}
+        for field, values in axes.items():
+            if field.startswith("sae."):
+                sae_changes[field[4:]] = values[i]
+            else:
+                train_changes[field] = values[i]
+        try:
+            sae = base.sae.replace(**sae_changes) if sae_changes else base.sae
+            members.append(base.replace(sae=sae, **train_changes))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: member {i} ({member_name(axes, i)}): {err}") from err
+    return members
+
+
+def _check_field(base: TrainConfig, field: str, where: str) -> None:
+    sae_names = base.sae.field_names()
+    if field.startswith("sae."):
+        name, names = field[4:], sae_names
+    else:
+        name, names = field, [f.name for f in dataclasses.fields(TrainConfig)]
+    sweepable = [f"sae.{f}" for f in SWEEPABLE_SAE_FIELDS if f in sae_names
+                 and (f != "k" or base.sae.architecture in K_ARCHITECTURES)] + list(SWEEPABLE_TRAIN_FIELDS)
+    if name not in names:
+        raise ConfigError(f"{where}: unknown field {field!r} for a {base.sae.architecture} SAE (SAE fields are "
+                          f"written 'sae.<name>'); sweepable fields: {sweepable}.")
+    if field not in sweepable:
+        raise ConfigError(f"{where}: {field!r} cannot be swept in one vmapped step (members must share shapes and "
+                          f"architecture); sweepable fields of a {base.sae.architecture} SAE: {sweepable}.")
+
+
+def member_name(axes: Mapping[str, Sequence[Any]], i: int) -> str:
+    """A folder-friendly name of member i, e.g. "k=16_lr=0.001"."""
+    return "_".join(f"{field.removeprefix('sae.')}={values[i]}" for field, values in axes.items()) or "sae"
+
+
+def sweep_hyperparameters(members: Sequence[TrainConfig]) -> Hyperparameters:
+    """Each member's lr schedule, coefficient schedules and k, indexed by the (traced) member index."""
+    lr_fns = [m.lr_schedule() for m in members]
+    names = list(members[0].sae.coefficients())
+    coefficient_fns = {name: [coefficient_schedule(*m.sae.coefficients()[name]) for m in members] for name in names}
+    ks = [getattr(m.sae, "k", None) for m in members]
+    vary_k = len(set(ks)) > 1
+
+    def pick(values: list[Array], member: Any) -> Array:
+        return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])[member]
+
+    return Hyperparameters(
+        lr=lambda step, member: pick([f(step) for f in lr_fns], member),
+        coefficients=lambda step, member: {n: pick([f(step) for f in fns], member) for n, fns in coefficient_fns.items()},
+        forward_kwargs=(lambda member: {"k": jnp.asarray(ks, jnp.int32)[member]}) if vary_k else (lambda member: {}),
+    )
+
+
+def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
+    """The config whose shapes the shared step is compiled for; members may differ only in sweepable fields."""
+    if not members:
+        raise ConfigError("sweep: no members.")
+    base = members[0]
+    k_max = max(getattr(m.sae, "k", 0) for m in members)
+
+    def shared(cfg: TrainConfig) -> TrainConfig:
+        sae = cfg.sae.replace(**{f: getattr(base.sae, f) for f in SWEEPABLE_SAE_FIELDS if hasattr(base.sae, f)})
+        return cfg.replace(sae=sae, **{f: getattr(base, f) for f in SWEEPABLE_TRAIN_FIELDS})
+
+    for i, member in enumerate(members[1:], start=1):
+        if type(member.sae) is not type(base.sae) or shared(member) != shared(base):
+            raise ConfigError(f"sweep: member {i} differs from member 0 in a field that cannot be swept "
+                              f"(only {list(SWEEPABLE_TRAIN_FIELDS)} and sae.{list(SWEEPABLE_SAE_FIELDS)} may differ).")
+    return base.replace(sae=base.sae.replace(k=k_max)) if k_max else base
+
+
+def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None) -> Callable:
+    """step(states, batch) -> (states, metrics) for all members at once (states stacked on axis 0).
+
+    Every metric gains a leading member axis. Works under shard_map / pmap like `make_train_step`.
+    """
+    shape_cfg = check_members(members)
+    inner = build_step(shape_cfg, sweep_hyperparameters(members), axis_name)
+    index = jnp.arange(len(members))
+
+    def step(states: TrainState, batch: Array):
+        return jax.vmap(inner, in_axes=(0, None, 0))(states, batch, index)
+
+    return step
+
+
+def init_sweep_state(members: Sequence[TrainConfig], *, scaling_factor: float = 1.0) -> TrainState:
+    """Each member's fresh state (its own seed), stacked along a leading axis."""
+    shape_cfg = check_members(members)
+    states = [init_train_state(shape_cfg.replace(seed=m.seed), scaling_factor=scaling_factor) for m in members]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def member_state(states: TrainState, i: int) -> TrainState:
+    """Member i's state out of the stacked states."""
+    return jax.tree.map(lambda x: x[i], states)

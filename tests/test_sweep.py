@@ -1,0 +1,87 @@
+"""Sweeps: every SAE of a vmapped sweep equals training it alone with the same seed and batches."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jsae
+from jsae.training.sweep import init_sweep_state, make_sweep_step, member_state, sweep_configs
+
+D_IN, D_SAE, BATCH, STEPS = 16, 64, 128, 30
+
+
+def make_batches(seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(BATCH, D_IN)) * rng.uniform(0.5, 2, D_IN) + 0.3).astype(np.float32)
+            for _ in range(STEPS)]
+
+
+def relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
+
+
+def base_cfg(sae_cfg, **kw):
+    kw = dict(total_training_tokens=STEPS * BATCH, train_batch_size_tokens=BATCH, lr=3e-3, dead_feature_window=8,
+              lr_scheduler_name="cosineannealing", lr_warm_up_steps=3, progress_bar=False) | kw
+    return jsae.TrainConfig(sae=sae_cfg, **kw)
+
+
+SWEEPS = {
+    "standard": (jsae.StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l1_coefficient=1.0, l1_warm_up_steps=5),
+                 {"sae.l1_coefficient": [0.3, 1.0, 3.0, 10.0], "lr": [1e-3, 3e-3, 3e-3, 1e-2], "seed": [0, 1, 2, 3]}),
+    "jumprelu": (jsae.JumpReLUTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l0_coefficient=0.3, jumprelu_bandwidth=0.2),
+                 {"sae.l0_coefficient": [0.1, 0.3, 1.0, 3.0], "seed": [5, 6, 7, 8]}),
+}
+
+
+@pytest.mark.parametrize("arch", list(SWEEPS))
+def test_each_sweep_member_equals_training_it_alone(arch):
+    sae_cfg, axes = SWEEPS[arch]
+    members = sweep_configs(base_cfg(sae_cfg), axes)
+    assert len(members) == 4
+    data = make_batches()
+
+    step = jax.jit(make_sweep_step(members))
+    states = init_sweep_state(members)
+    for batch in data:
+        states, metrics = step(states, batch)
+    assert metrics["losses/overall_loss"].shape == (4,)
+
+    for i, member in enumerate(members):
+        alone_step = jax.jit(jsae.make_train_step(member))
+        alone = jsae.init_train_state(member)
+        for batch in data:
+            alone, alone_metrics = alone_step(alone, batch)
+        swept = member_state(states, i)
+        for name, value in alone.params.items():
+            assert relative(swept.params[name], value) <= 1e-5, (i, name)
+        np.testing.assert_array_equal(np.asarray(swept.steps_since_fired), np.asarray(alone.steps_since_fired))
+        assert float(metrics["details/current_learning_rate"][i]) == pytest.approx(
+            float(alone_metrics["details/current_learning_rate"]), rel=1e-6)
+    # the members really differ
+    assert relative(member_state(states, 0).params["W_enc"], member_state(states, 3).params["W_enc"]) > 0.1
+
+
+@pytest.mark.parametrize(("axes", "message"), [
+    ({"sae.l1_coefficient": [1, 2, 3], "lr": [1e-3, 3e-3]}, "sae.l1_coefficient has 3, lr has 2 values"),
+    ({"sae.d_sae": [64, 128]}, "'sae.d_sae' cannot be swept"),
+    ({"sae.k": [4, 8]}, "unknown field 'sae.k' for a standard SAE"),
+    ({"l1_coefficient": [1, 2]}, "unknown field 'l1_coefficient'"),
+    ({"lr": []}, "sweep.lr: expected a non-empty list"),
+    ({"sae.l1_coefficient": [1.0, -1.0]}, "member 1 (l1_coefficient=-1.0)"),
+])
+def test_bad_sweeps_are_clear_errors(axes, message):
+    base = base_cfg(jsae.StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE))
+    with pytest.raises(jsae.ConfigError) as err:
+        sweep_configs(base, axes)
+    assert message in str(err.value)
+
+
+def test_members_that_differ_in_shape_are_refused():
+    a = base_cfg(jsae.StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE))
+    b = base_cfg(jsae.StandardTrainingSAEConfig(d_in=D_IN, d_sae=2 * D_SAE))
+    with pytest.raises(jsae.ConfigError, match="member 1 differs from member 0"):
+        make_sweep_step([a, b])
