@@ -39,7 +39,12 @@ class TrainConfig:
         log_to_wandb, wandb_project, run_name: optional Weights & Biases logging.
         on_nonfinite: "error" stops on a batch with NaN/inf; "skip" leaves the parameters untouched,
             counts it and goes on. Either way parameters never take a non-finite update.
-        n_devices: devices of the data-parallel mesh (None: all).
+        n_devices: devices of the mesh (None: all).
+        model_axis_size: devices each SAE's latents are split over (feature sharding, for SAEs wider than
+            one device): the mesh becomes (data = n_devices // model_axis_size, model = model_axis_size),
+            W_enc / W_dec / the per-latent vectors and their Adam moments are sharded over `model`, and
+            the batch over `data`. 1: every device holds the whole SAE (data parallel only). Must
+            divide d_sae and the device count; with several processes, each process's device count.
         sync_every_n_steps: wait for the device every n steps (None: every step on multi-device CPU,
             where XLA's collectives otherwise deadlock, else never).
         progress_bar: show a tqdm bar.
@@ -74,6 +79,7 @@ class TrainConfig:
     run_name: str | None = None
     on_nonfinite: str = "error"
     n_devices: int | None = None
+    model_axis_size: int = 1
     sync_every_n_steps: int | None = None
     progress_bar: bool = True
 
@@ -85,7 +91,7 @@ class TrainConfig:
                 f"got {type(self.sae).__name__}."
             )
         positive = ("total_training_tokens", "train_batch_size_tokens", "dead_feature_window",
-                    "feature_sampling_window", "log_every_n_steps", "keep_checkpoints")
+                    "feature_sampling_window", "log_every_n_steps", "keep_checkpoints", "model_axis_size")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -116,6 +122,16 @@ class TrainConfig:
             )
         if self.n_devices is not None and (not isinstance(self.n_devices, int) or self.n_devices < 1):
             raise ConfigError(f"TrainConfig.n_devices must be a positive integer or null, got {self.n_devices!r}.")
+        if self.sae.d_sae % self.model_axis_size:
+            raise ConfigError(
+                f"TrainConfig.model_axis_size={self.model_axis_size} does not divide d_sae={self.sae.d_sae}: the "
+                "latents are split evenly over the model axis; choose a divisor of d_sae."
+            )
+        if self.n_devices is not None and self.n_devices % self.model_axis_size:
+            raise ConfigError(
+                f"TrainConfig.model_axis_size={self.model_axis_size} does not divide n_devices={self.n_devices}: "
+                "the mesh is (n_devices // model_axis_size, model_axis_size); choose a divisor of n_devices."
+            )
         self.lr_schedule()  # validates scheduler name and step counts
 
     @property

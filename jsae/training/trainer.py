@@ -36,6 +36,33 @@ from jsae.training.step import (
 )
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+# Feature sharding: where each leaf's d_sae axis goes, by SAELens tensor name (parameters and their
+# Adam moments) or TrainState field (per-latent counters). Specs cover the trailing dimensions;
+# leaves not named here (b_dec, W_skip, scalars) are replicated.
+LATENT_SPECS: dict[str, tuple] = {
+    "W_enc": (None, MODEL_AXIS),
+    "W_dec": (MODEL_AXIS, None),
+    **{name: (MODEL_AXIS,) for name in ("b_enc", "threshold", "b_gate", "b_mag", "r_mag",
+                                        "steps_since_fired", "act_freq")},
+}
+
+
+def state_sharding(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for `state` (a TrainState or its abstract shapes) that split the latents over the
+    mesh's model axis, derived from the leaves' names (never their shapes: d_in may equal d_sae)."""
+
+    def sharding(path, leaf):
+        last = path[-1] if path else None
+        name = getattr(last, "key", getattr(last, "name", None))
+        spec = LATENT_SPECS.get(name) if isinstance(name, str) else None
+        ndim = len(getattr(leaf, "shape", ()))
+        if spec is None or ndim < len(spec):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P(*(None,) * (ndim - len(spec)), *spec))
+
+    return jax.tree_util.tree_map_with_path(sharding, state)
 
 
 class TrainingInterrupted(JsaeError, KeyboardInterrupt):
@@ -43,8 +70,9 @@ class TrainingInterrupted(JsaeError, KeyboardInterrupt):
 
 
 class Trainer:
-    """Trains one SAE on a data-parallel mesh of devices (all processes' devices after
-    `jax.distributed.initialize`).
+    """Trains one SAE on a mesh of devices (all processes' devices after `jax.distributed.initialize`):
+    data parallel, or with `cfg.model_axis_size > 1` a (data, model) mesh whose model axis splits the
+    latents.
 
     Args:
         cfg: the run config.
@@ -62,10 +90,23 @@ class Trainer:
             devices = available[:n]
         self.devices = list(devices)
         n = len(self.devices)
-        if cfg.train_batch_size_tokens % n:
+        self.model_axis_size = model = cfg.model_axis_size
+        if n % model:
+            raise ConfigError(
+                f"TrainConfig.model_axis_size={model} does not divide the {n} device(s) of the mesh"
+                + (" (larger than the devices available)" if model > n else "")
+                + f"; choose a divisor of {n}, or set n_devices."
+            )
+        n_data = n // model
+        if model == 1 and cfg.train_batch_size_tokens % n:
             raise ConfigError(
                 f"TrainConfig.train_batch_size_tokens={cfg.train_batch_size_tokens} is not divisible by the "
                 f"{n} devices of the mesh; choose a multiple of {n}."
+            )
+        if cfg.train_batch_size_tokens % n_data:
+            raise ConfigError(
+                f"TrainConfig.train_batch_size_tokens={cfg.train_batch_size_tokens} is not divisible by the data "
+                f"axis size {n_data} ({n} devices / model_axis_size={model}); choose a multiple of {n_data}."
             )
         self.n_processes = jax.process_count()
         if cfg.train_batch_size_tokens % self.n_processes:
@@ -74,10 +115,26 @@ class Trainer:
                 f"{self.n_processes} processes."
             )
         self.local_batch_size = cfg.train_batch_size_tokens // self.n_processes
-        self.mesh = Mesh(np.array(self.devices), (DATA_AXIS,))
+        if model == 1:
+            self.mesh = Mesh(np.array(self.devices), (DATA_AXIS,))
+        else:
+            grid = np.array(self.devices).reshape(n_data, model)
+            split = [row for row in grid if len({d.process_index for d in row}) > 1]
+            if split:
+                raise ConfigError(
+                    f"TrainConfig.model_axis_size={model} would split latents over devices of different processes; "
+                    f"choose a divisor of each process's device count ({jax.local_device_count()})."
+                )
+            self.mesh = Mesh(grid, (DATA_AXIS, MODEL_AXIS))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
-        if n == 1:
+        if model > 1:
+            # GSPMD: the plain step on the global batch; XLA partitions it (top-k over sharded latents
+            # included) and inserts the collectives. The state stays sharded between steps.
+            shardings = state_sharding(jax.eval_shape(lambda: init_train_state(cfg)), self.mesh)
+            self.step_fn = jax.jit(make_train_step(cfg), in_shardings=(shardings, self.batch_sharding),
+                                   out_shardings=(shardings, self.replicated), donate_argnums=0)
+        elif n == 1:
             self.step_fn = jax.jit(make_train_step(cfg), donate_argnums=0)
         else:
             sharded = jax.shard_map(
@@ -149,7 +206,8 @@ class Trainer:
         step = manager.latest_step()
         if step is None:
             return None
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), template)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                template, self._sharding(template))
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
@@ -173,7 +231,22 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def init_state(self, scaling_factor: float = 1.0, params: dict | None = None) -> TrainState:
         state = init_train_state(self.cfg, params=params, scaling_factor=scaling_factor)
-        return jax.device_put(state, self.replicated)
+        return jax.device_put(state, self._sharding(state))
+
+    def _sharding(self, state: Any) -> Any:
+        """Where each leaf of `state` lives: replicated, or with the latents split over the model axis."""
+        if self.model_axis_size == 1:
+            return jax.tree.map(lambda _: self.replicated, state)
+        return state_sharding(state, self.mesh)
+
+    def _to_host(self, tree: Any) -> Any:
+        """`tree` as numpy arrays on this process; gathers shards held by other processes (a collective:
+        every process must call it)."""
+        if self.model_axis_size > 1 and self.n_processes > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.process_allgather(tree, tiled=True)
+        return jax.device_get(tree)
 
     def fit(self, batches: Iterable, *, params: dict | None = None,
             evaluator: Callable[[SAE], Mapping[str, float]] | None = None) -> SAE:
@@ -271,16 +344,19 @@ class Trainer:
                   sae: SAE | None = None) -> dict[str, float]:
         """Run the evaluator on the SAE of `state` and log its metrics with an "eval/" prefix."""
         if not self.is_primary:
+            if self.model_axis_size > 1 and self.n_processes > 1:
+                self.inference_sae(state)  # the primary's gather needs every process
             return {}
         values = {k: float(v) for k, v in evaluator(sae or self.inference_sae(state)).items()}
         logger.log(step, step * self.cfg.train_batch_size_tokens, {f"eval/{k}": v for k, v in values.items()})
         return values
 
     def _fingerprint(self) -> dict:
-        """The config fields that decide the result (not where files go or how progress shows)."""
+        """The config fields that decide the result (not where files go, how progress shows, or how the
+        latents are split over devices: orbax reshards, so a run may resume with another model_axis_size)."""
         skip = {"output_path", "checkpoint_path", "log_path", "progress_bar", "resume", "log_to_wandb",
                 "wandb_project", "run_name", "log_every_n_steps", "eval_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints",
-                "sync_every_n_steps"}
+                "sync_every_n_steps", "model_axis_size"}
         data = {k: v for k, v in self.cfg.to_dict().items() if k not in skip}
         data["sae"] = {k: v for k, v in data["sae"].items() if k != "metadata"}
         return json.loads(json.dumps(data, default=str))
@@ -320,7 +396,7 @@ class Trainer:
         """The trained SAE as SAELens saves it: input scaling folded, training-only state converted."""
         cfg = self.cfg
         sae_cfg = cfg.sae
-        host = jax.device_get(state)
+        host = self._to_host(state.replace(opt_state=None))
         params = {k: np.asarray(v) for k, v in host.params.items()}
         scale = float(host.scaling_factor)
         threshold = float(np.float64(host.batch_threshold[0]) + np.float64(host.batch_threshold[1]))
