@@ -40,10 +40,21 @@ def train(args: argparse.Namespace) -> int:
     from bridge.runner import run
 
     cfg = _load_config(args)
-    print(f"jsae train: {cfg.train.sae.architecture} SAE {cfg.train.sae.d_in} -> {cfg.train.sae.d_sae} on "
-          f"{cfg.model_name} {cfg.hook_name}, {cfg.train.total_training_tokens:,} tokens", flush=True)
+    what = f"{cfg.train.sae.architecture} SAE {cfg.train.sae.d_in} -> {cfg.train.sae.d_sae}"
+    if cfg.sweep:
+        what = f"sweep of {len(next(iter(cfg.sweep.values())))} {what}s over {', '.join(cfg.sweep)}"
+    print(f"jsae train: {what} on {cfg.model_name} {', '.join(cfg.hooks)}, {cfg.train.total_training_tokens:,} "
+          "tokens", flush=True)
     sae, summary = run(cfg)
     where = cfg.train.output_path or "(not saved: no output_path)"
+    if isinstance(sae, list):
+        from bridge.runner import summary_table
+
+        print(f"\n{len(sae)} SAEs written to {where}/<name>\n")
+        print(summary_table(summary["saes"], list(cfg.sweep)))
+        if args.json:
+            print(json.dumps(summary))
+        return 0
     print(f"\nSAE written to {where}")
     print(f"held-out ({int(summary['total_tokens_eval_sparsity_variance']):,} tokens): L0 {summary['l0']:.1f} | "
           f"explained variance {summary['explained_variance']:.3f} | MSE {summary['mse']:.4g} | dead features "

@@ -35,6 +35,10 @@ class RunConfig:
         model_from_pretrained_kwargs: passed to HookedTransformer.from_pretrained.
         hook_name: the hook point the SAE reads, e.g. "blocks.2.hook_resid_pre".
         hook_head_index: keep one attention head of a hook_z-style hook.
+        hook_names: several hook points (same width) read in one model forward, each training its own
+            SAE (or sweep); replaces hook_name. Folders: <output_path>/<hook>[/<sweep member>].
+        sweep: zipped sweep axes, e.g. {"sae.k": [16, 32], "lr": [1e-3, 3e-4]}: one SAE per position,
+            all trained in one vmapped step on the same activations (see jsae.training.sweep).
         dataset_path: "stdlib" (the embedded corpus), a Hugging Face dataset name, a local data
             file (.txt / .jsonl / .json / .parquet / .csv / .npy of token rows) or a folder of text files.
         dataset_split: split of a Hugging Face dataset.
@@ -59,6 +63,8 @@ class RunConfig:
     model_from_pretrained_kwargs: dict = dataclasses.field(default_factory=dict)
     hook_name: str = "blocks.2.hook_resid_pre"
     hook_head_index: int | None = None
+    hook_names: list | None = None
+    sweep: dict = dataclasses.field(default_factory=dict)
     dataset_path: str = "stdlib"
     dataset_split: str = "train"
     streaming: bool = False
@@ -87,6 +93,15 @@ class RunConfig:
                 or self.eval_batch_size_prompts <= 0):
             raise ConfigError(f"eval_batch_size_prompts must be a positive integer or null, got "
                               f"{self.eval_batch_size_prompts!r}.")
+        if self.hook_names is not None:
+            names = self.hook_names
+            if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"hook_names must be a non-empty list of hook point names, got {names!r}.")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"hook_names lists a hook twice: {names}.")
+            object.__setattr__(self, "hook_names", list(names))
+        if not isinstance(self.sweep, Mapping):
+            raise ConfigError(f"sweep must map fields to lists of values, got {self.sweep!r}.")
         if not 1 <= len(self.seqpos_slice) <= 3:
             raise ConfigError(f"seqpos_slice must have 1 to 3 entries, got {list(self.seqpos_slice)}.")
 
@@ -121,6 +136,11 @@ class RunConfig:
             else:
                 data[key] = value
         return cls.from_dict(data, where=str(path))
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hook points this run trains SAEs on."""
+        return list(self.hook_names) if self.hook_names else [self.hook_name]
 
     def metadata(self) -> dict[str, Any]:
         """What SAELens records in an SAE's metadata about where its activations came from."""
@@ -251,13 +271,16 @@ def prepare(cfg: RunConfig):
                        from_pretrained_kwargs=cfg.model_from_pretrained_kwargs, device=cfg.device)
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size={cfg.context_size} is larger than the model's n_ctx={model.cfg.n_ctx}.")
-    width = hook_width(model, cfg.hook_name, cfg.hook_head_index)
     sae = cfg.train.sae
-    if sae.d_in != width:
-        raise ConfigError(
-            f"sae.d_in={sae.d_in} contradicts the width of {cfg.hook_name!r} in {cfg.model_name!r}, which is {width}."
-        )
-    metadata = Metadata(dict(sae.metadata) | cfg.metadata())
+    for hook in cfg.hooks:
+        width = hook_width(model, hook, cfg.hook_head_index)
+        if sae.d_in != width:
+            field = "hook_names" if cfg.hook_names else "hook_name"
+            raise ConfigError(
+                f"sae.d_in={sae.d_in} contradicts the width of {hook!r} ({field}) in {cfg.model_name!r}, which is "
+                f"{width}" + ("; every hook of hook_names needs the same width." if cfg.hook_names else ".")
+            )
+    metadata = Metadata(dict(sae.metadata) | cfg.metadata() | {"hook_name": cfg.hooks[0]})
     return model, dataclasses.replace(cfg, train=cfg.train.replace(sae=sae.replace(metadata=metadata)))
 
 
@@ -266,7 +289,7 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
     from bridge.activations import ActivationSource
 
     return ActivationSource(
-        model, cfg.hook_name, token_rows(cfg, model, split=split, cycle=cycle),
+        model, cfg.hook_names or cfg.hook_name, token_rows(cfg, model, split=split, cycle=cycle),
         batch_size=batch_size or cfg.train.train_batch_size_tokens, context_size=cfg.context_size,
         store_batch_size_prompts=cfg.store_batch_size_prompts, n_batches_in_buffer=cfg.n_batches_in_buffer,
         seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
@@ -275,12 +298,18 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
 
 
 def run(cfg: RunConfig):
-    """Train the configured SAE, evaluating it on held-out rows along the way; returns (sae, summary dict)."""
+    """Train the configured SAE(s), evaluating on held-out rows along the way.
+
+    Returns (sae, summary dict) for one SAE; (list of SAEs, summary with one row per SAE) for a
+    sweep or several hook points.
+    """
     import jsae
 
     if cfg.train is None:
         raise ConfigError("the run config has no training settings (an 'sae' section and total_training_tokens).")
     model, cfg = prepare(cfg)
+    if cfg.hook_names or cfg.sweep:
+        return run_many(cfg, model)
     if cfg.activation_cache_path is not None:
         from bridge.cache import CachedActivations
 
@@ -289,14 +318,105 @@ def run(cfg: RunConfig):
     else:
         source = activation_source(cfg, model)
     sae = jsae.Trainer(cfg.train).fit(source, evaluator=make_evaluator(cfg, model))
-    summary = dict(sae.cfg.metadata.eval_metrics or {})
-    summary["dead_features"] = int(sae.cfg.metadata.num_dead_features or 0)
-    summary["dead_fraction"] = summary["dead_features"] / sae.cfg.d_sae
+    summary = sae_summary(sae)
     if cfg.train.output_path is not None:
         from jsae.plots import write_run_plots
 
         summary["plots"] = [str(p) for p in write_run_plots(cfg.train.output_path, sae, cfg.train.log_path)]
     return sae, summary
+
+
+def sae_summary(sae) -> dict[str, Any]:
+    summary = dict(sae.cfg.metadata.eval_metrics or {})
+    summary["dead_features"] = int(sae.cfg.metadata.num_dead_features or 0)
+    summary["dead_fraction"] = summary["dead_features"] / sae.cfg.d_sae
+    return summary
+
+
+class StackedHooks:
+    """Dict batches {hook: (tokens, d_in)} from one forward -> one (n_hooks, tokens, d_in) array."""
+
+    def __init__(self, source, hooks: list[str]):
+        self.source, self.hooks = source, hooks
+
+    def __iter__(self):
+        import jax.numpy as jnp
+
+        for batch in self.source:
+            yield jnp.stack([jnp.asarray(batch[h]) for h in self.hooks])
+
+    def close(self) -> None:
+        for source in self.source if isinstance(self.source, list) else [self.source]:
+            if hasattr(source, "close"):
+                source.close()
+
+
+def run_many(cfg: RunConfig, model):
+    """Several hook points and/or a sweep: one model forward feeds every SAE; one folder per SAE."""
+    import jsae
+    from jsae.training.sweep import Sweep, member_name, sweep_configs
+
+    axes = dict(cfg.sweep)
+    members, names, streams = [], [], []
+    for stream, hook in enumerate(cfg.hooks):
+        sae_cfg = cfg.train.sae.replace(metadata=cfg.train.sae.metadata.replace(hook_name=hook))
+        for i, member in enumerate(sweep_configs(cfg.train.replace(sae=sae_cfg), axes)):
+            members.append(member)
+            streams.append(stream)
+            names.append("/".join(([hook] if cfg.hook_names else []) + ([member_name(axes, i)] if axes else [])))
+    if cfg.activation_cache_path is not None:
+        from bridge.cache import CachedActivations
+
+        per_hook = [CachedActivations(cfg.activation_cache_path, hook, cfg.train.train_batch_size_tokens,
+                                      seed=cfg.train.seed) for hook in cfg.hooks]
+        source = (dict(zip(cfg.hooks, parts, strict=True)) for parts in zip(*per_hook, strict=False))
+        if not cfg.hook_names:
+            source = (batch[cfg.hook_name] for batch in source)
+    else:
+        source = activation_source(cfg, model)
+    batches = StackedHooks(source, cfg.hooks) if cfg.hook_names else source
+    sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
+    saes = jsae.Trainer(cfg.train, sweep=sweep).fit(batches, evaluator=make_evaluator(cfg, model))
+    rows = []
+    for name, member, sae in zip(names, members, saes, strict=True):
+        row = {"name": name, "hook_name": sae.cfg.metadata.hook_name}
+        row |= {field: _field_value(member, field) for field in axes}
+        row |= sae_summary(sae)
+        rows.append(row)
+    summary = {"saes": rows}
+    if cfg.train.output_path is not None:
+        summary["table"] = str(write_summary_table(cfg.train.output_path, rows, list(axes)))
+    return saes, summary
+
+
+def _field_value(cfg, field: str):
+    return getattr(cfg.sae, field[4:]) if field.startswith("sae.") else getattr(cfg, field)
+
+
+SUMMARY_COLUMNS = (("l0", "L0", ".1f"), ("explained_variance", "explained variance", ".3f"),
+                   ("dead_features", "dead", "d"), ("ce_loss_score", "CE loss score", ".3f"))
+
+
+def summary_table(rows: list[dict], axes: list[str]) -> str:
+    """A markdown table of the run's SAEs: name, hook, swept fields, L0, explained variance, dead, CE loss score."""
+    header = ["SAE", "hook", *axes, *(title for _, title, _ in SUMMARY_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["name"], row["hook_name"], *(str(row[a]) for a in axes)]
+        cells += [format(row[key], fmt) if row.get(key) is not None else "—" for key, _, fmt in SUMMARY_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary_table(output_path: str, rows: list[dict], axes: list[str]) -> Path:
+    """<output_path>/summary.md (the table) and summary.json (every metric of every SAE)."""
+    import json
+
+    folder = Path(output_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(rows, indent=1))
+    (folder / "summary.md").write_text(summary_table(rows, axes))
+    return folder / "summary.md"
 
 
 def heldout_split(cfg: RunConfig) -> str:

@@ -233,3 +233,45 @@ def test_jsonl_dataset_through_hugging_face_datasets(tmp_path, model):
     assert rows and all(len(r) == 32 and r[0] == model.tokenizer.bos_token_id for r in rows)
     want = model.to_tokens("line 0 " * 30, prepend_bos=False)[0].tolist()
     assert rows[0][1:32] == want[:31]
+
+
+@pytest.mark.slow
+def test_two_hooks_in_one_run_equal_two_separate_runs(tmp_path):
+    from bridge.runner import run
+
+    hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"]
+    common = {"total_training_tokens": 20480, "n_eval_batches": 1, "eval_batch_size_prompts": 8}
+    saes, summary = run(small_cfg(tmp_path, hook_names=hooks, output_path=str(tmp_path / "both"), **common))
+    assert [s.cfg.metadata.hook_name for s in saes] == hooks
+    for hook, sae in zip(hooks, saes, strict=True):
+        alone, _ = run(small_cfg(tmp_path, hook_name=hook, output_path=str(tmp_path / hook), **common))
+        saved = jsae.SAE.load_from_disk(tmp_path / "both" / hook)
+        np.testing.assert_array_equal(np.asarray(saved.params["W_enc"]), np.asarray(sae.params["W_enc"]))
+        for name, value in alone.params.items():
+            a, b = np.asarray(saved.params[name], np.float64), np.asarray(value, np.float64)
+            assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b), (hook, name)
+        assert saved.cfg.metadata.hook_name == hook
+    table = (tmp_path / "both" / "summary.md").read_text()
+    assert all(hook in table for hook in hooks) and "CE loss score" in table
+    assert [row["name"] for row in summary["saes"]] == hooks
+
+
+@pytest.mark.slow
+def test_sweep_run_writes_a_folder_per_sae_and_a_summary(tmp_path, capsys):
+    import sae_lens
+
+    from bridge.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["train", "--output-path", str(out), *SMALL, "--set", "total_training_tokens=20480",
+                 "--set", "n_eval_batches=1", "--set", "sweep={sae.k: [8, 16], lr: [0.001, 0.003]}",
+                 "--set", "checkpoint_path=null", "--json"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert [row["name"] for row in summary["saes"]] == ["k=8_lr=0.001", "k=16_lr=0.003"]
+    for row, k in zip(summary["saes"], (8, 16), strict=True):
+        assert row["l0"] == pytest.approx(k, abs=0.5)
+        ref = sae_lens.SAE.load_from_disk(str(out / row["name"]))
+        assert ref.cfg.k == k
+    assert "| k=16_lr=0.003 | blocks.2.hook_resid_pre | 16 | 0.003 |" in (out / "summary.md").read_text()
+    assert "| k=8_lr=0.001 |" in printed  # the table is printed too

@@ -85,3 +85,46 @@ def test_members_that_differ_in_shape_are_refused():
     b = base_cfg(jsae.StandardTrainingSAEConfig(d_in=D_IN, d_sae=2 * D_SAE))
     with pytest.raises(jsae.ConfigError, match="member 1 differs from member 0"):
         make_sweep_step([a, b])
+
+
+@pytest.mark.parametrize("n_devices", [1, 4])
+def test_trainer_sweep_saves_each_member_like_a_separate_run(tmp_path, n_devices):
+    from jsae.training.sweep import Sweep
+
+    if jax.device_count() < n_devices:
+        pytest.skip("needs forced host devices")
+    sae_cfg, axes = SWEEPS["standard"]
+    base = base_cfg(sae_cfg, n_devices=n_devices, output_path=str(tmp_path / "sweep"), log_every_n_steps=10)
+    members = sweep_configs(base, axes)
+    names = [f"m{i}" for i in range(4)]
+    data = make_batches()
+    saes = jsae.Trainer(base, sweep=Sweep(members, names)).fit(iter(data))
+    assert len(saes) == 4
+    for i, member in enumerate(members):
+        alone = jsae.Trainer(member.replace(output_path=None)).fit(iter(data))
+        saved = jsae.SAE.load_from_disk(tmp_path / "sweep" / names[i])
+        for name, value in alone.params.items():
+            assert relative(saved.params[name], value) <= 1e-5, (i, name)
+        assert saved.cfg.metadata.l0 == pytest.approx(alone.cfg.metadata.l0, rel=1e-5)
+        assert saved.cfg.metadata.training_architecture_details["l1_coefficient"] == axes["sae.l1_coefficient"][i]
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "sweep" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30] and "m3/losses/overall_loss" in rows[0]
+
+
+def test_members_reading_different_streams_equal_separate_runs():
+    from jsae.training.sweep import Sweep
+
+    sae_cfg, _ = SWEEPS["standard"]
+    base = base_cfg(sae_cfg)
+    streams = [make_batches(0), make_batches(1)]
+    members = sweep_configs(base, {"seed": [3, 4]}) * 2
+    sweep = Sweep(members, ["a/s3", "a/s4", "b/s3", "b/s4"], streams=[0, 0, 1, 1])
+    stacked = [np.stack([a, b]) for a, b in zip(*streams, strict=True)]
+    saes = jsae.Trainer(base, sweep=sweep).fit(iter(stacked))
+    for sae, member, stream in zip(saes, members, sweep.streams, strict=True):
+        alone = jsae.Trainer(member).fit(iter(streams[stream]))
+        for name, value in alone.params.items():
+            assert relative(sae.params[name], value) <= 1e-5, (stream, member.seed, name)
+    assert relative(saes[0].params["W_enc"], saes[2].params["W_enc"]) > 0.01  # the streams differ

@@ -114,7 +114,8 @@ def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
     k_max = max(getattr(m.sae, "k", 0) for m in members)
 
     def shared(cfg: TrainConfig) -> TrainConfig:
-        sae = cfg.sae.replace(**{f: getattr(base.sae, f) for f in SWEEPABLE_SAE_FIELDS if hasattr(base.sae, f)})
+        sae = cfg.sae.replace(metadata=base.sae.metadata,
+                              **{f: getattr(base.sae, f) for f in SWEEPABLE_SAE_FIELDS if hasattr(base.sae, f)})
         return cfg.replace(sae=sae, **{f: getattr(base, f) for f in SWEEPABLE_TRAIN_FIELDS})
 
     for i, member in enumerate(members[1:], start=1):
@@ -124,26 +125,71 @@ def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
     return base.replace(sae=base.sae.replace(k=k_max)) if k_max else base
 
 
-def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None) -> Callable:
+def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None,
+                    streams: Sequence[int] = ()) -> Callable:
     """step(states, batch) -> (states, metrics) for all members at once (states stacked on axis 0).
+
+    Args:
+        members: the member configs (see `sweep_configs`).
+        axis_name: collective axis, as in `make_train_step`.
+        streams: for several activation streams (hook points), the stream each member reads; the batch
+            is then (n_streams, tokens, d_in). Empty: one (tokens, d_in) batch feeds every member.
 
     Every metric gains a leading member axis. Works under shard_map / pmap like `make_train_step`.
     """
     shape_cfg = check_members(members)
     inner = build_step(shape_cfg, sweep_hyperparameters(members), axis_name)
     index = jnp.arange(len(members))
+    stream_of = jnp.asarray(streams, jnp.int32) if streams else None
 
     def step(states: TrainState, batch: Array):
-        return jax.vmap(inner, in_axes=(0, None, 0))(states, batch, index)
+        if stream_of is None:
+            return jax.vmap(inner, in_axes=(0, None, 0))(states, batch, index)
+        return jax.vmap(inner, in_axes=(0, 0, 0))(states, batch[stream_of], index)
 
     return step
 
 
-def init_sweep_state(members: Sequence[TrainConfig], *, scaling_factor: float = 1.0) -> TrainState:
-    """Each member's fresh state (its own seed), stacked along a leading axis."""
+def init_sweep_state(members: Sequence[TrainConfig], *, scaling_factor: float | Sequence[float] = 1.0) -> TrainState:
+    """Each member's fresh state (its own seed), stacked along a leading axis.
+
+    `scaling_factor` may be one value or one per member (expected_average_only_in per hook).
+    """
     shape_cfg = check_members(members)
-    states = [init_train_state(shape_cfg.replace(seed=m.seed), scaling_factor=scaling_factor) for m in members]
+    factors = [scaling_factor] * len(members) if isinstance(scaling_factor, int | float) else list(scaling_factor)
+    states = [init_train_state(shape_cfg.replace(seed=m.seed), scaling_factor=f) for m, f in zip(members, factors,
+                                                                                                 strict=True)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Several SAEs trained together by `jsae.Trainer(cfg, sweep=...)`.
+
+    Attributes:
+        members: one config per SAE (same shapes; see `sweep_configs`).
+        names: one folder name per SAE (saved to <output_path>/<name>); may contain "/".
+        streams: the activation stream (hook point) each SAE reads, when batches are
+            (n_streams, tokens, d_in); empty when every SAE reads the same (tokens, d_in) batch.
+    """
+
+    members: tuple[TrainConfig, ...]
+    names: tuple[str, ...]
+    streams: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(self.members))
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "streams", tuple(self.streams))
+        if len(self.names) != len(self.members) or len(set(self.names)) != len(self.names):
+            raise ConfigError(f"Sweep.names: expected {len(self.members)} distinct names, got {list(self.names)}.")
+        if self.streams and (len(self.streams) != len(self.members) or min(self.streams) < 0):
+            raise ConfigError(f"Sweep.streams: expected one stream index >= 0 per member, got {list(self.streams)}.")
+        check_members(self.members)
+
+    @property
+    def n_streams(self) -> int:
+        return max(self.streams) + 1 if self.streams else 1
 
 
 def member_state(states: TrainState, i: int) -> TrainState:

@@ -34,6 +34,7 @@ from jsae.training.step import (
     log_feature_sparsity,
     make_train_step,
 )
+from jsae.training.sweep import Sweep, init_sweep_state, make_sweep_step, member_state
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -75,13 +76,22 @@ class Trainer:
     latents.
 
     Args:
-        cfg: the run config.
+        cfg: the run config (with a sweep: the loop settings shared by every member).
         devices: devices of the mesh (default: the first `cfg.n_devices` of `jax.devices()`).
+        sweep: several SAEs trained together in one vmapped step (`jsae.training.sweep.Sweep`);
+            `fit` then returns one SAE per member and saves each to <output_path>/<name>.
     """
 
-    def __init__(self, cfg: TrainConfig, devices: list | None = None):
+    def __init__(self, cfg: TrainConfig, devices: list | None = None, *, sweep: Sweep | None = None):
         self.cfg = cfg
+        self.sweep = sweep
         self.arch = get_training_architecture(cfg.sae.architecture)
+        if sweep is not None:
+            for field in ("total_training_tokens", "train_batch_size_tokens", "n_batches_for_norm_estimate"):
+                values = {getattr(m, field) for m in sweep.members}
+                if values != {getattr(cfg, field)}:
+                    raise ConfigError(f"sweep: every member needs the run's {field}={getattr(cfg, field)}, "
+                                      f"found {sorted(values)}.")
         if devices is None:
             available = jax.devices()
             n = cfg.n_devices or len(available)
@@ -127,20 +137,22 @@ class Trainer:
                 )
             self.mesh = Mesh(grid, (DATA_AXIS, MODEL_AXIS))
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        stacked = sweep is not None and bool(sweep.streams)
+        batch_spec = P(None, DATA_AXIS) if stacked else P(DATA_AXIS)
+        self.batch_sharding = NamedSharding(self.mesh, batch_spec)
         if model > 1:
             # GSPMD: the plain step on the global batch; XLA partitions it (top-k over sharded latents
             # included) and inserts the collectives. The state stays sharded between steps.
-            shardings = state_sharding(jax.eval_shape(lambda: init_train_state(cfg)), self.mesh)
-            self.step_fn = jax.jit(make_train_step(cfg), in_shardings=(shardings, self.batch_sharding),
+            shardings = state_sharding(jax.eval_shape(self._fresh_state), self.mesh)
+            self.step_fn = jax.jit(self._make_step(None), in_shardings=(shardings, self.batch_sharding),
                                    out_shardings=(shardings, self.replicated), donate_argnums=0)
         elif n == 1:
-            self.step_fn = jax.jit(make_train_step(cfg), donate_argnums=0)
+            self.step_fn = jax.jit(self._make_step(None), donate_argnums=0)
         else:
             sharded = jax.shard_map(
-                make_train_step(cfg, axis_name=DATA_AXIS),
+                self._make_step(DATA_AXIS),
                 mesh=self.mesh,
-                in_specs=(P(), P(DATA_AXIS)),
+                in_specs=(P(), batch_spec),
                 out_specs=(P(), P()),
             )
             self.step_fn = jax.jit(sharded, donate_argnums=0)
@@ -152,19 +164,36 @@ class Trainer:
         self.fingerprint = self._fingerprint()
         self._stop_signal: int | None = None
 
+    def _make_step(self, axis_name: str | None):
+        if self.sweep is None:
+            return make_train_step(self.cfg, axis_name)
+        return make_sweep_step(self.sweep.members, axis_name, self.sweep.streams)
+
+    def _fresh_state(self, scaling_factor: float | list[float] = 1.0, params: dict | None = None) -> TrainState:
+        if self.sweep is None:
+            return init_train_state(self.cfg, params=params, scaling_factor=scaling_factor)
+        if params is not None:
+            raise InputError("fit(params=...) cannot be combined with a sweep (each member initialises from its seed).")
+        return init_sweep_state(self.sweep.members, scaling_factor=scaling_factor)
+
     # ------------------------------------------------------------------ data
     def _to_global(self, batch: Any) -> jax.Array:
         shape = tuple(getattr(batch, "shape", ()))
         d_in = self.cfg.sae.d_in
-        if len(shape) != 2 or shape[1] != d_in:
+        streams = self.sweep.n_streams if self.sweep is not None and self.sweep.streams else None
+        expected = (self.local_batch_size, d_in) if streams is None else (streams, self.local_batch_size, d_in)
+        if len(shape) != len(expected) or shape[-1] != d_in or (streams is not None and shape[0] != streams):
+            want = f"({self.local_batch_size}, d_in={d_in})" if streams is None else (
+                f"(n_streams={streams}, {self.local_batch_size}, d_in={d_in})")
             raise InputError(
-                f"batch: expected shape ({self.local_batch_size}, d_in={d_in}) of activations, got {shape}; "
-                "the SAE config's d_in must match the activations' width."
+                f"batch: expected shape {want} of activations"
+                + (" (one slice per activation stream)" if streams is not None else "")
+                + f", got {shape}; the SAE config's d_in must match the activations' width."
             )
-        if shape[0] != self.local_batch_size:
+        if shape[-2] != self.local_batch_size:
             raise InputError(
                 f"batch: expected {self.local_batch_size} tokens per process (train_batch_size_tokens="
-                f"{self.cfg.train_batch_size_tokens} over {self.n_processes} process(es)), got {shape[0]}."
+                f"{self.cfg.train_batch_size_tokens} over {self.n_processes} process(es)), got {shape[-2]}."
             )
         if isinstance(batch, jax.Array) and len(self.devices) == 1 and self.n_processes == 1:
             return jax.device_put(batch, self.devices[0])
@@ -229,8 +258,8 @@ class Trainer:
             signal.signal(sig, old)
 
     # ------------------------------------------------------------------ the loop
-    def init_state(self, scaling_factor: float = 1.0, params: dict | None = None) -> TrainState:
-        state = init_train_state(self.cfg, params=params, scaling_factor=scaling_factor)
+    def init_state(self, scaling_factor: float | list[float] = 1.0, params: dict | None = None) -> TrainState:
+        state = self._fresh_state(scaling_factor, params)
         return jax.device_put(state, self._sharding(state))
 
     def _sharding(self, state: Any) -> Any:
@@ -249,11 +278,13 @@ class Trainer:
         return jax.device_get(tree)
 
     def fit(self, batches: Iterable, *, params: dict | None = None,
-            evaluator: Callable[[SAE], Mapping[str, float]] | None = None) -> SAE:
-        """Train on `batches` (an iterable of (tokens, d_in) arrays, this process's share) and return the SAE.
+            evaluator: Callable[[SAE], Mapping[str, float]] | None = None) -> SAE | list[SAE]:
+        """Train on `batches` (an iterable of (tokens, d_in) arrays, this process's share) and return the SAE
+        (with a sweep: the list of SAEs, in member order).
 
         Args:
-            batches: numpy / jax arrays; an object with `seek(n)` resumes without replaying data.
+            batches: numpy / jax arrays ((n_streams, tokens, d_in) for a sweep over several streams); an
+                object with `seek(n)` resumes without replaying data.
             params: initial parameters (default: SAELens' initialisation from `cfg.seed`).
             evaluator: called with the SAE as it would be saved every `cfg.eval_every_n_steps` steps and
                 at the end (primary process only); its metrics are logged with an "eval/" prefix, and
@@ -273,12 +304,12 @@ class Trainer:
             self._skip(iterator, batches, consumed)
         else:
             consumed = 0
-            scaling_factor = 1.0
+            state = template
             if cfg.sae.normalize_activations == "expected_average_only_in" and cfg.n_batches_for_norm_estimate:
                 sample = [self._next(iterator, 0) for _ in range(cfg.n_batches_for_norm_estimate)]
                 consumed = len(sample)
-                scaling_factor = estimate_scaling_factor(sample, cfg.sae.d_in)
-            state = template.replace(scaling_factor=jax.device_put(jnp.float32(scaling_factor), self.replicated))
+                scaling_factor = jnp.asarray(self._scaling_factor(sample), jnp.float32)
+                state = template.replace(scaling_factor=jax.device_put(scaling_factor, self.replicated))
         del template
 
         norm_batches = consumed if restored is None else int(meta["norm_batches"])
@@ -302,15 +333,15 @@ class Trainer:
                     jax.block_until_ready(metrics)
                 done = step_index + 1
                 if done % cfg.log_every_n_steps == 0 or done == total:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    values, shown = self._metric_values(jax.device_get(metrics))
                     elapsed = time.perf_counter() - t0
                     values["details/tokens_per_second"] = tokens_since / max(elapsed, 1e-9)
                     t0, tokens_since = time.perf_counter(), 0
                     logger.log(done, done * cfg.train_batch_size_tokens, values)
-                    progress.update(values, done)
+                    progress.update(shown, done)
                 if (evaluator is not None and cfg.eval_every_n_steps and done % cfg.eval_every_n_steps == 0
                         and done != total):
-                    self._evaluate(evaluator, state, logger, done)
+                    self._evaluate(evaluator, self._saes(state, for_eval=True), logger, done)
                 if manager is not None and cfg.checkpoint_every_n_steps and done % cfg.checkpoint_every_n_steps == 0:
                     self._save(manager, state, self._meta(consumed, norm_batches, done))
                 if self._stop_signal is not None:
@@ -324,11 +355,11 @@ class Trainer:
                 self._check_finite(last_metrics, total - 1)
             if manager is not None:
                 self._save(manager, state, self._meta(consumed, norm_batches, total))
-            sae = self.inference_sae(state)
+            saes = self._saes(state)
             if evaluator is not None and self.is_primary:
-                final = self._evaluate(evaluator, state, logger, total, sae=sae)
-                metadata = sae.cfg.metadata.replace(eval_metrics=final)
-                sae = SAE(sae.cfg.replace(metadata=metadata), sae.params, sae.sparsity)
+                finals = self._evaluate(evaluator, saes, logger, total)
+                saes = [SAE(sae.cfg.replace(metadata=sae.cfg.metadata.replace(eval_metrics=final)), sae.params,
+                            sae.sparsity) for sae, final in zip(saes, finals, strict=True)]
         finally:
             self._restore_signal_handlers(previous)
             progress.close()
@@ -337,19 +368,58 @@ class Trainer:
                 manager.close()
         self.state = state
         if cfg.output_path is not None and self.is_primary:
-            sae.save_model(cfg.output_path)
-        return sae
+            for name, sae in zip(self._names(), saes, strict=True):
+                sae.save_model(cfg.output_path if name is None else Path(cfg.output_path) / name)
+        return saes if self.sweep is not None else saes[0]
 
-    def _evaluate(self, evaluator, state: TrainState, logger: MetricsLogger, step: int, *,
-                  sae: SAE | None = None) -> dict[str, float]:
-        """Run the evaluator on the SAE of `state` and log its metrics with an "eval/" prefix."""
+    def _names(self) -> list[str | None]:
+        return list(self.sweep.names) if self.sweep is not None else [None]
+
+    def _saes(self, state: TrainState, *, for_eval: bool = False) -> list[SAE]:
+        """Every SAE of `state` as it would be saved (a collective when latents are split over processes)."""
+        if for_eval and not self.is_primary and not (self.model_axis_size > 1 and self.n_processes > 1):
+            return []
+        if self.sweep is None:
+            return [self.inference_sae(state)]
+        return [self.inference_sae(member_state(state, i), member)
+                for i, member in enumerate(self.sweep.members)]
+
+    def _scaling_factor(self, sample: list) -> float | list[float]:
+        """expected_average_only_in: one scale for one stream, else one per stream handed to its members."""
+        d_in = self.cfg.sae.d_in
+        if self.sweep is None:
+            return estimate_scaling_factor(sample, d_in)
+        if not self.sweep.streams:
+            return [estimate_scaling_factor(sample, d_in)] * len(self.sweep.members)
+        per_stream = [estimate_scaling_factor([b[s] for b in sample], d_in) for s in range(self.sweep.n_streams)]
+        return [per_stream[s] for s in self.sweep.streams]
+
+    def _metric_values(self, metrics: dict) -> tuple[dict[str, float], dict[str, float]]:
+        """(what is logged, what the progress bar shows): a sweep logs "<name>/<metric>" per member and
+        shows the mean over members."""
+        if self.sweep is None:
+            values = {k: float(v) for k, v in metrics.items()}
+            return values, values
+        values, shown = {}, {}
+        for key, value in metrics.items():
+            array = np.asarray(value, np.float64)
+            for name, v in zip(self.sweep.names, array, strict=True):
+                values[f"{name}/{key}"] = float(v)
+            shown[key] = float(array.mean())
+        return values, shown
+
+    def _evaluate(self, evaluator, saes: list[SAE], logger: MetricsLogger, step: int) -> list[dict[str, float]]:
+        """Run the evaluator on each SAE and log its metrics as "eval/<metric>" ("eval/<name>/<metric>" in a sweep)."""
         if not self.is_primary:
-            if self.model_axis_size > 1 and self.n_processes > 1:
-                self.inference_sae(state)  # the primary's gather needs every process
-            return {}
-        values = {k: float(v) for k, v in evaluator(sae or self.inference_sae(state)).items()}
-        logger.log(step, step * self.cfg.train_batch_size_tokens, {f"eval/{k}": v for k, v in values.items()})
-        return values
+            return []
+        results, logged = [], {}
+        for name, sae in zip(self._names(), saes, strict=True):
+            values = {k: float(v) for k, v in evaluator(sae).items()}
+            prefix = "eval/" if name is None else f"eval/{name}/"
+            logged |= {prefix + k: v for k, v in values.items()}
+            results.append(values)
+        logger.log(step, step * self.cfg.train_batch_size_tokens, logged)
+        return results
 
     def _fingerprint(self) -> dict:
         """The config fields that decide the result (not where files go, how progress shows, or how the
@@ -359,6 +429,13 @@ class Trainer:
                 "sync_every_n_steps", "model_axis_size"}
         data = {k: v for k, v in self.cfg.to_dict().items() if k not in skip}
         data["sae"] = {k: v for k, v in data["sae"].items() if k != "metadata"}
+        if self.sweep is not None:
+            data["sweep"] = {
+                "names": list(self.sweep.names),
+                "streams": list(self.sweep.streams),
+                "members": [{k: v for k, v in m.to_dict().items() if k not in skip} | {
+                    "sae": {k: v for k, v in m.sae.to_dict().items() if k != "metadata"}} for m in self.sweep.members],
+            }
         return json.loads(json.dumps(data, default=str))
 
     def _meta(self, consumed: int, norm_batches: int, step: int) -> dict:
@@ -384,7 +461,7 @@ class Trainer:
             ) from None
 
     def _check_finite(self, metrics: dict, step_index: int) -> None:
-        if not bool(metrics["details/batch_finite"]):
+        if not bool(jnp.all(metrics["details/batch_finite"])):
             raise InputError(
                 f"batch of step {step_index} holds NaN/inf values (or gave non-finite gradients); the "
                 "parameters were left unchanged. Fix the data, or set on_nonfinite: skip to skip and count such "
@@ -392,9 +469,12 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ the result
-    def inference_sae(self, state: TrainState) -> SAE:
-        """The trained SAE as SAELens saves it: input scaling folded, training-only state converted."""
-        cfg = self.cfg
+    def inference_sae(self, state: TrainState, cfg: TrainConfig | None = None) -> SAE:
+        """The trained SAE as SAELens saves it: input scaling folded, training-only state converted.
+
+        `cfg` is the SAE's own config (a sweep member's); default: the trainer's.
+        """
+        cfg = cfg or self.cfg
         sae_cfg = cfg.sae
         host = self._to_host(state.replace(opt_state=None))
         params = {k: np.asarray(v) for k, v in host.params.items()}
