@@ -27,6 +27,8 @@ class TrainOutput(NamedTuple):
         feature_acts: latent activations (batch, d_sae).
         hidden_pre: pre-activations (batch, d_sae).
         sae_out: reconstruction (batch, d_out).
+        top_acts: the sparse TopK path's k activations per token (batch, k), else None.
+        top_indices: their latent indices (batch, k), else None.
     """
 
     loss: Array
@@ -34,6 +36,15 @@ class TrainOutput(NamedTuple):
     feature_acts: Array
     hidden_pre: Array
     sae_out: Array
+    top_acts: Array | None = None
+    top_indices: Array | None = None
+
+    def fired_counts(self) -> Array:
+        """Tokens each latent fired on (d_sae,) — from the k active latents when the forward kept them."""
+        if self.top_indices is None:
+            return jnp.sum((self.feature_acts != 0).astype(jnp.float32), axis=0)
+        fired = (self.top_acts != 0).astype(jnp.float32).reshape(-1)
+        return jax.ops.segment_sum(fired, self.top_indices.reshape(-1), num_segments=self.hidden_pre.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,7 @@ from jsae.saes._base import (
     training_module_cfg,
     zeros,
 )
+from jsae.saes._sparse_topk import aux_k_loss, hidden_pre, sparse_topk_forward
 from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
@@ -82,16 +83,39 @@ class TopKTrainingSAEConfig(TopKSAEConfig, TrainingFields):
         aux_loss_coefficient: weight of the aux-k loss that revives dead latents.
         rescale_acts_by_decoder_norm: choose the top k as if decoder rows had unit norm (training default on).
         use_sparse_activations: SAELens' flag, kept for config compatibility.
+        topk_implementation: how the training step computes the TopK forward and backward (same
+            numbers either way): "dense" multiplies full (tokens, d_sae) activation matrices, "sparse"
+            (`jsae.saes._sparse_topk`) only the encoder product and otherwise works on each token's k
+            active latents; "auto" picks sparse on CPU when d_sae >= SPARSE_MIN_D_SAE_PER_K * k (there
+            it measured faster), dense otherwise.
     """
 
     aux_loss_coefficient: float = 1.0
     rescale_acts_by_decoder_norm: bool = True
     use_sparse_activations: bool = False
+    topk_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_training()
         check_topk_training(self)
+        if self.topk_implementation not in TOPK_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"TopKTrainingSAEConfig.topk_implementation must be one of {list(TOPK_IMPLEMENTATIONS)}, "
+                f"got {self.topk_implementation!r}."
+            )
+
+    def uses_sparse_topk(self, backend: str | None = None) -> bool:
+        """Whether training takes the sparse path on `backend` (default: JAX's default backend)."""
+        if self.topk_implementation != "auto":
+            return self.topk_implementation == "sparse"
+        backend = backend or jax.default_backend()
+        return backend == "cpu" and self.d_sae >= SPARSE_MIN_D_SAE_PER_K * self.k
+
+
+TOPK_IMPLEMENTATIONS = ("auto", "dense", "sparse")
+# "auto" goes sparse on CPU when d_sae / k is at least this (see bench/bench.py --cases topk).
+SPARSE_MIN_D_SAE_PER_K = 64
 
 
 def check_topk_training(cfg) -> None:
@@ -139,6 +163,8 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
 
 def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coefficients: dict,
                      dead_mask: Array) -> TrainOutput:
+    if cfg.uses_sparse_topk():
+        return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask)
     module = TopKSAE(training_module_cfg(cfg))
     feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
@@ -146,6 +172,30 @@ def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coef
                         rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient)
     losses = {"mse_loss": mse(sae_out, x), "auxiliary_reconstruction_loss": aux}
     return finish(losses, feature_acts, hidden_pre, sae_out)
+
+
+def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, dead_mask: Array) -> TrainOutput:
+    """`training_forward` on the sparse path: same losses and gradients, `top_acts` / `top_indices` set.
+
+    Input preparation is the dense module's for the normalisations TopK trains with (a cast and
+    b_dec; 'none' and 'expected_average_only_in' leave x as it is inside the SAE).
+    """
+    p = params
+    rescale, apply_b_dec = cfg.rescale_acts_by_decoder_norm, cfg.apply_b_dec_to_input
+    x_in = jnp.asarray(x).astype(cfg.jnp_dtype)
+    out = sparse_topk_forward(x_in, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], k=cfg.k, rescale=rescale,
+                              apply_b_dec=apply_b_dec)
+
+    residual = jax.lax.stop_gradient(x - out.sae_out)
+    aux = aux_k_loss(out.product, x_in, residual, dead_mask, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"],
+                     rescale=rescale, apply_b_dec=apply_b_dec, coefficient=cfg.aux_loss_coefficient)
+    losses = {"mse_loss": mse(out.sae_out, x), "auxiliary_reconstruction_loss": aux}
+    # Dense pre-activations and activations for callers that want them; dead code in a jitted
+    # step, which reads top_acts / top_indices.
+    pre = hidden_pre(out.product, p["b_enc"], decoder_row_norms(p["W_dec"]) if rescale else None)
+    feature_acts = jnp.put_along_axis(jnp.zeros_like(pre), out.top_indices, out.top_acts, axis=-1, inplace=False)
+    return finish(losses, jax.lax.stop_gradient(feature_acts), jax.lax.stop_gradient(pre), out.sae_out)._replace(
+        top_acts=out.top_acts, top_indices=out.top_indices)
 
 
 def to_inference_params(params: dict, cfg: TopKTrainingSAEConfig) -> dict:

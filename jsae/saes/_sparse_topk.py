@@ -1,0 +1,333 @@
+"""Sparse TopK training: the forward and backward over each token's k active latents only.
+
+The dense TopK step multiplies (tokens, d_sae) matrices with k nonzeros per row: the decoder
+product forward and, backward, the decoder, encoder and input gradients. Here only the encoder
+product `x̃ W_enc` is dense; after the top-k every other product runs over the (token, latent)
+pairs that are active: the decoder forward gathers W_dec rows weighted by the activations, the
+W_dec and W_enc gradients add token rows into the active latents' rows, b_enc's gradient is a
+segment sum, and b_dec's gradient through the input is `W_enc (Σ_t dh_t)` rather than a
+per-token product. `jax.custom_vjp` keeps autodiff from densifying these.
+
+The results equal the dense path (`jsae.saes.topk`) up to float rounding: same selection,
+same relu, same decoder-norm rescaling and its gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jsae.saes._base import Array, decoder_row_norms
+
+# Tokens per iteration of the backward loops (on CPU 16 measured fastest of 1..64).
+TOKEN_BLOCK = 16
+# Slots summed per pass of `gather_rows_weighted` (more per pass and XLA writes out every gathered slot).
+SLOT_GROUP = 8
+# Latents per block of the blockwise top-k.
+TOPK_BLOCK = 32
+
+
+def _acc_dtype(dtype) -> jnp.dtype:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# --------------------------------------------------------------------------- sparse products
+def gather_rows_weighted(weights: Array, indices: Array, table: Array) -> Array:
+    """Σ_j weights[t, j] · table[indices[t, j]] for every token t: (n, k), (n, k), (m, d) -> (n, d).
+
+    A loop over groups of SLOT_GROUP slots, each one fused pass that gathers and adds its slots:
+    no (n, k, d) array is formed. Accumulates in float32 (or wider), returns table's dtype.
+    """
+    n, k = weights.shape
+    acc = _acc_dtype(table.dtype)
+
+    def add_slots(out, w, idx):
+        for j in range(w.shape[1]):
+            row = table.at[idx[:, j]].get(mode="promise_in_bounds").astype(acc)
+            out = out + w[:, j, None].astype(acc) * row
+        return out
+
+    def group(g, out):
+        start = g * SLOT_GROUP
+        return add_slots(out, jax.lax.dynamic_slice_in_dim(weights, start, SLOT_GROUP, 1),
+                         jax.lax.dynamic_slice_in_dim(indices, start, SLOT_GROUP, 1))
+
+    groups = k // SLOT_GROUP
+    out = jnp.zeros((n, table.shape[1]), acc)
+    if groups:
+        out = jax.lax.fori_loop(0, groups, group, out)
+    out = add_slots(out, weights[:, groups * SLOT_GROUP:], indices[:, groups * SLOT_GROUP:])
+    return out.astype(table.dtype)
+
+
+def _token_blocks(n: int, body: Callable, carry, block: int = TOKEN_BLOCK):
+    """carry = body(start, size, carry) over tokens [0, n) in blocks of `block` (a static tail last)."""
+    full = n // block
+    if full:
+        carry = jax.lax.fori_loop(0, full, lambda b, c: body(b * block, block, c), carry)
+    if n % block:
+        carry = body(full * block, n % block, carry)
+    return carry
+
+
+def _rows(x: Array, start, size: int) -> Array:
+    return jax.lax.dynamic_slice_in_dim(x, start, size, 0)
+
+
+def gather_rows_dot(rows: Array, indices: Array, table: Array) -> Array:
+    """rows[t] · table[indices[t, j]] for every (t, j): (n, d), (n, k), (m, d) -> (n, k) in float32 (or wider)."""
+    n, k = indices.shape
+    acc = _acc_dtype(table.dtype)
+
+    def body(start, size, out):
+        idx = _rows(indices, start, size)
+        picked = table.at[idx.reshape(-1)].get(mode="promise_in_bounds").reshape(size, k, -1)
+        dots = jnp.einsum("tkd,td->tk", picked, _rows(rows, start, size), preferred_element_type=acc)
+        return jax.lax.dynamic_update_slice_in_dim(out, dots, start, 0)
+
+    return _token_blocks(n, body, jnp.zeros((n, k), acc))
+
+
+def scatter_rows(weights: Array, indices: Array, rows: Array, m: int) -> Array:
+    """out[i] = Σ over (t, j) with indices[t, j] = i of weights[t, j] · rows[t]: -> (m, d) in rows' dtype.
+
+    The transpose of `gather_rows_weighted` with respect to the table; accumulates in float32 (or wider).
+    """
+    n, k = indices.shape
+    acc = _acc_dtype(rows.dtype)
+
+    def body(start, size, out):
+        idx = _rows(indices, start, size).reshape(-1)
+        w = _rows(weights, start, size).astype(acc)
+        updates = (w[:, :, None] * _rows(rows, start, size).astype(acc)[:, None, :]).reshape(size * k, -1)
+        return out.at[idx].add(updates, mode="promise_in_bounds")
+
+    return _token_blocks(n, body, jnp.zeros((m, rows.shape[1]), acc)).astype(rows.dtype)
+
+
+def segment_sum(values: Array, indices: Array, m: int) -> Array:
+    """Σ of values[t, j] over the pairs whose indices[t, j] = i, for each i < m."""
+    return jax.ops.segment_sum(values.reshape(-1), indices.reshape(-1), num_segments=m)
+
+
+# --------------------------------------------------------------------------- the top-k
+def _top_k(x: Array, k: int) -> tuple[Array, Array]:
+    # The barriers keep XLA from folding the top-k's slices into their users, which on CPU turns
+    # the top-k into a full sort of every row. (One barrier per output: a barrier on both at once
+    # can reach XLA as a barrier on the top-k's tuple, which XLA's top-k decomposition rejects.)
+    values, indices = jax.lax.top_k(x, k)
+    return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(indices)
+
+
+def hidden_pre(product: Array, b_enc: Array, norms: Array | None) -> Array:
+    """Pre-activations from the encoder product x̃ W_enc, as the dense path computes them."""
+    pre = product + b_enc
+    return pre * norms if norms is not None else pre
+
+
+def top_k_hidden_pre(product: Array, b_enc: Array, norms: Array | None, k: int) -> tuple[Array, Array]:
+    """`lax.top_k(hidden_pre(product, b_enc, norms), k)` without writing out hidden_pre.
+
+    Blockwise and exact (ties aside): a row's k largest entries lie in the k blocks of TOPK_BLOCK
+    consecutive latents with the largest maxima, so the top k of those blocks' entries (taken in
+    index order, so ties resolve as in lax.top_k) is the row's. Falls back to one top-k where the
+    blocks would not pay.
+    """
+    n, m = product.shape
+    block = TOPK_BLOCK
+    if m % block or 2 * k * block > m:
+        return _top_k(hidden_pre(product, b_enc, norms), k)
+    h = hidden_pre(product, b_enc, norms)  # fused into the block maxima, never stored
+    block_max = jax.lax.reduce_window(h, jnp.array(-jnp.inf, h.dtype), jax.lax.max, (1, block), (1, block), "VALID")
+    _, blocks = _top_k(block_max, k)
+    blocks = jnp.sort(blocks, axis=-1)
+    candidates = (blocks[:, :, None] * block + jnp.arange(block, dtype=blocks.dtype)).reshape(n, k * block)
+    picked = jnp.take_along_axis(product, candidates, axis=-1, mode="promise_in_bounds")
+    values, position = _top_k(hidden_pre(picked, b_enc[candidates], None if norms is None else norms[candidates]), k)
+    return values, jnp.take_along_axis(candidates, position, axis=-1)
+
+
+# --------------------------------------------------------------------------- the TopK forward
+class SparseTopK(NamedTuple):
+    """What the sparse TopK training forward returns.
+
+    Attributes:
+        sae_out: reconstruction (n, d_out); the only output that carries a gradient.
+        top_acts: the k relu'd activations of each token (n, k), without gradient.
+        top_indices: their latent indices (n, k).
+        product: the encoder product x̃ W_enc (n, d_sae), without gradient; `hidden_pre` of it and
+            b_enc (and the decoder norms) gives the pre-activations.
+    """
+
+    sae_out: Array
+    top_acts: Array
+    top_indices: Array
+    product: Array
+
+
+def sparse_topk_forward(x: Array, b_dec: Array, W_enc: Array, b_enc: Array, W_dec: Array, *, k: int,
+                        rescale: bool, apply_b_dec: bool) -> SparseTopK:
+    """The TopK training forward of `x` (n, d_in) with the sparse backward.
+
+    h = (x̃ W_enc + b_enc) (· ‖W_dec rows‖ when `rescale`), x̃ = x - b_dec when `apply_b_dec`;
+    the top k of h per token, relu'd (divided by the norms when rescaling), decode through W_dec
+    plus b_dec. Gradients reach x, b_dec, W_enc, b_enc and W_dec through `sae_out` only.
+    """
+    sae_out, top_acts, top_indices, product = _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec)
+    stop = jax.lax.stop_gradient
+    return SparseTopK(sae_out, stop(top_acts), top_indices, stop(product))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec):
+    return _forward(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec)[0]
+
+
+def _forward(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec):
+    sae_in = x - b_dec if apply_b_dec else x
+    product = sae_in @ W_enc
+    norms = decoder_row_norms(W_dec) if rescale else None
+    values, indices = top_k_hidden_pre(product, b_enc, norms, k)
+    acts = jax.nn.relu(values)
+    # As the dense decode: activations times 1/‖W_dec row‖ (gathered), then the decoder product.
+    scaled = acts * (1 / norms)[indices] if rescale else acts
+    sae_out = gather_rows_weighted(scaled, indices, W_dec) + b_dec
+    pre_at = hidden_pre(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None) if rescale else None
+    residuals = (sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at)
+    return (sae_out, acts, indices, product), residuals
+
+
+def _backward(k, rescale, apply_b_dec, residuals, cotangents):
+    sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at = residuals
+    g = cotangents[0]  # the other outputs are returned without gradient
+    d_sae = W_dec.shape[0]
+    d_b_dec = jnp.sum(g, axis=0)
+    d_scaled = gather_rows_dot(g, indices, W_dec)
+    d_W_dec = scatter_rows(scaled, indices, g, d_sae)
+    if rescale:
+        inv = 1 / norms
+        d_inv = segment_sum(jax.nn.relu(values) * d_scaled, indices, d_sae)
+        d_acts = d_scaled * inv[indices]
+    else:
+        d_acts = d_scaled
+    d_values = jnp.where(values > 0, d_acts, 0)  # relu
+    if rescale:
+        d_norms = segment_sum(d_values * pre_at, indices, d_sae) - d_inv / jnp.square(norms)
+        d_pre = d_values * norms[indices]
+        d_W_dec = d_W_dec + jax.vjp(decoder_row_norms, W_dec)[1](d_norms.astype(norms.dtype))[0]
+    else:
+        d_pre = d_values
+    d_b_enc = segment_sum(d_pre, indices, d_sae)
+    d_W_enc = scatter_rows(d_pre, indices, sae_in, d_sae).T
+    d_x = gather_rows_weighted(d_pre, indices, W_enc.T)  # dead code unless x itself is differentiated
+    if apply_b_dec:
+        d_b_dec = d_b_dec - W_enc @ d_b_enc.astype(W_enc.dtype)  # Σ_t of -d_x, without the per-token product
+    dtype = W_enc.dtype
+    return (d_x.astype(dtype), d_b_dec.astype(dtype), d_W_enc.astype(dtype), d_b_enc.astype(dtype),
+            d_W_dec.astype(dtype))
+
+
+_sparse_topk.defvjp(_forward, _backward)
+
+
+# --------------------------------------------------------------------------- the aux-k loss
+def aux_k_loss(product: Array, x: Array, residual: Array, dead_mask: Array, b_dec: Array, W_enc: Array,
+               b_enc: Array, W_dec: Array, *, rescale: bool, apply_b_dec: bool, coefficient: float) -> Array:
+    """`jsae.saes.topk.topk_aux_loss` from the sparse forward's encoder product, with its gradient.
+
+    `product` (held without gradient) must be x̃ W_enc of x and these parameters; the gradient of
+    the pre-activations goes to the parameters through a dense encoder backward. Forward and
+    backward each work only when some latent is dead, and pass each other nothing (tokens,
+    d_sae)-sized: with autodiff, the branch where nothing is dead would fill such residuals with
+    zeros on every step.
+    """
+    return _aux_k(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient)
+
+
+def _zeros(like_scalar: Array, shape: tuple[int, ...], dtype) -> Array:
+    """Zeros that vary over the same mapped axes as `like_scalar` (so both cond branches agree under shard_map)."""
+    return jnp.zeros(shape, dtype) + (like_scalar * 0).astype(dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _aux_k(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient):
+    return _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec,
+                      coefficient)[0]
+
+
+def _aux_k_sizes(x: Array, product: Array, dead_mask: Array):
+    k_aux = x.shape[-1] // 2
+    num_dead = jnp.sum(dead_mask)
+    return min(k_aux, product.shape[-1]), num_dead, jnp.minimum(num_dead / k_aux, 1.0)
+
+
+def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient):
+    k_static, num_dead, scale = _aux_k_sizes(x, product, dead_mask)
+    n = x.shape[0]
+
+    def compute(_):  # as topk_aux_loss
+        norms = decoder_row_norms(W_dec) if rescale else None
+        masked = jnp.where(dead_mask, hidden_pre(product, b_enc, norms), -jnp.inf)
+        values, indices = jax.lax.top_k(masked, k_static)
+        values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
+        acts = jnp.put_along_axis(jnp.zeros_like(product), indices, values, axis=-1, inplace=False)
+        if rescale:
+            acts = acts * (1 / norms)
+        error = acts @ W_dec - residual
+        loss = coefficient * scale * jnp.mean(jnp.sum(jnp.square(error), axis=-1))
+        return loss.astype(jnp.float32), values, indices, error
+
+    def nothing_dead(_):
+        like = x[0, 0]
+        return (_zeros(like, (), jnp.float32), _zeros(like, (n, k_static), product.dtype),
+                _zeros(like, (n, k_static), jnp.int32), _zeros(like, residual.shape, residual.dtype))
+
+    loss, values, indices, error = jax.lax.cond(num_dead > 0, compute, nothing_dead, None)
+    return loss, (product, x, dead_mask, b_dec, W_enc, b_enc, W_dec, values, indices, error)
+
+
+def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
+    product, x, dead_mask, b_dec, W_enc, b_enc, W_dec, values, indices, error = residuals
+    k_static, num_dead, scale = _aux_k_sizes(x, product, dead_mask)
+
+    def grads(_):
+        d_error = (d_loss * coefficient * scale * 2 / x.shape[0]).astype(error.dtype) * error
+        acts = jnp.put_along_axis(jnp.zeros_like(product), indices, values, axis=-1, inplace=False)
+        if rescale:
+            norms, norms_vjp = jax.vjp(decoder_row_norms, W_dec)
+            inv = 1 / norms
+            d_W_dec = (acts * inv).T @ d_error
+            d_scaled = d_error @ W_dec.T
+            d_norms = -jnp.sum(d_scaled * acts, axis=0) / jnp.square(norms)
+            d_acts = d_scaled * inv
+        else:
+            d_W_dec = acts.T @ d_error
+            d_acts = d_error @ W_dec.T
+        d_values = jnp.where(jnp.arange(k_static) < num_dead, jnp.take_along_axis(d_acts, indices, axis=-1), 0.0)
+        d_hidden = jnp.put_along_axis(jnp.zeros_like(product), indices, d_values, axis=-1, inplace=False)
+        # The dense encoder backward of d_hidden.
+        sae_in = x - b_dec if apply_b_dec else x
+        if rescale:
+            d_norms = d_norms + jnp.sum(d_hidden * hidden_pre(product, b_enc, None), axis=0)
+            d_W_dec = d_W_dec + norms_vjp(d_norms.astype(norms.dtype))[0]
+            d_pre = d_hidden * norms
+        else:
+            d_pre = d_hidden
+        d_b_enc = jnp.sum(d_pre, axis=0)
+        d_x = d_pre @ W_enc.T
+        d_b_dec = -(W_enc @ d_b_enc) if apply_b_dec else jnp.zeros_like(b_dec)
+        return d_x, d_b_dec, sae_in.T @ d_pre, d_b_enc, d_W_dec
+
+    def nothing_dead(_):
+        like = x[0, 0]
+        return tuple(_zeros(like, a.shape, a.dtype) for a in (x, b_dec, W_enc, b_enc, W_dec))
+
+    d_x, d_b_dec, d_W_enc, d_b_enc, d_W_dec = jax.lax.cond(num_dead > 0, grads, nothing_dead, None)
+    return None, d_x, None, None, d_b_dec, d_W_enc, d_b_enc, d_W_dec
+
+
+_aux_k.defvjp(_aux_k_fwd, _aux_k_bwd)
