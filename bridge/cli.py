@@ -56,6 +56,11 @@ def train(args: argparse.Namespace) -> int:
             print(json.dumps(summary))
         return 0
     print(f"\nSAE written to {where}")
+    if "l0" not in summary:
+        print(f"evals off (n_eval_batches: 0) | dead features {summary['dead_features']} of {sae.cfg.d_sae}")
+        if args.json:
+            print(json.dumps(summary))
+        return 0
     print(f"held-out ({int(summary['total_tokens_eval_sparsity_variance']):,} tokens): L0 {summary['l0']:.1f} | "
           f"explained variance {summary['explained_variance']:.3f} | MSE {summary['mse']:.4g} | dead features "
           f"{summary['dead_features']} of {sae.cfg.d_sae} ({100 * summary['dead_fraction']:.1f}%)")

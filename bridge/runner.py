@@ -51,7 +51,7 @@ class RunConfig:
         disable_concat_sequences: one row per document; shorter documents are dropped.
         store_batch_size_prompts: rows per model forward.
         n_batches_in_buffer: shuffle-buffer size, in model forwards.
-        n_eval_batches: held-out batches the evals (during training and at the end) run on.
+        n_eval_batches: held-out batches the evals (during training and at the end) run on; 0 turns evals off.
         eval_batch_size_prompts: rows per eval batch (None: store_batch_size_prompts).
         device: torch device of the model.
         activation_cache_path: train from a cache written by `jsae cache` instead of the model.
@@ -84,10 +84,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seqpos_slice", tuple(self.seqpos_slice))
-        for name in ("context_size", "store_batch_size_prompts", "n_batches_in_buffer", "n_eval_batches"):
+        for name in ("context_size", "store_batch_size_prompts", "n_batches_in_buffer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if isinstance(self.n_eval_batches, bool) or not isinstance(self.n_eval_batches, int) or self.n_eval_batches < 0:
+            raise ConfigError(f"n_eval_batches must be an integer >= 0 (0: no evals), got {self.n_eval_batches!r}.")
         if self.eval_batch_size_prompts is not None and (
                 isinstance(self.eval_batch_size_prompts, bool) or not isinstance(self.eval_batch_size_prompts, int)
                 or self.eval_batch_size_prompts <= 0):
@@ -452,7 +454,9 @@ def eval_config(cfg: RunConfig, n_batches: int):
 
 
 def make_evaluator(cfg: RunConfig, model):
-    """evaluator(sae) -> flat metrics with the SAE spliced into `model`, on fixed held-out rows."""
+    """evaluator(sae) -> flat metrics with the SAE spliced into `model`, on fixed held-out rows (None: evals off)."""
+    if cfg.n_eval_batches == 0:
+        return None
     from bridge.evals import run_evals
     from bridge.model import model_lock
     from jsae.evals import flatten_metrics
