@@ -6,8 +6,14 @@ tokens/s, the ratio, and the share of the measured matmul ceiling under the FLOP
 
 FLOP model (dense step): 12 * tokens * d_in * d_sae — encoder and decoder products forward
 (2 + 2) and their backward (4 + 4). Elementwise work, top-k and Adam are not counted.
+jsae's sparse TopK step (TopKTrainingSAEConfig.topk_implementation; "auto" takes it on CPU when
+d_sae >= 64 k) is counted as its one dense product, the encoder forward (2 * tokens * d_in * d_sae),
+plus 2 * tokens * k * d_in for each of its four products over the k active latents per token
+(decoder forward; backward: the activations' gradient, the W_dec and the W_enc gradients):
+2 * tokens * d_in * d_sae + 8 * tokens * k * d_in. Its share of the ceiling uses that count.
 
     python bench/bench.py                       # CPU, the default cases, both libraries
+    python bench/bench.py --cases topk --dense-topk   # TopK: jsae sparse vs jsae dense vs sae_lens
     python bench/bench.py --libs jsae --cases gpu --dtypes float32,bfloat16   # on a GPU
     python bench/bench.py --write               # also append the table to bench/RESULTS.md
 """
@@ -45,11 +51,16 @@ CASES = {
         ("jumprelu", 2304, 16384, 4096, {"l0_coefficient": 1.0}),
     ],
     "quick": [("standard", 128, 1024, 1024, {"l1_coefficient": 1.0}), ("topk", 128, 1024, 1024, {"k": 16})],
+    "topk": [("topk", 768, 16384, 4096, {"k": 32}), ("topk", 768, 6144, 4096, {"k": 32})],
 }
 
 
 def dense_flops(tokens: int, d_in: int, d_sae: int) -> float:
     return 12.0 * tokens * d_in * d_sae
+
+
+def sparse_topk_flops(tokens: int, d_in: int, d_sae: int, k: int) -> float:
+    return 2.0 * tokens * d_in * d_sae + 8.0 * tokens * k * d_in
 
 
 # ---------------------------------------------------------------------- ceilings
@@ -104,6 +115,9 @@ class JsaeStep:
         from jsae.saes import TRAINING_ARCHITECTURES
 
         sae_cfg = TRAINING_ARCHITECTURES[arch].config_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, **extra)
+        self.sparse = getattr(sae_cfg, "uses_sparse_topk", lambda: False)()
+        self.flops = (sparse_topk_flops(tokens, d_in, d_sae, sae_cfg.k) if self.sparse
+                      else dense_flops(tokens, d_in, d_sae))
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
                                dead_feature_window=10**6)
         self.step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0)
@@ -191,6 +205,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dense-topk", action="store_true",
+                        help="on topk cases also time jsae's dense TopK path (topk_implementation='dense')")
     parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--precision", default=None, help="jax_default_matmul_precision (e.g. highest)")
@@ -218,18 +234,25 @@ def main() -> None:
             fns = {}
             if "jsae" in libs:
                 fns["jsae"] = JsaeStep(arch, d_in, d_sae, tokens, extra, dtype)
+                if arch == "topk" and args.dense_topk:
+                    fns["jsae_dense"] = JsaeStep(arch, d_in, d_sae, tokens, extra | {"topk_implementation": "dense"},
+                                                 dtype)
             if "saelens" in libs:
                 fns["sae_lens"] = SaelensStep(arch, d_in, d_sae, tokens, extra, dtype, torch_device)
             secs = time_steps(fns, args.warmup, args.reps)
-            flops = dense_flops(tokens, d_in, d_sae)
             ceiling = ceilings[f"jax_{dtype}"]
             row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens, "dtype": dtype}
+            if "jsae" in fns:
+                row["jsae_path"] = "sparse" if fns["jsae"].sparse else "dense"
             for name, s in secs.items():
+                flops = fns[name].flops if name.startswith("jsae") else dense_flops(tokens, d_in, d_sae)
                 row[f"{name}_s"] = s
                 row[f"{name}_tok_s"] = tokens / s
                 row[f"{name}_ceiling_share"] = flops / s / ceiling
             if "jsae_s" in row and "sae_lens_s" in row:
                 row["speedup"] = row["sae_lens_s"] / row["jsae_s"]
+            if "jsae_s" in row and "jsae_dense_s" in row:
+                row["speedup_over_dense"] = row["jsae_dense_s"] / row["jsae_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             del fns
@@ -245,6 +268,7 @@ def main() -> None:
 
 def format_table(rows, ceilings, info) -> str:
     date = datetime.date.today().isoformat()
+    dense_column = any("jsae_dense_tok_s" in r for r in rows)
     lines = [
         f"### {date} — {info['backend']} ({info['device']}, {info['cpus']} CPUs), jax {info['jax']}"
         + (f", torch {info['torch']}" if "torch" in info else "")
@@ -253,16 +277,22 @@ def format_table(rows, ceilings, info) -> str:
         "Matmul ceiling (best n³ product rate, n = 8192 on GPU / 2048 on CPU, TFLOP/s; JAX's default "
         "float32 precision on GPU uses TF32): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()),
         "",
-        "| arch | d_in → d_sae | tokens | dtype | jsae tok/s | sae_lens tok/s | speed-up | jsae share of ceiling |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arch | d_in → d_sae | tokens | dtype | jsae tok/s | sae_lens tok/s | speed-up | jsae share of ceiling |"
+        + (" jsae dense tok/s | jsae vs dense |" if dense_column else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else ""),
     ]
     for r in rows:
+        arch = f"{r['arch']} ({r['jsae_path']})" if r["arch"] == "topk" and "jsae_path" in r else r["arch"]
         jsae_tok = f"{r['jsae_tok_s']:,.0f}" if "jsae_tok_s" in r else "—"
         sl_tok = f"{r['sae_lens_tok_s']:,.0f}" if "sae_lens_tok_s" in r else "—"
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
         share = f"{100 * r['jsae_ceiling_share']:.0f}%" if "jsae_ceiling_share" in r else "—"
-        lines.append(f"| {r['arch']} | {r['d_in']} → {r['d_sae']} | {r['tokens']} | {r['dtype']} | {jsae_tok} | "
-                     f"{sl_tok} | {speed} | {share} |")
+        line = f"| {arch} | {r['d_in']} → {r['d_sae']} | {r['tokens']} | {r['dtype']} | {jsae_tok} | {sl_tok} | {speed} | {share} |"
+        if dense_column:
+            dense_tok = f"{r['jsae_dense_tok_s']:,.0f}" if "jsae_dense_tok_s" in r else "—"
+            over = f"{r['speedup_over_dense']:.2f}x" if "speedup_over_dense" in r else "—"
+            line += f" {dense_tok} | {over} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
