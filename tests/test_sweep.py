@@ -37,14 +37,15 @@ SWEEPS = {
 }
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
 @pytest.mark.parametrize("arch", list(SWEEPS))
-def test_each_sweep_member_equals_training_it_alone(arch):
+def test_each_sweep_member_equals_training_it_alone(arch, strategy):
     sae_cfg, axes = SWEEPS[arch]
     members = sweep_configs(base_cfg(sae_cfg), axes)
     assert len(members) == 4
     data = make_batches()
 
-    step = jax.jit(make_sweep_step(members))
+    step = jax.jit(make_sweep_step(members, strategy=strategy))
     states = init_sweep_state(members)
     for batch in data:
         states, metrics = step(states, batch)
@@ -113,11 +114,12 @@ def test_trainer_sweep_saves_each_member_like_a_separate_run(tmp_path, n_devices
     assert [r["step"] for r in rows] == [10, 20, 30] and "m3/losses/overall_loss" in rows[0]
 
 
-def test_members_reading_different_streams_equal_separate_runs():
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_members_reading_different_streams_equal_separate_runs(strategy):
     from jsae.training.sweep import Sweep
 
     sae_cfg, _ = SWEEPS["standard"]
-    base = base_cfg(sae_cfg)
+    base = base_cfg(sae_cfg, sweep_strategy=strategy)
     streams = [make_batches(0), make_batches(1)]
     members = sweep_configs(base, {"seed": [3, 4]}) * 2
     sweep = Sweep(members, ["a/s3", "a/s4", "b/s3", "b/s4"], streams=[0, 0, 1, 1])
@@ -128,3 +130,24 @@ def test_members_reading_different_streams_equal_separate_runs():
         for name, value in alone.params.items():
             assert relative(sae.params[name], value) <= 1e-5, (stream, member.seed, name)
     assert relative(saes[0].params["W_enc"], saes[2].params["W_enc"]) > 0.01  # the streams differ
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_a_sweep_over_k_equals_training_each_k_alone(strategy):
+    base = base_cfg(jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, topk_implementation="dense"))
+    members = sweep_configs(base, {"sae.k": [2, 4, 8, 3], "seed": [0, 1, 2, 3]})
+    data = make_batches()
+    step = jax.jit(make_sweep_step(members, strategy=strategy))
+    states = init_sweep_state(members)
+    for batch in data:
+        states, metrics = step(states, batch)
+    np.testing.assert_allclose(np.asarray(metrics["metrics/l0"]), [2, 4, 8, 3], atol=0.05)
+    for i, member in enumerate(members):
+        for implementation in ("dense", "sparse"):  # each k alone, on both TopK paths
+            alone_cfg = member.replace(sae=member.sae.replace(topk_implementation=implementation))
+            alone_step = jax.jit(jsae.make_train_step(alone_cfg))
+            alone = jsae.init_train_state(alone_cfg)
+            for batch in data:
+                alone, _ = alone_step(alone, batch)
+            for name, value in alone.params.items():
+                assert relative(member_state(states, i).params[name], value) <= 1e-5, (i, implementation, name)

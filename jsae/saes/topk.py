@@ -162,11 +162,21 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
 
 
 def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array) -> TrainOutput:
-    if cfg.uses_sparse_topk():
+                     dead_mask: Array, k: Array | None = None) -> TrainOutput:
+    """The TopK training forward; `k` (traced, <= cfg.k) keeps only the top k of cfg.k latents (sweeps over k)."""
+    if k is None and cfg.uses_sparse_topk():
         return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask)
     module = TopKSAE(training_module_cfg(cfg))
-    feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
+    if k is None:
+        feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
+    else:
+        sae_in, state = module.apply({"params": params}, x, method="prepare_input")
+        hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
+        if cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
+        values, indices = jax.lax.top_k(hidden_pre, cfg.k)
+        values = jnp.where(jnp.arange(cfg.k) < k, jax.nn.relu(values), 0)  # ranks below k only
+        feature_acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
     aux = topk_aux_loss(x, sae_out, hidden_pre, dead_mask, params["W_dec"],
                         rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient)

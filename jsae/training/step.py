@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jsae.saes import get_training_architecture
@@ -143,9 +144,15 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
     return lambda state, batch: step(state, batch, None)
 
 
-def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None = None) -> Callable:
+def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None = None, *,
+               none_dead: bool = False) -> Callable:
     """step(state, batch, member) -> (state, metrics) for `cfg`'s shapes and architecture, taking the
-    learning rate, coefficients and forward arguments from `hyper` (see `jsae.training.sweep`)."""
+    learning rate, coefficients and forward arguments from `hyper` (see `jsae.training.sweep`).
+
+    none_dead: the caller knows no latent is dead; the forward then sees a constant all-false dead
+    mask, so the dead-latent losses' `lax.cond` stays a branch under vmap instead of becoming a
+    select that computes both sides.
+    """
     sae_cfg = cfg.sae
     arch = get_training_architecture(sae_cfg.architecture)
     tx = make_optimizer(cfg)
@@ -163,7 +170,10 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
         coefficients = hyper.coefficients(state.step, member)
         lr = hyper.lr(state.step, member)
         forward_kwargs = hyper.forward_kwargs(member)
-        dead_mask = state.steps_since_fired > cfg.dead_feature_window
+        if none_dead:
+            dead_mask = np.zeros(state.steps_since_fired.shape, bool)
+        else:
+            dead_mask = state.steps_since_fired > cfg.dead_feature_window
 
         def loss_fn(p):
             out = arch.forward(p, x, cfg=sae_cfg, coefficients=coefficients, dead_mask=dead_mask, **forward_kwargs)

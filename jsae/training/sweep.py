@@ -125,8 +125,11 @@ def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
     return base.replace(sae=base.sae.replace(k=k_max)) if k_max else base
 
 
+SWEEP_STRATEGIES = ("auto", "vmap", "map")
+
+
 def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None,
-                    streams: Sequence[int] = ()) -> Callable:
+                    streams: Sequence[int] = (), strategy: str = "auto") -> Callable:
     """step(states, batch) -> (states, metrics) for all members at once (states stacked on axis 0).
 
     Args:
@@ -134,18 +137,43 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
         axis_name: collective axis, as in `make_train_step`.
         streams: for several activation streams (hook points), the stream each member reads; the batch
             is then (n_streams, tokens, d_in). Empty: one (tokens, d_in) batch feeds every member.
+        strategy: "vmap" batches the members' products together (the fast choice on accelerators);
+            "map" runs the members one after another inside the one compiled step (`lax.map`: on CPU
+            plain products beat batched ones); "auto" picks map on CPU, vmap elsewhere.
 
     Every metric gains a leading member axis. Works under shard_map / pmap like `make_train_step`.
     """
+    if strategy not in SWEEP_STRATEGIES:
+        raise ConfigError(f"sweep strategy must be one of {list(SWEEP_STRATEGIES)}, got {strategy!r}.")
+    if strategy == "auto":
+        strategy = "map" if jax.default_backend() == "cpu" else "vmap"
     shape_cfg = check_members(members)
-    inner = build_step(shape_cfg, sweep_hyperparameters(members), axis_name)
+    hyper = sweep_hyperparameters(members)
+    if strategy == "map":
+        inner = build_step(shape_cfg, hyper, axis_name)
+
+        def mapped_step(states: TrainState, batch: Array):
+            if not streams:
+                return jax.lax.map(lambda a: inner(a[0], batch, a[1]), (states, jnp.arange(len(members))))
+            per_member = batch[jnp.asarray(streams, jnp.int32)]
+            return jax.lax.map(lambda a: inner(*a), (states, per_member, jnp.arange(len(members))))
+
+        return mapped_step
+    # Two versions of the member step: under vmap a per-member "any latent dead?" branch would run
+    # both sides, so the sweep branches once, outside the vmap, on whether any member has dead latents.
+    with_dead = build_step(shape_cfg, hyper, axis_name)
+    none_dead = build_step(shape_cfg, hyper, axis_name, none_dead=True)
     index = jnp.arange(len(members))
     stream_of = jnp.asarray(streams, jnp.int32) if streams else None
 
     def step(states: TrainState, batch: Array):
         if stream_of is None:
-            return jax.vmap(inner, in_axes=(0, None, 0))(states, batch, index)
-        return jax.vmap(inner, in_axes=(0, 0, 0))(states, batch[stream_of], index)
+            args, in_axes = (states, batch, index), (0, None, 0)
+        else:
+            args, in_axes = (states, batch[stream_of], index), (0, 0, 0)
+        any_dead = jnp.any(states.steps_since_fired > shape_cfg.dead_feature_window)
+        return jax.lax.cond(any_dead, lambda a: jax.vmap(with_dead, in_axes=in_axes)(*a),
+                            lambda a: jax.vmap(none_dead, in_axes=in_axes)(*a), args)
 
     return step
 

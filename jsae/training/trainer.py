@@ -167,7 +167,7 @@ class Trainer:
     def _make_step(self, axis_name: str | None):
         if self.sweep is None:
             return make_train_step(self.cfg, axis_name)
-        return make_sweep_step(self.sweep.members, axis_name, self.sweep.streams)
+        return make_sweep_step(self.sweep.members, axis_name, self.sweep.streams, self.cfg.sweep_strategy)
 
     def _fresh_state(self, scaling_factor: float | list[float] = 1.0, params: dict | None = None) -> TrainState:
         if self.sweep is None:
@@ -426,7 +426,7 @@ class Trainer:
         latents are split over devices: orbax reshards, so a run may resume with another model_axis_size)."""
         skip = {"output_path", "checkpoint_path", "log_path", "progress_bar", "resume", "log_to_wandb",
                 "wandb_project", "run_name", "log_every_n_steps", "eval_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints",
-                "sync_every_n_steps", "model_axis_size"}
+                "sync_every_n_steps", "model_axis_size", "sweep_strategy"}
         data = {k: v for k, v in self.cfg.to_dict().items() if k not in skip}
         data["sae"] = {k: v for k, v in data["sae"].items() if k != "metadata"}
         if self.sweep is not None:
