@@ -22,6 +22,7 @@ from jsae.saes.transcoder import (
 )
 from jsae.training.config import TrainConfig
 from jsae.training.step import TrainState, init_train_state, make_train_step
+from jsae.training.sweep import Sweep, make_sweep_step, sweep_configs
 from jsae.training.trainer import Trainer, TrainingInterrupted, train
 
 __version__ = "0.1.0"
@@ -34,11 +35,14 @@ __all__ = [
     "StandardTrainingSAEConfig",
     "TopKTrainingSAEConfig",
     "TrainConfig",
+    "Sweep",
     "TrainState",
     "Trainer",
     "TrainingInterrupted",
     "init_train_state",
+    "make_sweep_step",
     "make_train_step",
+    "sweep_configs",
     "train",
     "ARCHITECTURES",
     "ConfigError",
