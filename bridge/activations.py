@@ -1,7 +1,7 @@
 """Activations from a running model, shuffled, handed to JAX without copies.
 
 Pipeline (all torch, in a background thread so the model forward overlaps the JAX step):
-token rows -> `run_with_cache(names_filter=hooks, stop_at_layer=...)` -> (tokens, d_in) per hook
+token rows -> a forward that stops once the last hook has fired -> (tokens, d_in) per hook
 (hook_z heads flattened, `seqpos_slice` and special-token exclusion applied) -> a shuffle
 buffer -> batches, each a contiguous view of a freshly permuted tensor -> DLPack -> jax.Array.
 """
@@ -17,10 +17,14 @@ import numpy as np
 import torch
 
 from bridge.dlpack import torch_to_jax
-from bridge.model import check_hook, stop_layer
+from bridge.model import check_hook, model_lock, stop_layer
 from jsae import ConfigError, InputError
 
 _DONE = object()
+
+
+class _AllHooksFired(Exception):
+    """Ends a forward early: every hook the source reads has fired, the rest is not needed."""
 
 
 class ShuffleBuffer:
@@ -129,13 +133,33 @@ class ActivationSource:
     # ------------------------------------------------------------------ torch side
     @torch.no_grad()
     def model_activations(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(rows, context) token ids -> (kept tokens, sum of hook widths), hooks side by side."""
-        _, cache = self.model.run_with_cache(
-            tokens.to(self.device), names_filter=self.hook_names, stop_at_layer=self.stop_at_layer, prepend_bos=False
-        )
+        """(rows, context) token ids -> (kept tokens, sum of hook widths), hooks side by side.
+
+        The forward ends as soon as the last hook has fired: for blocks.L.hook_resid_pre that is
+        the start of block L, which `stop_at_layer` alone (L + 1) would still run in full.
+        """
+        captured: dict[str, torch.Tensor] = {}
+        wanted = set(self.hook_names)
+
+        def capture(acts: torch.Tensor, hook) -> None:
+            captured[hook.name] = acts
+            if len(captured) == len(wanted):
+                raise _AllHooksFired
+
+        with model_lock(self.model):  # an eval may run the same model in another thread
+            try:
+                self.model.run_with_hooks(
+                    tokens.to(self.device), fwd_hooks=[(name, capture) for name in sorted(wanted)],
+                    stop_at_layer=self.stop_at_layer, prepend_bos=False,
+                )
+            except _AllHooksFired:
+                pass
+        missing = wanted - set(captured)
+        if missing:
+            raise ConfigError(f"hook_name: {sorted(missing)} did not fire in the model's forward.")
         parts = []
         for name in self.hook_names:
-            acts = cache[name][:, self.seqpos]
+            acts = captured[name][:, self.seqpos]
             if self.hook_head_index is not None:
                 acts = acts[:, :, self.hook_head_index]
             parts.append(acts.reshape(acts.shape[0] * acts.shape[1], -1))
@@ -173,7 +197,7 @@ class ActivationSource:
             return batch
         out, start = {}, 0
         for name, width in zip(self.hook_names, self.widths, strict=True):
-            out[name] = batch[:, start : start + width].contiguous()  # noqa: one copy per extra hook
+            out[name] = batch[:, start : start + width].contiguous()  # one copy per extra hook
             start += width
         return out
 
