@@ -30,6 +30,16 @@ def tokens(model):
     return torch.tensor([next(rows) for _ in range(8)])
 
 
+def saelens_and_jsae(tmp_path, variant):
+    """A sae_lens SAE with weights sized for this model's residual stream, and the same SAE loaded by jsae."""
+    ref = make_saelens_sae(variant, d_in=128, d_sae=512, metadata={"hook_name": HOOK, "model_name": "embedded"})
+    with torch.no_grad():
+        ref.W_dec.mul_(0.05)
+        ref.W_enc.mul_(0.2)
+    ref.save_model(tmp_path / "sae")
+    return ref, jsae.SAE.load_from_disk(tmp_path / "sae")
+
+
 @pytest.mark.parametrize("variant", ["standard", "topk", "jumprelu"])
 def test_recons_loss_matches_saelens(tmp_path, model, tokens, variant):
     from sae_lens.evals import get_recons_loss
@@ -37,12 +47,7 @@ def test_recons_loss_matches_saelens(tmp_path, model, tokens, variant):
 
     from bridge.evals import downstream_reconstruction_metrics, recons_loss
 
-    ref = make_saelens_sae(variant, d_in=128, d_sae=512, metadata={"hook_name": HOOK, "model_name": "embedded"})
-    with torch.no_grad():  # SAE-sized weights for this model's residual stream
-        ref.W_dec.mul_(0.05)
-        ref.W_enc.mul_(0.2)
-    ref.save_model(tmp_path / "sae")
-    sae = jsae.SAE.load_from_disk(tmp_path / "sae")
+    ref, sae = saelens_and_jsae(tmp_path, variant)
     ignore = [model.tokenizer.bos_token_id]
     want = get_recons_loss(ref, model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True,
                            ignore_tokens=ignore)
@@ -91,24 +96,11 @@ def test_sparsity_and_variance_metrics_match_saelens(tmp_path, model, tokens, va
 
     from bridge.evals import sparsity_and_variance_metrics
 
-    ref = make_saelens_sae(variant, d_in=128, d_sae=512, metadata={"hook_name": HOOK, "model_name": "embedded"})
-    with torch.no_grad():
-        ref.W_dec.mul_(0.05)
-        ref.W_enc.mul_(0.2)
-    ref.save_model(tmp_path / "sae")
-    sae = jsae.SAE.load_from_disk(tmp_path / "sae")
+    ref, sae = saelens_and_jsae(tmp_path, variant)
     batches = [tokens[:4], tokens[4:]]
-
-    class Store:  # hands sae_lens the same token rows
-        def __init__(self):
-            self.it = iter(batches)
-
-        def get_batch_tokens(self, n):
-            return next(self.it)
-
     ignore = [model.tokenizer.bos_token_id]
     want, want_features = get_sparsity_and_variance_metrics(
-        ref, model, Store(), ActivationScaler(), n_batches=2, compute_l2_norms=True, compute_sparsity_metrics=True,
+        ref, model, TokenStore(batches), ActivationScaler(), n_batches=2, compute_l2_norms=True, compute_sparsity_metrics=True,
         compute_variance_metrics=True, compute_featurewise_density_statistics=True, eval_batch_size_prompts=4,
         model_kwargs={}, ignore_tokens=ignore)
     got, got_features = sparsity_and_variance_metrics(model, sae, batches, ignore_tokens=ignore)
@@ -161,12 +153,7 @@ def test_run_evals_matches_saelens(tmp_path, model, tokens, variant):
     from bridge.evals import run_evals
     from jsae.evals import EvalConfig
 
-    ref = make_saelens_sae(variant, d_in=128, d_sae=512, metadata={"hook_name": HOOK, "model_name": "embedded"})
-    with torch.no_grad():
-        ref.W_dec.mul_(0.05)
-        ref.W_enc.mul_(0.2)
-    ref.save_model(tmp_path / "sae")
-    sae = jsae.SAE.load_from_disk(tmp_path / "sae")
+    ref, sae = saelens_and_jsae(tmp_path, variant)
     batches = [tokens[:4], tokens[4:]]
     want, want_features = saelens_run_evals(
         ref, TokenStore(batches), model, ActivationScaler(),
