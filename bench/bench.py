@@ -7,7 +7,7 @@ tokens/s, the ratio, and the share of the measured matmul ceiling under the FLOP
 FLOP model (dense step): 12 * tokens * d_in * d_sae — encoder and decoder products forward
 (2 + 2) and their backward (4 + 4). Elementwise work, top-k and Adam are not counted.
 jsae's sparse TopK step (TopKTrainingSAEConfig.topk_implementation; "auto" takes it on CPU when
-d_sae >= 64 k) is counted as its one dense product, the encoder forward (2 * tokens * d_in * d_sae),
+d_sae >= 32 k) is counted as its one dense product, the encoder forward (2 * tokens * d_in * d_sae),
 plus 2 * tokens * k * d_in for each of its four products over the k active latents per token
 (decoder forward; backward: the activations' gradient, the W_dec and the W_enc gradients):
 2 * tokens * d_in * d_sae + 8 * tokens * k * d_in. Its share of the ceiling uses that count.
