@@ -163,6 +163,43 @@ class SaelensStep:
             torch.cuda.synchronize()
 
 
+def top_k_timings(tokens: int, d_sae: int, k: int, reps: int = 5) -> dict[str, float]:
+    """Milliseconds (best of `reps`) of the TopK selection alone, as the two jsae paths do it.
+
+    dense: the pre-activations (x̃ W_enc + b_enc) · norms written out, then lax.top_k (XLA's CPU
+    top-k is one partial sort per row, on one core); sparse: jsae's blockwise top-k from the
+    encoder product, which never writes the pre-activations out.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jsae.saes._sparse_topk import hidden_pre, top_k_hidden_pre
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    product = jax.random.normal(keys[0], (tokens, d_sae), jnp.float32)
+    b_enc = 0.1 * jax.random.normal(keys[1], (d_sae,), jnp.float32)
+    norms = jax.random.uniform(keys[2], (d_sae,), jnp.float32, 0.05, 0.15)
+    fns = {
+        "hidden_pre_ms": jax.jit(hidden_pre),
+        "lax_top_k_ms": jax.jit(lambda h: jax.lax.top_k(h, k)),
+        "dense_path_ms": jax.jit(lambda p, b, n: jax.lax.top_k(hidden_pre(p, b, n), k)),
+        "sparse_path_ms": jax.jit(lambda p, b, n: top_k_hidden_pre(p, b, n, k)),
+    }
+    h = fns["hidden_pre_ms"](product, b_enc, norms)
+    args = {"lax_top_k_ms": (h,)}
+    out = {}
+    for name, fn in fns.items():
+        a = args.get(name, (product, b_enc, norms))
+        jax.block_until_ready(fn(*a))
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*a))
+            best = min(best, time.perf_counter() - t)
+        out[name] = 1e3 * best
+    return out
+
+
 def time_steps(fns: dict, warmup: int, reps: int) -> dict[str, float]:
     """Median seconds per step of each callable, calls alternated so both see the same machine state."""
     for fn in fns.values():
@@ -206,7 +243,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dense-topk", action="store_true",
-                        help="on topk cases also time jsae's dense TopK path (topk_implementation='dense')")
+                        help="on topk cases also time jsae's dense TopK path (topk_implementation='dense') "
+                             "and print the top-k selection's own timings")
     parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--precision", default=None, help="jax_default_matmul_precision (e.g. highest)")
@@ -227,6 +265,12 @@ def main() -> None:
         if "saelens" in libs:
             ceilings[f"torch_{dtype}"] = torch_matmul_rate(dtype, torch_device)
     print("matmul ceilings (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()), flush=True)
+
+    if args.dense_topk and "jsae" in libs:
+        for arch, _, d_sae, tokens, extra in CASES[args.cases]:
+            if arch == "topk":
+                timings = top_k_timings(tokens, d_sae, extra["k"])
+                print(json.dumps({"top_k": f"({tokens}, {d_sae}) k={extra['k']} float32"} | timings), flush=True)
 
     rows = []
     for dtype in args.dtypes.split(","):
