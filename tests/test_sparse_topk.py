@@ -78,6 +78,31 @@ def test_losses_and_gradients_match_dense(rescale, apply_b_dec, dead, shape):
     assert out_d.top_indices is None and out_s.top_indices.shape == (N, kw["k"])
 
 
+@pytest.mark.parametrize("dead", ["none", "many"])
+def test_fewer_active_ranks_match_dense(dead):
+    """A traced k below cfg.k (sweeps over k) keeps the first k ranks on both paths alike."""
+    dense_cfg, sparse_cfg = configs(**BLOCKWISE)
+    params = random_params(dense_cfg)
+    x = jax.random.normal(jax.random.key(3), (N, D_IN))
+    mask = dead_mask(BLOCKWISE["d_sae"], DEAD[dead])
+
+    def run(cfg, k):
+        def loss_fn(p):
+            out = topk.training_forward(p, x, cfg=cfg, coefficients={}, dead_mask=mask, k=k)
+            return out.loss, out
+
+        return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+    k = jnp.asarray(BLOCKWISE["k"] - 2, jnp.int32)
+    (loss_d, out_d), grads_d = run(dense_cfg, k)
+    (loss_s, out_s), grads_s = run(sparse_cfg, k)
+    assert rel_err(loss_s, loss_d) <= 1e-5
+    for name, g in grads_d.items():
+        assert rel_err(grads_s[name], g) <= 1e-5, f"gradient of {name}"
+    np.testing.assert_array_equal(np.asarray(out_s.fired_counts()), np.asarray(out_d.fired_counts()))
+    assert float(jnp.sum(out_s.fired_counts())) == N * int(k)
+
+
 def test_input_gradient_matches_dense():
     """The custom backward's gradient reaching x (unused in training, where x is data) is right too."""
     dense_cfg, _ = configs(**BLOCKWISE)

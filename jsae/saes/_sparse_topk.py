@@ -170,39 +170,48 @@ class SparseTopK(NamedTuple):
 
 
 def sparse_topk_forward(x: Array, b_dec: Array, W_enc: Array, b_enc: Array, W_dec: Array, *, k: int,
-                        rescale: bool, apply_b_dec: bool) -> SparseTopK:
+                        rescale: bool, apply_b_dec: bool, k_active: Array | None = None) -> SparseTopK:
     """The TopK training forward of `x` (n, d_in) with the sparse backward.
 
     h = (x̃ W_enc + b_enc) (· ‖W_dec rows‖ when `rescale`), x̃ = x - b_dec when `apply_b_dec`;
     the top k of h per token, relu'd (divided by the norms when rescaling), decode through W_dec
     plus b_dec. Gradients reach x, b_dec, W_enc, b_enc and W_dec through `sae_out` only.
+    `k_active` (traced, <= k) keeps only the first k_active ranks, zeros the rest (sweeps over k).
     """
-    sae_out, top_acts, top_indices, product = _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec)
+    sae_out, top_acts, top_indices, product = _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale,
+                                                           apply_b_dec)
     stop = jax.lax.stop_gradient
     return SparseTopK(sae_out, stop(top_acts), top_indices, stop(product))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec):
-    return _forward(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
+    return _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec)[0]
 
 
-def _forward(x, b_dec, W_enc, b_enc, W_dec, k, rescale, apply_b_dec):
+def _kept(values: Array, k_active: Array | None) -> Array:
+    """Where an activation is kept: relu's positive part, of the first k_active ranks when given."""
+    keep = values > 0
+    return keep if k_active is None else keep & (jnp.arange(values.shape[-1]) < k_active)
+
+
+def _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
     sae_in = x - b_dec if apply_b_dec else x
     product = sae_in @ W_enc
     norms = decoder_row_norms(W_dec) if rescale else None
     values, indices = top_k_hidden_pre(product, b_enc, norms, k)
-    acts = jax.nn.relu(values)
+    acts = jax.nn.relu(values) if k_active is None else jnp.where(_kept(values, k_active), values, 0)
     # As the dense decode: activations times 1/‖W_dec row‖ (gathered), then the decoder product.
     scaled = acts * (1 / norms)[indices] if rescale else acts
     sae_out = gather_rows_weighted(scaled, indices, W_dec) + b_dec
     pre_at = hidden_pre(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None) if rescale else None
-    residuals = (sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at)
+    residuals = (sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at, k_active)
     return (sae_out, acts, indices, product), residuals
 
 
 def _backward(k, rescale, apply_b_dec, residuals, cotangents):
-    sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at = residuals
+    sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at, k_active = residuals
+    kept = _kept(values, k_active)
     g = cotangents[0]  # the other outputs are returned without gradient
     d_sae = W_dec.shape[0]
     d_b_dec = jnp.sum(g, axis=0)
@@ -210,11 +219,11 @@ def _backward(k, rescale, apply_b_dec, residuals, cotangents):
     d_W_dec = scatter_rows(scaled, indices, g, d_sae)
     if rescale:
         inv = 1 / norms
-        d_inv = segment_sum(jax.nn.relu(values) * d_scaled, indices, d_sae)
+        d_inv = segment_sum(jnp.where(kept, values, 0) * d_scaled, indices, d_sae)
         d_acts = d_scaled * inv[indices]
     else:
         d_acts = d_scaled
-    d_values = jnp.where(values > 0, d_acts, 0)  # relu
+    d_values = jnp.where(kept, d_acts, 0)  # relu (and the ranks past k_active)
     if rescale:
         d_norms = segment_sum(d_values * pre_at, indices, d_sae) - d_inv / jnp.square(norms)
         d_pre = d_values * norms[indices]
@@ -228,7 +237,7 @@ def _backward(k, rescale, apply_b_dec, residuals, cotangents):
         d_b_dec = d_b_dec - W_enc @ d_b_enc.astype(W_enc.dtype)  # Σ_t of -d_x, without the per-token product
     dtype = W_enc.dtype
     return (d_x.astype(dtype), d_b_dec.astype(dtype), d_W_enc.astype(dtype), d_b_enc.astype(dtype),
-            d_W_dec.astype(dtype))
+            d_W_dec.astype(dtype), None)
 
 
 _sparse_topk.defvjp(_forward, _backward)

@@ -165,8 +165,8 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
 def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coefficients: dict,
                      dead_mask: Array, k: Array | None = None) -> TrainOutput:
     """The TopK training forward; `k` (traced, <= cfg.k) keeps only the top k of cfg.k latents (sweeps over k)."""
-    if k is None and cfg.uses_sparse_topk():
-        return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask)
+    if cfg.uses_sparse_topk():
+        return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask, k=k)
     module = TopKSAE(training_module_cfg(cfg))
     if k is None:
         feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
@@ -185,7 +185,8 @@ def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coef
     return finish(losses, feature_acts, hidden_pre, sae_out)
 
 
-def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, dead_mask: Array) -> TrainOutput:
+def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, dead_mask: Array,
+                            k: Array | None = None) -> TrainOutput:
     """`training_forward` on the sparse path: same losses and gradients, `top_acts` / `top_indices` set.
 
     Input preparation is the dense module's for the normalisations TopK trains with (a cast and
@@ -195,7 +196,7 @@ def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfi
     rescale, apply_b_dec = cfg.rescale_acts_by_decoder_norm, cfg.apply_b_dec_to_input
     x_in = jnp.asarray(x).astype(cfg.jnp_dtype)
     out = sparse_topk_forward(x_in, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], k=cfg.k, rescale=rescale,
-                              apply_b_dec=apply_b_dec)
+                              apply_b_dec=apply_b_dec, k_active=k)
 
     residual = jax.lax.stop_gradient(x - out.sae_out)
     aux = aux_k_loss(out.product, x_in, residual, dead_mask, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"],
