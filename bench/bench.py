@@ -173,16 +173,16 @@ def top_k_timings(tokens: int, d_sae: int, k: int, reps: int = 5) -> dict[str, f
     import jax
     import jax.numpy as jnp
 
-    from jsae.saes._sparse_topk import hidden_pre, top_k_hidden_pre
+    from jsae.saes._sparse_topk import pre_activations, top_k_hidden_pre
 
     keys = jax.random.split(jax.random.key(0), 3)
     product = jax.random.normal(keys[0], (tokens, d_sae), jnp.float32)
     b_enc = 0.1 * jax.random.normal(keys[1], (d_sae,), jnp.float32)
     norms = jax.random.uniform(keys[2], (d_sae,), jnp.float32, 0.05, 0.15)
     fns = {
-        "hidden_pre_ms": jax.jit(hidden_pre),
+        "hidden_pre_ms": jax.jit(pre_activations),
         "lax_top_k_ms": jax.jit(lambda h: jax.lax.top_k(h, k)),
-        "dense_path_ms": jax.jit(lambda p, b, n: jax.lax.top_k(hidden_pre(p, b, n), k)),
+        "dense_path_ms": jax.jit(lambda p, b, n: jax.lax.top_k(pre_activations(p, b, n), k)),
         "sparse_path_ms": jax.jit(lambda p, b, n: top_k_hidden_pre(p, b, n, k)),
     }
     h = fns["hidden_pre_ms"](product, b_enc, norms)

@@ -123,14 +123,14 @@ def _top_k(x: Array, k: int) -> tuple[Array, Array]:
     return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(indices)
 
 
-def hidden_pre(product: Array, b_enc: Array, norms: Array | None) -> Array:
+def pre_activations(product: Array, b_enc: Array, norms: Array | None) -> Array:
     """Pre-activations from the encoder product x̃ W_enc, as the dense path computes them."""
     pre = product + b_enc
     return pre * norms if norms is not None else pre
 
 
 def top_k_hidden_pre(product: Array, b_enc: Array, norms: Array | None, k: int) -> tuple[Array, Array]:
-    """`lax.top_k(hidden_pre(product, b_enc, norms), k)` without writing out hidden_pre.
+    """`lax.top_k(pre_activations(product, b_enc, norms), k)` without writing the pre-activations out.
 
     Blockwise and exact (ties aside): a row's k largest entries lie in the k blocks of TOPK_BLOCK
     consecutive latents with the largest maxima, so the top k of those blocks' entries (taken in
@@ -140,14 +140,14 @@ def top_k_hidden_pre(product: Array, b_enc: Array, norms: Array | None, k: int) 
     n, m = product.shape
     block = TOPK_BLOCK
     if m % block or 2 * k * block > m:
-        return _top_k(hidden_pre(product, b_enc, norms), k)
-    h = hidden_pre(product, b_enc, norms)  # fused into the block maxima, never stored
+        return _top_k(pre_activations(product, b_enc, norms), k)
+    h = pre_activations(product, b_enc, norms)  # fused into the block maxima, never stored
     block_max = jax.lax.reduce_window(h, jnp.array(-jnp.inf, h.dtype), jax.lax.max, (1, block), (1, block), "VALID")
     _, blocks = _top_k(block_max, k)
     blocks = jnp.sort(blocks, axis=-1)
     candidates = (blocks[:, :, None] * block + jnp.arange(block, dtype=blocks.dtype)).reshape(n, k * block)
     picked = jnp.take_along_axis(product, candidates, axis=-1, mode="promise_in_bounds")
-    values, position = _top_k(hidden_pre(picked, b_enc[candidates], None if norms is None else norms[candidates]), k)
+    values, position = _top_k(pre_activations(picked, b_enc[candidates], None if norms is None else norms[candidates]), k)
     return values, jnp.take_along_axis(candidates, position, axis=-1)
 
 
@@ -159,7 +159,7 @@ class SparseTopK(NamedTuple):
         sae_out: reconstruction (n, d_out); the only output that carries a gradient.
         top_acts: the k relu'd activations of each token (n, k), without gradient.
         top_indices: their latent indices (n, k).
-        product: the encoder product x̃ W_enc (n, d_sae), without gradient; `hidden_pre` of it and
+        product: the encoder product x̃ W_enc (n, d_sae), without gradient; `pre_activations` of it and
             b_enc (and the decoder norms) gives the pre-activations.
     """
 
@@ -204,7 +204,7 @@ def _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
     # As the dense decode: activations times 1/‖W_dec row‖ (gathered), then the decoder product.
     scaled = acts * (1 / norms)[indices] if rescale else acts
     sae_out = gather_rows_weighted(scaled, indices, W_dec) + b_dec
-    pre_at = hidden_pre(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None) if rescale else None
+    pre_at = pre_activations(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None) if rescale else None
     residuals = (sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at, k_active)
     return (sae_out, acts, indices, product), residuals
 
@@ -280,7 +280,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
 
     def compute(_):  # as topk_aux_loss
         norms = decoder_row_norms(W_dec) if rescale else None
-        masked = jnp.where(dead_mask, hidden_pre(product, b_enc, norms), -jnp.inf)
+        masked = jnp.where(dead_mask, pre_activations(product, b_enc, norms), -jnp.inf)
         values, indices = jax.lax.top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
         acts = jnp.put_along_axis(jnp.zeros_like(product), indices, values, axis=-1, inplace=False)
@@ -321,7 +321,7 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
         # The dense encoder backward of d_hidden.
         sae_in = x - b_dec if apply_b_dec else x
         if rescale:
-            d_norms = d_norms + jnp.sum(d_hidden * hidden_pre(product, b_enc, None), axis=0)
+            d_norms = d_norms + jnp.sum(d_hidden * pre_activations(product, b_enc, None), axis=0)
             d_W_dec = d_W_dec + norms_vjp(d_norms.astype(norms.dtype))[0]
             d_pre = d_hidden * norms
         else:

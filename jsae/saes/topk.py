@@ -22,7 +22,7 @@ from jsae.saes._base import (
     training_module_cfg,
     zeros,
 )
-from jsae.saes._sparse_topk import aux_k_loss, hidden_pre, sparse_topk_forward
+from jsae.saes._sparse_topk import aux_k_loss, pre_activations, sparse_topk_forward
 from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
@@ -204,7 +204,7 @@ def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfi
     losses = {"mse_loss": mse(out.sae_out, x), "auxiliary_reconstruction_loss": aux}
     # Dense pre-activations and activations for callers that want them; dead code in a jitted
     # step, which reads top_acts / top_indices.
-    pre = hidden_pre(out.product, p["b_enc"], decoder_row_norms(p["W_dec"]) if rescale else None)
+    pre = pre_activations(out.product, p["b_enc"], decoder_row_norms(p["W_dec"]) if rescale else None)
     feature_acts = jnp.put_along_axis(jnp.zeros_like(pre), out.top_indices, out.top_acts, axis=-1, inplace=False)
     return finish(losses, jax.lax.stop_gradient(feature_acts), jax.lax.stop_gradient(pre), out.sae_out)._replace(
         top_acts=out.top_acts, top_indices=out.top_indices)
