@@ -5,7 +5,11 @@ step — forward, backward, gradient clipping, Adam — alternating the two libr
 tokens/s, the ratio, and the share of the measured matmul ceiling under the FLOP model below.
 
 FLOP model (dense step): 12 * tokens * d_in * d_sae — encoder and decoder products forward
-(2 + 2) and their backward (4 + 4). Elementwise work, top-k and Adam are not counted.
+(2 + 2) and their backward (4 + 4). Elementwise work, top-k and Adam are not counted. sae_lens
+performs all 12; jsae's dense step performs 10: the encoder's backward needs only the W_enc
+gradient, because b_dec's gradient through the input is taken as (sum over tokens of dh) W_enc^T
+(jsae.saes._base.training_hidden_pre) instead of a per-token product; each library's share of
+the ceiling counts the products it performs.
 jsae's sparse TopK step (TopKTrainingSAEConfig.topk_implementation; "auto" takes it on CPU when
 d_sae >= 32 k) is counted as its one dense product, the encoder forward (2 * tokens * d_in * d_sae),
 plus 2 * tokens * k * d_in for each of its four products over the k active latents per token
@@ -56,7 +60,13 @@ CASES = {
 
 
 def dense_flops(tokens: int, d_in: int, d_sae: int) -> float:
+    """sae_lens' dense step (and the FLOP model's reference count)."""
     return 12.0 * tokens * d_in * d_sae
+
+
+def jsae_dense_flops(tokens: int, d_in: int, d_sae: int) -> float:
+    """jsae's dense step: no per-token input-gradient product."""
+    return 10.0 * tokens * d_in * d_sae
 
 
 def sparse_topk_flops(tokens: int, d_in: int, d_sae: int, k: int) -> float:
@@ -117,7 +127,7 @@ class JsaeStep:
         sae_cfg = TRAINING_ARCHITECTURES[arch].config_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, **extra)
         self.sparse = getattr(sae_cfg, "uses_sparse_topk", lambda: False)()
         self.flops = (sparse_topk_flops(tokens, d_in, d_sae, sae_cfg.k) if self.sparse
-                      else dense_flops(tokens, d_in, d_sae))
+                      else jsae_dense_flops(tokens, d_in, d_sae))
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
                                dead_feature_window=10**6)
         self.step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0)

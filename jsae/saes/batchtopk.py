@@ -15,7 +15,13 @@ import jax.numpy as jnp
 
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
-from jsae.saes._base import Array, decoder_row_norms, fold_decoder_norms, training_module_cfg
+from jsae.saes._base import (
+    Array,
+    decoder_row_norms,
+    fold_decoder_norms,
+    training_hidden_pre,
+    training_module_cfg,
+)
 from jsae.saes._training import TrainingFields, TrainOutput, finish, mse
 from jsae.saes.topk import TopKSAE, TopKSAEConfig, check_topk_training, topk_aux_loss
 
@@ -70,8 +76,7 @@ def batch_topk(hidden_pre: Array, k: float) -> Array:
 def encode_decode(params: dict, x: Array, cfg: BatchTopKTrainingSAEConfig):
     """(feature_acts, hidden_pre, sae_out, module, input state) of the batch-level top-k forward."""
     module = cfg.topk_module()
-    sae_in, state = module.apply({"params": params}, x, method="prepare_input")
-    hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
+    hidden_pre, state = training_hidden_pre(module, params, x)
     if cfg.rescale_acts_by_decoder_norm:
         hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
     feature_acts = batch_topk(hidden_pre, cfg.k)

@@ -15,6 +15,7 @@ from jsae.saes._base import (
     BaseSAEModule,
     decoder_row_norms,
     fold_decoder_norms,
+    training_hidden_pre,
     training_module_cfg,
     zeros,
 )
@@ -167,8 +168,7 @@ def project_params(params: dict, cfg: JumpReLUTrainingSAEConfig) -> dict:
 def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, coefficients: dict,
                      dead_mask: Array) -> TrainOutput:
     module = JumpReLUSAE(training_module_cfg(cfg))
-    sae_in, state = module.apply({"params": params}, x, method="prepare_input")
-    hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
+    hidden_pre, state = training_hidden_pre(module, params, x)
     threshold = params["threshold"].astype(hidden_pre.dtype)
     bandwidth, ste_to_input = cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input
     feature_acts = jumprelu_ste(hidden_pre, threshold, bandwidth, ste_to_input)

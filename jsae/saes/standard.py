@@ -15,6 +15,7 @@ from jsae.saes._base import (
     decoder_row_norms,
     fold_decoder_norms,
     lp_norm,
+    training_hidden_pre,
     training_module_cfg,
     zeros,
 )
@@ -75,7 +76,8 @@ def training_forward(params: dict, x: Array, *, cfg: StandardTrainingSAEConfig, 
                      dead_mask: Array) -> TrainOutput:
     """MSE + l1_coefficient * mean_tokens ‖f ⊙ ‖W_dec rows‖‖_p (SAELens 6 standard loss)."""
     module = StandardSAE(training_module_cfg(cfg))
-    feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
+    hidden_pre, state = training_hidden_pre(module, params, x)
+    feature_acts = jax.nn.relu(hidden_pre)
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
     sparsity = lp_norm(feature_acts * decoder_row_norms(params["W_dec"]), cfg.lp_norm)
     losses = {"mse_loss": mse(sae_out, x), "l1_loss": jnp.mean(coefficients["l1"] * sparsity)}

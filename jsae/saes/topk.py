@@ -19,6 +19,7 @@ from jsae.saes._base import (
     decoder_row_norms,
     fold_decoder_norms,
     topk_scatter,
+    training_hidden_pre,
     training_module_cfg,
     zeros,
 )
@@ -168,13 +169,12 @@ def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coef
     if cfg.uses_sparse_topk():
         return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask, k=k)
     module = TopKSAE(training_module_cfg(cfg))
+    hidden_pre, state = training_hidden_pre(module, params, x)
+    if cfg.rescale_acts_by_decoder_norm:
+        hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
     if k is None:
-        feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")
+        feature_acts = topk_scatter(hidden_pre, cfg.k)
     else:
-        sae_in, state = module.apply({"params": params}, x, method="prepare_input")
-        hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
-        if cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
         values, indices = jax.lax.top_k(hidden_pre, cfg.k)
         values = jnp.where(jnp.arange(cfg.k) < k, jax.nn.relu(values), 0)  # ranks below k only
         feature_acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
