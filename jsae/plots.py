@@ -48,7 +48,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 def plot_feature_density(log10_density: Any, path: str | Path, *, title: str = "Feature density"):
     """Histogram of log10 feature density (SAELens' sparsity.safetensors values); returns the figure.
 
-    Latents that never fired sit at log10(1e-10) = -10, shown as the leftmost bar.
+    Latents that did not fire (in the window the density was measured over) sit at
+    log10(1e-10) = -10, shown as the leftmost bar.
     """
     plt = _pyplot()
     values = np.asarray(log10_density, np.float64).reshape(-1)
@@ -57,7 +58,7 @@ def plot_feature_density(log10_density: Any, path: str | Path, *, title: str = "
     ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
     ax.set_ylabel("latents (count)")
     dead = int(np.sum(values <= -9.99))
-    ax.set_title(f"{title}: {values.size} latents, {dead} never fired, median 10^{np.median(values):.2f}")
+    ax.set_title(f"{title}: {values.size} latents, {dead} did not fire, median 10^{np.median(values):.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -75,9 +76,9 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path):
     fig, axes = plt.subplots(2, 2, figsize=FIGURE_SIZE, dpi=DPI, sharex=True)
     eval_keys = {"metrics/l0": "eval/l0", "metrics/explained_variance": "eval/explained_variance"}
     for ax, (key, title, ylabel) in zip(axes.flat, CURVES, strict=True):
-        ax.plot([r["tokens"] for r in train], [r[key] for r in train], lw=1, label="training batches")
+        ax.plot([r["tokens"] / 1e6 for r in train], [r[key] for r in train], lw=1, label="training batches")
         if key in eval_keys and evals:
-            ax.plot([r["tokens"] for r in evals], [r[eval_keys[key]] for r in evals], "o", ms=4,
+            ax.plot([r["tokens"] / 1e6 for r in evals], [r[eval_keys[key]] for r in evals], "o", ms=4,
                     label="held-out eval")
             ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
@@ -86,7 +87,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path):
         if key == "losses/overall_loss" and train and min(r[key] for r in train) > 0:
             ax.set_yscale("log")
     for ax in axes[-1]:
-        ax.set_xlabel("training tokens", fontsize=8)
+        ax.set_xlabel("training tokens (millions)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -28,7 +28,7 @@ def test_feature_density_histogram(tmp_path):
     (ax,) = fig.axes
     assert "log10 feature density" in ax.get_xlabel() and "fraction of tokens" in ax.get_xlabel()
     assert "count" in ax.get_ylabel()
-    assert "100 never fired" in ax.get_title()
+    assert "100 did not fire" in ax.get_title()
     heights = [patch.get_height() for patch in ax.patches]
     assert sum(heights) == 1000 and heights[0] == 100  # every latent counted; the dead ones leftmost
 
@@ -48,6 +48,6 @@ def test_training_curves(tmp_path):
     assert any(y.startswith("L0 (active latents per token)") for y in labels)
     assert any("explained variance (fraction" in y for y in labels)
     assert any("dead features (latents)" in y for y in labels)
-    assert all(ax.get_xlabel() == "training tokens" for ax in fig.axes[2:])
+    assert all(ax.get_xlabel() == "training tokens (millions)" for ax in fig.axes[2:])
     l0_axis = next(ax for ax in fig.axes if ax.get_ylabel().startswith("L0"))
     assert len(l0_axis.lines) == 2 and len(l0_axis.lines[1].get_xdata()) == 2  # training curve + eval points
