@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import activation_batches, relative
 
 import jsae
 
@@ -19,9 +20,7 @@ CONFIGS = {
 
 
 def make_batches(seed=0):
-    rng = np.random.default_rng(seed)
-    return [(rng.normal(size=(BATCH, D_IN)) * rng.uniform(0.5, 2, D_IN) + 0.3).astype(np.float32)
-            for _ in range(STEPS)]
+    return activation_batches(STEPS, BATCH, D_IN, seed)
 
 
 def train_cfg(sae_cfg, **kw):
@@ -29,10 +28,6 @@ def train_cfg(sae_cfg, **kw):
               progress_bar=False) | kw
     return jsae.TrainConfig(sae=sae_cfg, **kw)
 
-
-def relative(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
 
 
 @pytest.mark.skipif(jax.device_count() < N_DEV, reason="needs 8 (forced host) devices")

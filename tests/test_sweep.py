@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from train_helpers import activation_batches, relative
 
 import jsae
 from jsae.training.sweep import init_sweep_state, make_sweep_step, member_state, sweep_configs
@@ -13,14 +14,8 @@ D_IN, D_SAE, BATCH, STEPS = 16, 64, 128, 30
 
 
 def make_batches(seed=0):
-    rng = np.random.default_rng(seed)
-    return [(rng.normal(size=(BATCH, D_IN)) * rng.uniform(0.5, 2, D_IN) + 0.3).astype(np.float32)
-            for _ in range(STEPS)]
+    return activation_batches(STEPS, BATCH, D_IN, seed)
 
-
-def relative(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
 
 
 def base_cfg(sae_cfg, **kw):
