@@ -38,7 +38,7 @@ class RunConfig:
         hook_names: several hook points (same width) read in one model forward, each training its own
             SAE (or sweep); replaces hook_name. Folders: <output_path>/<hook>[/<sweep member>].
         sweep: zipped sweep axes, e.g. {"sae.k": [16, 32], "lr": [1e-3, 3e-4]}: one SAE per position,
-            all trained in one vmapped step on the same activations (see jsae.training.sweep).
+            all trained in one compiled step on the same activations (see jsae.training.sweep).
         dataset_path: "stdlib" (the embedded corpus), a Hugging Face dataset name, a local data
             file (.txt / .jsonl / .json / .parquet / .csv / .npy of token rows) or a folder of text files.
         dataset_split: split of a Hugging Face dataset.
@@ -335,22 +335,12 @@ def sae_summary(sae) -> dict[str, Any]:
     return summary
 
 
-class StackedHooks:
-    """Dict batches {hook: (tokens, d_in)} from one forward -> one (n_hooks, tokens, d_in) array."""
+def stacked_hooks(source, hooks: list[str]):
+    """Dict batches {hook: (tokens, d_in)} from one forward -> one (n_hooks, tokens, d_in) array each."""
+    import jax.numpy as jnp
 
-    def __init__(self, source, hooks: list[str]):
-        self.source, self.hooks = source, hooks
-
-    def __iter__(self):
-        import jax.numpy as jnp
-
-        for batch in self.source:
-            yield jnp.stack([jnp.asarray(batch[h]) for h in self.hooks])
-
-    def close(self) -> None:
-        for source in self.source if isinstance(self.source, list) else [self.source]:
-            if hasattr(source, "close"):
-                source.close()
+    for batch in source:
+        yield jnp.stack([jnp.asarray(batch[h]) for h in hooks])
 
 
 def run_many(cfg: RunConfig, model):
@@ -369,14 +359,15 @@ def run_many(cfg: RunConfig, model):
     if cfg.activation_cache_path is not None:
         from bridge.cache import CachedActivations
 
-        per_hook = [CachedActivations(cfg.activation_cache_path, hook, cfg.train.train_batch_size_tokens,
-                                      seed=cfg.train.seed) for hook in cfg.hooks]
-        source = (dict(zip(cfg.hooks, parts, strict=True)) for parts in zip(*per_hook, strict=False))
-        if not cfg.hook_names:
-            source = (batch[cfg.hook_name] for batch in source)
+        per_hook = {hook: CachedActivations(cfg.activation_cache_path, hook, cfg.train.train_batch_size_tokens,
+                                            seed=cfg.train.seed) for hook in cfg.hooks}
+        if cfg.hook_names:  # same seed, same shuffle: the hooks' batches stay aligned token by token
+            source = (dict(zip(per_hook, parts, strict=True)) for parts in zip(*per_hook.values(), strict=False))
+        else:
+            source = per_hook[cfg.hook_name]
     else:
         source = activation_source(cfg, model)
-    batches = StackedHooks(source, cfg.hooks) if cfg.hook_names else source
+    batches = stacked_hooks(source, cfg.hooks) if cfg.hook_names else source
     sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
     saes = jsae.Trainer(cfg.train, sweep=sweep).fit(batches, evaluator=make_evaluator(cfg, model))
     rows = []
@@ -444,6 +435,12 @@ def eval_token_batches(cfg: RunConfig, model, n_batches: int | None = None) -> l
     return batches
 
 
+def eval_ignored_tokens(cfg: RunConfig, model) -> list[int] | bool:
+    """Tokens the evals ignore: the run's exclude_special_tokens when set, else the special tokens
+    (sae_lens' run_evals default)."""
+    return excluded_token_ids(cfg, model) if cfg.exclude_special_tokens else True
+
+
 def eval_config(cfg: RunConfig, n_batches: int):
     """What is evaluated during training and at its end: SAELens' training evals, plus KL."""
     from jsae.evals import EvalConfig
@@ -463,7 +460,7 @@ def make_evaluator(cfg: RunConfig, model):
 
     batches = eval_token_batches(cfg, model)
     config = eval_config(cfg, len(batches))
-    exclude = excluded_token_ids(cfg, model) if cfg.exclude_special_tokens else True
+    exclude = eval_ignored_tokens(cfg, model)
 
     def evaluator(sae) -> dict[str, float]:
         with model_lock(model):  # the activation producer thread runs the same model
@@ -525,9 +522,9 @@ def evaluate_sae(sae, cfg: RunConfig, *, verbose: bool = False):
         raise ConfigError(f"context_size={cfg.context_size} is larger than the model's n_ctx={model.cfg.n_ctx}.")
     batches = eval_token_batches(cfg, model)
     n = len(batches)
-    exclude = excluded_token_ids(cfg, model) if cfg.exclude_special_tokens else True
     metrics, features = run_evals(sae, model, batches, EvalConfig.everything(
-        n_eval_reconstruction_batches=n, n_eval_sparsity_variance_batches=n), exclude_special_tokens=exclude,
+        n_eval_reconstruction_batches=n, n_eval_sparsity_variance_batches=n),
+        exclude_special_tokens=eval_ignored_tokens(cfg, model),
         hook_name=cfg.hook_name, verbose=verbose)
     density = np.asarray(features["feature_density"])
     metrics["features"] = {

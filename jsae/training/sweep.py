@@ -1,9 +1,10 @@
-"""Sweeps: N SAEs of one shape, each with its own hyperparameters, trained as one vmapped step.
+"""Sweeps: N SAEs of one shape, each with its own hyperparameters, trained in one compiled step.
 
 A sweep is a base `TrainConfig` plus axes, e.g. `{"sae.l1_coefficient": [1, 2, 4, 8], "seed": [0, 1, 2, 3]}`;
 the axes are zipped (all the same length), giving one member config per position. The members'
-states are stacked along a leading axis and `jax.vmap` runs every member's step on the same batch,
-so one activation stream (and one model forward) feeds all of them.
+states are stacked along a leading axis and `jax.vmap` (or `lax.map`, see `make_sweep_step`) runs
+every member's step on the same batch, so one activation stream (and one model forward) feeds all
+of them.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _check_field(base: TrainConfig, field: str, where: str) -> None:
         raise ConfigError(f"{where}: unknown field {field!r} for a {base.sae.architecture} SAE (SAE fields are "
                           f"written 'sae.<name>'); sweepable fields: {sweepable}.")
     if field not in sweepable:
-        raise ConfigError(f"{where}: {field!r} cannot be swept in one vmapped step (members must share shapes and "
+        raise ConfigError(f"{where}: {field!r} cannot be swept in one compiled step (members must share shapes and "
                           f"architecture); sweepable fields of a {base.sae.architecture} SAE: {sweepable}.")
 
 
@@ -149,22 +150,20 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
         strategy = "map" if jax.default_backend() == "cpu" else "vmap"
     shape_cfg = check_members(members)
     hyper = sweep_hyperparameters(members)
-    if strategy == "map":
-        inner = build_step(shape_cfg, hyper, axis_name)
-
-        def mapped_step(states: TrainState, batch: Array):
-            if not streams:
-                return jax.lax.map(lambda a: inner(a[0], batch, a[1]), (states, jnp.arange(len(members))))
-            per_member = batch[jnp.asarray(streams, jnp.int32)]
-            return jax.lax.map(lambda a: inner(*a), (states, per_member, jnp.arange(len(members))))
-
-        return mapped_step
-    # Two versions of the member step: under vmap a per-member "any latent dead?" branch would run
-    # both sides, so the sweep branches once, outside the vmap, on whether any member has dead latents.
-    with_dead = build_step(shape_cfg, hyper, axis_name)
-    none_dead = build_step(shape_cfg, hyper, axis_name, none_dead=True)
     index = jnp.arange(len(members))
     stream_of = jnp.asarray(streams, jnp.int32) if streams else None
+    with_dead = build_step(shape_cfg, hyper, axis_name)
+    if strategy == "map":
+
+        def mapped_step(states: TrainState, batch: Array):
+            if stream_of is None:
+                return jax.lax.map(lambda a: with_dead(a[0], batch, a[1]), (states, index))
+            return jax.lax.map(lambda a: with_dead(*a), (states, batch[stream_of], index))
+
+        return mapped_step
+    # Under vmap a per-member "any latent dead?" branch would run both sides, so the sweep branches
+    # once, outside the vmap, on whether any member has dead latents.
+    none_dead = build_step(shape_cfg, hyper, axis_name, none_dead=True)
 
     def step(states: TrainState, batch: Array):
         if stream_of is None:

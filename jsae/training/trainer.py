@@ -78,7 +78,7 @@ class Trainer:
     Args:
         cfg: the run config (with a sweep: the loop settings shared by every member).
         devices: devices of the mesh (default: the first `cfg.n_devices` of `jax.devices()`).
-        sweep: several SAEs trained together in one vmapped step (`jsae.training.sweep.Sweep`);
+        sweep: several SAEs trained together in one compiled step (`jsae.training.sweep.Sweep`);
             `fit` then returns one SAE per member and saves each to <output_path>/<name>.
     """
 
@@ -108,15 +108,12 @@ class Trainer:
                 + f"; choose a divisor of {n}, or set n_devices."
             )
         n_data = n // model
-        if model == 1 and cfg.train_batch_size_tokens % n:
+        if cfg.train_batch_size_tokens % n_data:
+            data_axis = (f"{n} devices of the mesh" if model == 1 else
+                         f"data axis size {n_data} ({n} devices / model_axis_size={model})")
             raise ConfigError(
                 f"TrainConfig.train_batch_size_tokens={cfg.train_batch_size_tokens} is not divisible by the "
-                f"{n} devices of the mesh; choose a multiple of {n}."
-            )
-        if cfg.train_batch_size_tokens % n_data:
-            raise ConfigError(
-                f"TrainConfig.train_batch_size_tokens={cfg.train_batch_size_tokens} is not divisible by the data "
-                f"axis size {n_data} ({n} devices / model_axis_size={model}); choose a multiple of {n_data}."
+                f"{data_axis}; choose a multiple of {n_data}."
             )
         self.n_processes = jax.process_count()
         if cfg.train_batch_size_tokens % self.n_processes:
@@ -425,8 +422,8 @@ class Trainer:
         """The config fields that decide the result (not where files go, how progress shows, or how the
         latents are split over devices: orbax reshards, so a run may resume with another model_axis_size)."""
         skip = {"output_path", "checkpoint_path", "log_path", "progress_bar", "resume", "log_to_wandb",
-                "wandb_project", "run_name", "log_every_n_steps", "eval_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints",
-                "sync_every_n_steps", "model_axis_size", "sweep_strategy"}
+                "wandb_project", "run_name", "log_every_n_steps", "eval_every_n_steps", "checkpoint_every_n_steps",
+                "keep_checkpoints", "sync_every_n_steps", "model_axis_size", "sweep_strategy"}
         data = {k: v for k, v in self.cfg.to_dict().items() if k not in skip}
         data["sae"] = {k: v for k, v in data["sae"].items() if k != "metadata"}
         if self.sweep is not None:
