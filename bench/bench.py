@@ -130,7 +130,7 @@ class JsaeStep:
                       else jsae_dense_flops(tokens, d_in, d_sae))
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
                                dead_feature_window=10**6)
-        self.step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0)
+        self.step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0, compiler_options=jsae.step_compiler_options())
         self.state = jsae.init_train_state(cfg)
         rng = np.random.default_rng(0)
         self.batch = jax.device_put(rng.normal(size=(tokens, d_in)).astype(np.float32).astype(sae_cfg.jnp_dtype))
@@ -230,6 +230,8 @@ def machine() -> dict:
 
     info = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(), "machine": platform.machine()}
+    if os.environ.get("GLIBC_TUNABLES"):  # e.g. glibc.malloc.hugetlb=1 (what `jsae` sets for itself)
+        info["GLIBC_TUNABLES"] = os.environ["GLIBC_TUNABLES"]
     try:
         import torch
 
@@ -326,7 +328,8 @@ def format_table(rows, ceilings, info) -> str:
     lines = [
         f"### {date} — {info['backend']} ({info['device']}, {info['cpus']} CPUs), jax {info['jax']}"
         + (f", torch {info['torch']}" if "torch" in info else "")
-        + (f", sae_lens {info['sae_lens']}" if "sae_lens" in info else ""),
+        + (f", sae_lens {info['sae_lens']}" if "sae_lens" in info else "")
+        + (f"; both libraries under GLIBC_TUNABLES={info['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in info else ""),
         "",
         "Matmul ceiling (best n³ product rate, n = 8192 on GPU / 2048 on CPU, TFLOP/s; JAX's default "
         "float32 precision on GPU uses TF32): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()),

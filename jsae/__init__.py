@@ -21,7 +21,7 @@ from jsae.saes.transcoder import (
     TranscoderConfig,
 )
 from jsae.training.config import TrainConfig
-from jsae.training.step import TrainState, init_train_state, make_train_step
+from jsae.training.step import TrainState, init_train_state, make_train_step, step_compiler_options
 from jsae.training.sweep import Sweep, make_sweep_step, sweep_configs
 from jsae.training.trainer import Trainer, TrainingInterrupted, train
 
@@ -42,6 +42,7 @@ __all__ = [
     "init_train_state",
     "make_sweep_step",
     "make_train_step",
+    "step_compiler_options",
     "sweep_configs",
     "train",
     "ARCHITECTURES",

@@ -79,6 +79,13 @@ def training_forward(params: dict, x: Array, *, cfg: StandardTrainingSAEConfig, 
     hidden_pre, state = training_hidden_pre(module, params, x)
     feature_acts = jax.nn.relu(hidden_pre)
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
-    sparsity = lp_norm(feature_acts * decoder_row_norms(params["W_dec"]), cfg.lp_norm)
-    losses = {"mse_loss": mse(sae_out, x), "l1_loss": jnp.mean(coefficients["l1"] * sparsity)}
+    norms = decoder_row_norms(params["W_dec"])
+    if cfg.lp_norm == 1:
+        # f >= 0 and the norms >= 0, so ‖f ⊙ norms‖_1 = f · norms, whose mean over tokens is
+        # (Σ_tokens f) · norms / tokens: one column sum instead of the (tokens, d_sae) product, abs
+        # and the passes of their gradient.
+        l1_loss = coefficients["l1"] * (jnp.sum(feature_acts, axis=0) @ norms) / feature_acts.shape[0]
+    else:
+        l1_loss = jnp.mean(coefficients["l1"] * lp_norm(feature_acts * norms, cfg.lp_norm))
+    losses = {"mse_loss": mse(sae_out, x), "l1_loss": l1_loss}
     return finish(losses, feature_acts, hidden_pre, sae_out)

@@ -33,6 +33,7 @@ from jsae.training.step import (
     init_train_state,
     log_feature_sparsity,
     make_train_step,
+    step_compiler_options,
 )
 from jsae.training.sweep import Sweep, init_sweep_state, make_sweep_step, member_state
 
@@ -137,14 +138,16 @@ class Trainer:
         stacked = sweep is not None and bool(sweep.streams)
         batch_spec = P(None, DATA_AXIS) if stacked else P(DATA_AXIS)
         self.batch_sharding = NamedSharding(self.mesh, batch_spec)
+        options = step_compiler_options(self.devices[0].platform)
         if model > 1:
             # GSPMD: the plain step on the global batch; XLA partitions it (top-k over sharded latents
             # included) and inserts the collectives. The state stays sharded between steps.
             shardings = state_sharding(jax.eval_shape(self._fresh_state), self.mesh)
             self.step_fn = jax.jit(self._make_step(None), in_shardings=(shardings, self.batch_sharding),
-                                   out_shardings=(shardings, self.replicated), donate_argnums=0)
+                                   out_shardings=(shardings, self.replicated), donate_argnums=0,
+                                   compiler_options=options)
         elif n == 1:
-            self.step_fn = jax.jit(self._make_step(None), donate_argnums=0)
+            self.step_fn = jax.jit(self._make_step(None), donate_argnums=0, compiler_options=options)
         else:
             sharded = jax.shard_map(
                 self._make_step(DATA_AXIS),
@@ -152,7 +155,7 @@ class Trainer:
                 in_specs=(P(), batch_spec),
                 out_specs=(P(), P()),
             )
-            self.step_fn = jax.jit(sharded, donate_argnums=0)
+            self.step_fn = jax.jit(sharded, donate_argnums=0, compiler_options=options)
         sync = cfg.sync_every_n_steps
         if sync is None:  # XLA's CPU collectives deadlock when many steps are in flight
             sync = 1 if n > 1 and self.devices[0].platform == "cpu" else 0
