@@ -10,6 +10,10 @@ same shuffle-buffer size in tokens:
   the same HookedTransformer; the dataset streams the same documents, which sae_lens tokenizes
   and packs itself (bridge.data packs exactly as sae_lens does, so the rows are the same).
 
+jsae's runs get the environment `jsae train` reruns itself in (GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+where glibc and the kernel support it, see bridge/cli.py); sae_lens' runs the plain one, unless
+`--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both.
+
 The script orchestrates: every training run is its own subprocess (so its peak RSS is its own),
 the libraries alternate (the order flips every repeat) and medians are reported. A last
 subprocess times the pipeline's pieces one at a time (tokenize + pack, model forward, shuffle
@@ -408,12 +412,20 @@ def wait_for_idle(fraction: float, timeout: float) -> float:
     return time.perf_counter() - start
 
 
+def jsae_environment(env: dict) -> dict:
+    from bridge.cli import _glibc_version, _thp_mode, hugepage_environment
+
+    return hugepage_environment(env, _glibc_version(), _thp_mode()) or env
+
+
 def run_worker(args, kind: str, spec: Path) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec),
                "--skip-steps", str(args.skip_steps), "--profile-forwards", str(args.profile_forwards),
                "--sae-lens-prefetch", str(args.sae_lens_prefetch), "--libs", args.libs]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     env |= dict(item.partition("=")[::2] for item in args.env)
+    if kind == "jsae":  # the environment `jsae train` reruns itself in
+        env = jsae_environment(env)
     waited = wait_for_idle(args.wait_idle, args.wait_timeout) if args.wait_idle else 0.0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, total0 = cpu_ticks()
@@ -479,7 +491,10 @@ def format_report(flat: dict, summary: dict, profile: dict | None, info: dict, a
         "over the training call's wall time; setup (imports, model load) is not in either. sae_lens: "
         + ("its default synchronous runner." if not args.sae_lens_prefetch
            else f"prefetch_llm_batches={args.sae_lens_prefetch}.")
-        + (f" Environment of every run: {' '.join(args.env)}." if args.env else ""),
+        + (f" Environment of every run: {' '.join(args.env)}." if args.env else "")
+        + (f" jsae runs as `jsae train` does, under GLIBC_TUNABLES={jsae_environment({})['GLIBC_TUNABLES']}"
+           + ("" if any(e.startswith("GLIBC_TUNABLES=") for e in args.env) else "; sae_lens in the plain environment")
+           + "." if jsae_environment({}) else ""),
     ]
     if info.get("jsae_only_sae_fields"):
         lines[-1] += (" jsae-only SAE settings (sae_lens has no such field): "

@@ -140,6 +140,28 @@ def test_blockwise_top_k_is_lax_top_k(kind):
         np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
 
 
+@pytest.mark.parametrize("cores", [2, 3])
+def test_row_blocks_top_k_is_lax_top_k(cores, monkeypatch):
+    from jsae.saes import _base
+
+    monkeypatch.setattr(_base, "_cpu_cores", lambda: cores)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 50, size=(_base.ROW_TOP_K_MIN_ROWS + 7, 96)).astype(np.float32)  # ties in every row
+    jitted = jax.jit(lambda a: _base.row_top_k(a, 8))  # a fresh function: no trace cached under other cores
+    text = jitted.lower(x).compile().as_text()
+    assert text.count('custom_call_target="TopK"') == cores  # one top-k per block of rows
+    values, indices = jitted(x)
+    want_values, want_indices = jax.lax.top_k(x, 8)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
+    # Under vmap (sweeps) as well.
+    stacked = np.stack([x, x[::-1]])
+    values, indices = jax.jit(jax.vmap(lambda a: _base.row_top_k(a, 8)))(stacked)
+    want_values, want_indices = jax.vmap(lambda a: jax.lax.top_k(a, 8))(stacked)
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+
+
 def run_steps(sae_cfg, batches, **kw):
     cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=len(batches) * N, train_batch_size_tokens=N, lr=3e-3,
                            dead_feature_window=2, progress_bar=False, **kw)

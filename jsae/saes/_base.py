@@ -9,6 +9,7 @@ lives here once.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -77,9 +78,35 @@ def decoder_row_norms(W_dec: Array) -> Array:
     return l2_norm(W_dec, axis=-1)
 
 
+# Row blocks of `row_top_k` run as separate top-ks only from this many rows on.
+ROW_TOP_K_MIN_ROWS = 512
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def row_top_k(x: Array, k: int) -> tuple[Array, Array]:
+    """`jax.lax.top_k(x, k)` of a (rows, n) array, on CPU as one top-k per core over blocks of rows.
+
+    XLA:CPU's top-k is one single-threaded loop over the rows; top-ks of separate row blocks run
+    concurrently (on 2 cores the 128 -> 1024, k = 32 sparse TopK step went from 52 to 40 ms).
+    The result is the same: each row's top k is its own.
+    """
+    parts = _cpu_cores() if jax.default_backend() == "cpu" else 1
+    if parts < 2 or x.ndim != 2 or x.shape[0] < ROW_TOP_K_MIN_ROWS:
+        return jax.lax.top_k(x, k)
+    # The barriers keep each block's slice a separate input, so XLA keeps the blocks' top-ks apart.
+    outs = [jax.lax.top_k(jax.lax.optimization_barrier(block), k) for block in jnp.array_split(x, parts)]
+    return jnp.concatenate([v for v, _ in outs]), jnp.concatenate([i for _, i in outs])
+
+
 def topk_scatter(values: Array, k: int) -> Array:
     """Keep the k largest entries of the last axis, relu'd, zeros elsewhere (SAELens' TopK)."""
-    top_values, top_indices = jax.lax.top_k(values, k)
+    top_values, top_indices = row_top_k(values, k)
     return jnp.put_along_axis(jnp.zeros_like(values), top_indices, jax.nn.relu(top_values), axis=-1, inplace=False)
 
 

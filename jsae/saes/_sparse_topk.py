@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jsae.saes._base import Array, decoder_row_norms
+from jsae.saes._base import Array, decoder_row_norms, row_top_k
 
 # Tokens per iteration of the backward loops (on CPU 16 measured fastest of 1..64).
 TOKEN_BLOCK = 16
@@ -119,7 +119,7 @@ def _top_k(x: Array, k: int) -> tuple[Array, Array]:
     # The barriers keep XLA from folding the top-k's slices into their users, which on CPU turns
     # the top-k into a full sort of every row. (One barrier per output: a barrier on both at once
     # can reach XLA as a barrier on the top-k's tuple, which XLA's top-k decomposition rejects.)
-    values, indices = jax.lax.top_k(x, k)
+    values, indices = row_top_k(x, k)
     return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(indices)
 
 
@@ -281,7 +281,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
     def compute(_):  # as topk_aux_loss
         norms = decoder_row_norms(W_dec) if rescale else None
         masked = jnp.where(dead_mask, pre_activations(product, b_enc, norms), -jnp.inf)
-        values, indices = jax.lax.top_k(masked, k_static)
+        values, indices = row_top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
         acts = jnp.put_along_axis(jnp.zeros_like(product), indices, values, axis=-1, inplace=False)
         if rescale:

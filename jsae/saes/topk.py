@@ -18,6 +18,7 @@ from jsae.saes._base import (
     BaseSAEModule,
     decoder_row_norms,
     fold_decoder_norms,
+    row_top_k,
     topk_scatter,
     training_hidden_pre,
     training_module_cfg,
@@ -149,7 +150,7 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
     def compute(_):
         residual = jax.lax.stop_gradient(x - sae_out)
         masked = jnp.where(dead_mask, hidden_pre, -jnp.inf)
-        values, indices = jax.lax.top_k(masked, k_static)
+        values, indices = row_top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
         acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
         recons = act_times_W_dec(acts, W_dec, rescale)
@@ -175,7 +176,7 @@ def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coef
     if k is None:
         feature_acts = topk_scatter(hidden_pre, cfg.k)
     else:
-        values, indices = jax.lax.top_k(hidden_pre, cfg.k)
+        values, indices = row_top_k(hidden_pre, cfg.k)
         values = jnp.where(jnp.arange(cfg.k) < k, jax.nn.relu(values), 0)  # ranks below k only
         feature_acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
