@@ -227,15 +227,22 @@ class ActivationSource:
         self._queue.put(_DONE)
 
     def __iter__(self):
+        """Batches in order. With `prefetch` the producer thread starts here, before the first `next`, so
+        the caller can do other work (compile its step) while the first shuffle buffer fills."""
         if self.prefetch <= 0:
-            for batch in self.torch_batches():
-                self.batches_served += 1
-                yield self._convert(batch)
-            return
+            return self._serve_inline()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._stop.clear()
         self._thread = threading.Thread(target=self._produce, name="jsae-activations", daemon=True)
         self._thread.start()
+        return self._serve_queue()
+
+    def _serve_inline(self):
+        for batch in self.torch_batches():
+            self.batches_served += 1
+            yield self._convert(batch)
+
+    def _serve_queue(self):
         try:
             while True:
                 item = self._queue.get()

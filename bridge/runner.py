@@ -319,7 +319,7 @@ def run(cfg: RunConfig):
                                    seed=cfg.train.seed)
     else:
         source = activation_source(cfg, model)
-    sae = jsae.Trainer(cfg.train).fit(source, evaluator=make_evaluator(cfg, model))
+    sae = jsae.Trainer(cfg.train).fit(source, evaluator=make_evaluator(cfg, model), batch_dtype="float32")
     summary = sae_summary(sae)
     if cfg.train.output_path is not None:
         from jsae.plots import write_run_plots
@@ -339,8 +339,8 @@ def stacked_hooks(source, hooks: list[str]):
     """Dict batches {hook: (tokens, d_in)} from one forward -> one (n_hooks, tokens, d_in) array each."""
     import jax.numpy as jnp
 
-    for batch in source:
-        yield jnp.stack([jnp.asarray(batch[h]) for h in hooks])
+    batches = iter(source)  # starts the source's producer thread now, not at the first batch
+    return (jnp.stack([jnp.asarray(batch[h]) for h in hooks]) for batch in batches)
 
 
 def run_many(cfg: RunConfig, model):
@@ -369,7 +369,8 @@ def run_many(cfg: RunConfig, model):
         source = activation_source(cfg, model)
     batches = stacked_hooks(source, cfg.hooks) if cfg.hook_names else source
     sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
-    saes = jsae.Trainer(cfg.train, sweep=sweep).fit(batches, evaluator=make_evaluator(cfg, model))
+    saes = jsae.Trainer(cfg.train, sweep=sweep).fit(batches, evaluator=make_evaluator(cfg, model),
+                                                    batch_dtype="float32")
     rows = []
     for name, member, sae in zip(names, members, saes, strict=True):
         row = {"name": name, "hook_name": sae.cfg.metadata.hook_name}

@@ -203,3 +203,27 @@ def test_producer_thread_waits_while_another_thread_runs_the_model(model):
         torch.testing.assert_close(spliced, clean, rtol=1e-5, atol=1e-5)
     producer.join(timeout=120)
     assert not errors
+
+
+def test_producer_starts_filling_at_iter_before_the_first_batch(model):
+    """`iter(source)` starts the producer thread, so the trainer can compile while the first buffer fills."""
+    import time
+
+    from bridge.activations import ActivationSource
+    from bridge.runner import RunConfig, token_rows
+
+    cfg = RunConfig.from_dict({"sae": {"architecture": "standard", "d_in": 128, "d_sae": 256},
+                               "total_training_tokens": 10**5, "train_batch_size_tokens": 256, "context_size": 32})
+    source = ActivationSource(model, cfg.hook_name, token_rows(cfg, model), batch_size=256, context_size=32,
+                              n_batches_in_buffer=2, store_batch_size_prompts=4, as_jax=False, prefetch=2)
+    batches = iter(source)
+    try:
+        deadline = time.monotonic() + 60
+        while source._queue.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert source._queue.qsize() == 2 and source.batches_served == 0  # produced, none drawn yet
+        first = next(batches)
+        assert first.shape == (256, 128) and source.batches_served == 1
+    finally:
+        source.close()
+    assert source._thread is None

@@ -196,8 +196,15 @@ class Trainer:
                 f"{self.cfg.train_batch_size_tokens} over {self.n_processes} process(es)), got {shape[-2]}."
             )
         if isinstance(batch, jax.Array) and len(self.devices) == 1 and self.n_processes == 1:
-            return jax.device_put(batch, self.devices[0])
+            return jax.device_put(batch, self.batch_sharding)  # no copy; the sharding _compile_step compiles for
         return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch))
+
+    def _compile_step(self, state: TrainState, dtype: Any) -> None:
+        """Compile the step for global batches of `dtype` (jit reuses it at the first step)."""
+        tokens, d_in = self.local_batch_size * self.n_processes, self.cfg.sae.d_in
+        streams = self.sweep.n_streams if self.sweep is not None and self.sweep.streams else None
+        shape = (tokens, d_in) if streams is None else (streams, tokens, d_in)
+        self.step_fn.lower(state, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.batch_sharding)).compile()
 
     @staticmethod
     def _skip(iterator: Iterator, source: Any, n: int) -> None:
@@ -278,7 +285,8 @@ class Trainer:
         return jax.device_get(tree)
 
     def fit(self, batches: Iterable, *, params: dict | None = None,
-            evaluator: Callable[[SAE], Mapping[str, float]] | None = None) -> SAE | list[SAE]:
+            evaluator: Callable[[SAE], Mapping[str, float]] | None = None,
+            batch_dtype: Any = None) -> SAE | list[SAE]:
         """Train on `batches` (an iterable of (tokens, d_in) arrays, this process's share) and return the SAE
         (with a sweep: the list of SAEs, in member order).
 
@@ -289,6 +297,9 @@ class Trainer:
             evaluator: called with the SAE as it would be saved every `cfg.eval_every_n_steps` steps and
                 at the end (primary process only); its metrics are logged with an "eval/" prefix, and
                 the final ones are written into the saved SAE's metadata as `eval_metrics`.
+            batch_dtype: the batches' dtype, if known: the step is then compiled before the first batch
+                is drawn (while a producer that `iter(batches)` started fills its buffer) instead of at
+                step 0. Another dtype only costs a second compile.
         """
         cfg = self.cfg
         iterator = iter(batches)
@@ -321,6 +332,8 @@ class Trainer:
         last_metrics = None
         t0, tokens_since = time.perf_counter(), 0
         try:
+            if batch_dtype is not None and start_step < total:
+                self._compile_step(state, batch_dtype)
             for step_index in range(start_step, total):
                 batch = self._to_global(self._next(iterator, step_index))
                 state, metrics = self.step_fn(state, batch)
