@@ -32,7 +32,7 @@ SWEEPS = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", "unroll", "map"])
 @pytest.mark.parametrize("arch", list(SWEEPS))
 def test_each_sweep_member_equals_training_it_alone(arch, strategy):
     sae_cfg, axes = SWEEPS[arch]
@@ -109,7 +109,7 @@ def test_trainer_sweep_saves_each_member_like_a_separate_run(tmp_path, n_devices
     assert [r["step"] for r in rows] == [10, 20, 30] and "m3/losses/overall_loss" in rows[0]
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", "unroll", "map"])
 def test_members_reading_different_streams_equal_separate_runs(strategy):
     from jsae.training.sweep import Sweep
 
@@ -127,7 +127,7 @@ def test_members_reading_different_streams_equal_separate_runs(strategy):
     assert relative(saes[0].params["W_enc"], saes[2].params["W_enc"]) > 0.01  # the streams differ
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
+@pytest.mark.parametrize("strategy", ["vmap", "unroll", "map"])
 def test_a_sweep_over_k_equals_training_each_k_alone(strategy):
     base = base_cfg(jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, topk_implementation="dense"))
     members = sweep_configs(base, {"sae.k": [2, 4, 8, 3], "seed": [0, 1, 2, 3]})
@@ -146,3 +146,14 @@ def test_a_sweep_over_k_equals_training_each_k_alone(strategy):
                 alone, _ = alone_step(alone, batch)
             for name, value in alone.params.items():
                 assert relative(member_state(states, i).params[name], value) <= 1e-5, (i, implementation, name)
+
+
+def test_auto_strategy():
+    from jsae.training.sweep import UNROLL_MAX_MEMBERS, resolve_strategy
+
+    assert resolve_strategy("auto", 8, "cpu") == "unroll"
+    assert resolve_strategy("auto", UNROLL_MAX_MEMBERS + 1, "cpu") == "map"
+    assert resolve_strategy("auto", 8, "gpu") == "vmap"
+    assert resolve_strategy("map", 8, "gpu") == "map"
+    with pytest.raises(jsae.ConfigError, match="sweep_strategy must be 'auto', 'vmap', 'unroll' or 'map'"):
+        base_cfg(SWEEPS["standard"][0], sweep_strategy="scan")

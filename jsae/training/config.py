@@ -45,8 +45,9 @@ class TrainConfig:
             W_enc / W_dec / the per-latent vectors and their Adam moments are sharded over `model`, and
             the batch over `data`. 1: every device holds the whole SAE (data parallel only). Must
             divide d_sae and the device count; with several processes, each process's device count.
-        sweep_strategy: how the SAEs of a sweep share a step: "vmap" (batched together), "map" (one
-            after another in the same compiled step) or "auto" (map on CPU, vmap elsewhere).
+        sweep_strategy: how the SAEs of a sweep share a step: "vmap" (batched together), "unroll" (each
+            member's step written out in the same compiled step), "map" (a loop over the members in it)
+            or "auto" (vmap off CPU; on CPU unroll up to 16 members, map beyond).
         sync_every_n_steps: wait for the device every n steps (None: every step on multi-device CPU,
             where XLA's collectives otherwise deadlock, else never).
         progress_bar: show a tqdm bar.
@@ -135,8 +136,9 @@ class TrainConfig:
                 f"TrainConfig.model_axis_size={self.model_axis_size} does not divide n_devices={self.n_devices}: "
                 "the mesh is (n_devices // model_axis_size, model_axis_size); choose a divisor of n_devices."
             )
-        if self.sweep_strategy not in ("auto", "vmap", "map"):
-            raise ConfigError(f"TrainConfig.sweep_strategy must be 'auto', 'vmap' or 'map', got {self.sweep_strategy!r}.")
+        if self.sweep_strategy not in ("auto", "vmap", "unroll", "map"):
+            raise ConfigError("TrainConfig.sweep_strategy must be 'auto', 'vmap', 'unroll' or 'map', "
+                              f"got {self.sweep_strategy!r}.")
         self.lr_schedule()  # validates scheduler name and step counts
 
     @property

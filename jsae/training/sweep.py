@@ -2,7 +2,8 @@
 
 A sweep is a base `TrainConfig` plus axes, e.g. `{"sae.l1_coefficient": [1, 2, 4, 8], "seed": [0, 1, 2, 3]}`;
 the axes are zipped (all the same length), giving one member config per position. The members'
-states are stacked along a leading axis and `jax.vmap` (or `lax.map`, see `make_sweep_step`) runs
+states are stacked along a leading axis and `jax.vmap` (or, on CPU, the members written out one by
+one or `lax.map`: see `make_sweep_step`) runs
 every member's step on the same batch, so one activation stream (and one model forward) feeds all
 of them.
 """
@@ -126,7 +127,18 @@ def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
     return base.replace(sae=base.sae.replace(k=k_max)) if k_max else base
 
 
-SWEEP_STRATEGIES = ("auto", "vmap", "map")
+SWEEP_STRATEGIES = ("auto", "vmap", "map", "unroll")
+# "auto" unrolls on CPU up to this many members (compile time grows with each), maps beyond.
+UNROLL_MAX_MEMBERS = 16
+
+
+def resolve_strategy(strategy: str, n_members: int, backend: str | None = None) -> str:
+    """The strategy "auto" stands for: vmap off CPU; on CPU unroll up to UNROLL_MAX_MEMBERS members, else map."""
+    if strategy != "auto":
+        return strategy
+    if (backend or jax.default_backend()) != "cpu":
+        return "vmap"
+    return "unroll" if n_members <= UNROLL_MAX_MEMBERS else "map"
 
 
 def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None,
@@ -139,20 +151,32 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
         streams: for several activation streams (hook points), the stream each member reads; the batch
             is then (n_streams, tokens, d_in). Empty: one (tokens, d_in) batch feeds every member.
         strategy: "vmap" batches the members' products together (the fast choice on accelerators);
-            "map" runs the members one after another inside the one compiled step (`lax.map`: on CPU
-            plain products beat batched ones); "auto" picks map on CPU, vmap elsewhere.
+            "unroll" writes each member's step out in the one compiled step, so XLA:CPU runs
+            independent members' work side by side (compile time grows with the members); "map"
+            runs them one after another in a loop (`lax.map`); "auto": `resolve_strategy`. On 2 CPU
+            cores, 8 TopK 128 -> 1024 members took 40 ms a member unrolled, 55 mapped, 50 vmapped
+            (unrolled compile 5.7 s vs 2.0 s mapped).
 
     Every metric gains a leading member axis. Works under shard_map / pmap like `make_train_step`.
     """
     if strategy not in SWEEP_STRATEGIES:
         raise ConfigError(f"sweep strategy must be one of {list(SWEEP_STRATEGIES)}, got {strategy!r}.")
-    if strategy == "auto":
-        strategy = "map" if jax.default_backend() == "cpu" else "vmap"
+    strategy = resolve_strategy(strategy, len(members))
     shape_cfg = check_members(members)
     hyper = sweep_hyperparameters(members)
     index = jnp.arange(len(members))
     stream_of = jnp.asarray(streams, jnp.int32) if streams else None
     with_dead = build_step(shape_cfg, hyper, axis_name)
+    if strategy == "unroll":
+
+        def unrolled_step(states: TrainState, batch: Array):
+            outs = []
+            for i in range(len(members)):
+                member_batch = batch if stream_of is None else batch[streams[i]]
+                outs.append(with_dead(jax.tree.map(lambda a, i=i: a[i], states), member_batch, index[i]))
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+        return unrolled_step
     if strategy == "map":
 
         def mapped_step(states: TrainState, batch: Array):
