@@ -175,14 +175,19 @@ def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, 
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
     W_dec_norm = decoder_row_norms(params["W_dec"])
     mode = cfg.jumprelu_sparsity_loss_mode
+    fired = None
     if mode == "tanh":
         per_item = jnp.sum(jnp.tanh(cfg.jumprelu_tanh_scale * feature_acts * W_dec_norm), axis=-1)
     else:
-        l0 = jnp.sum(step_ste(hidden_pre, threshold, bandwidth, ste_to_input), axis=-1)
+        step = step_ste(hidden_pre, threshold, bandwidth, ste_to_input)
+        # With threshold >= 0 (project_params) a latent fires exactly where the step is 1: the fired
+        # counts reuse this mask instead of testing feature_acts in another pass.
+        fired = jax.lax.stop_gradient(step)
+        l0 = jnp.sum(step, axis=-1)
         per_item = l0 if mode == "step" else 2 / cfg.target_l0 * (l0 - cfg.target_l0) ** 2
     losses = {"mse_loss": mse(sae_out, x), "l0_loss": jnp.mean(coefficients["l0"] * per_item)}
     if cfg.pre_act_loss_coefficient is not None:
         # Anthropic's pre-activation loss, on dead latents only (zero when none is dead).
         gap = jax.nn.relu(threshold - hidden_pre) * dead_mask.astype(hidden_pre.dtype) * W_dec_norm
         losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * jnp.mean(jnp.sum(gap, axis=-1))
-    return finish(losses, feature_acts, hidden_pre, sae_out)
+    return finish(losses, feature_acts, hidden_pre, sae_out)._replace(fired=fired)
