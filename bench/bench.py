@@ -210,14 +210,19 @@ def top_k_timings(tokens: int, d_sae: int, k: int, reps: int = 5) -> dict[str, f
     return out
 
 
-def time_steps(fns: dict, warmup: int, reps: int) -> dict[str, float]:
-    """Median seconds per step of each callable, calls alternated so both see the same machine state."""
+def time_steps(fns: dict, warmup: int, reps: int, settle: float = 0.0) -> dict[str, float]:
+    """Median seconds per step of each callable, calls alternated so both see the same machine state.
+
+    settle: seconds to pause before each timed call, so the previous library's worker threads
+    (OpenMP's and XLA's spin-wait after their work) have gone idle.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            time.sleep(settle)
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
@@ -254,6 +259,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=0.5,
+                        help="seconds of pause before each timed step (the other library's threads go idle)")
     parser.add_argument("--dense-topk", action="store_true",
                         help="on topk cases also time jsae's dense TopK path (topk_implementation='dense') "
                              "and print the top-k selection's own timings")
@@ -295,7 +302,7 @@ def main() -> None:
                                                  dtype)
             if "saelens" in libs:
                 fns["sae_lens"] = SaelensStep(arch, d_in, d_sae, tokens, extra, dtype, torch_device)
-            secs = time_steps(fns, args.warmup, args.reps)
+            secs = time_steps(fns, args.warmup, args.reps, args.settle)
             ceiling = ceilings[f"jax_{dtype}"]
             row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens, "dtype": dtype}
             if "jsae" in fns:
