@@ -69,7 +69,9 @@ def main() -> None:
     if args.write:
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(f"\n### {datetime.date.today()} — sweep vs separate runs ({info['device']}, {info['cpus']} CPUs), "
-                    f"jax {info['jax']}, torch {info.get('torch', '—')}\n\n"
+                    f"jax {info['jax']}, torch {info.get('torch', '—')}"
+                    + (f"; under GLIBC_TUNABLES={info['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in info else "")
+                    + "\n\n"
                     "`bench/sweep.py`: configs/default.yaml (embedded model, TopK 128 → 1024, k = 32, 4096 tokens a "
                     "batch), lr and seed swept, evals off; wall time from config to saved folders, model load and "
                     "compilation included on both sides.\n\n"
