@@ -16,7 +16,7 @@ from jsae.saes._training import init_training_params
 D_IN, N = 16, 40  # 40 tokens: two full backward blocks of 16 and a tail of 8
 BLOCKWISE = {"d_sae": 512, "k": 4}  # 2 * k * TOPK_BLOCK <= d_sae: the blockwise top-k
 SINGLE = {"d_sae": 96, "k": 6}  # too few blocks: one top-k over the row
-DEAD = {"none": 0, "few": 3, "many": 200}  # "few" < k_aux = D_IN / 2: the aux top-k keeps some non-dead slots
+DEAD = {"none": 0, "few": 3, "k_aux": 8, "many": 200}  # up to k_aux = D_IN / 2 dead: the column path
 
 
 def configs(**kw):

@@ -290,13 +290,37 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
         loss = coefficient * scale * jnp.mean(jnp.sum(jnp.square(error), axis=-1))
         return loss.astype(jnp.float32), values, indices, error
 
+    def few_dead(_):
+        # At most k_static latents are dead: the aux top-k keeps every dead latent of every token, so
+        # its activations are the dead latents' pre-activations; work on those columns only.
+        idx, valid = _dead_columns(dead_mask, num_dead, k_static)
+        norms = decoder_row_norms(W_dec) if rescale else None
+        pre = pre_activations(product[:, idx], b_enc[idx], None if norms is None else norms[idx])
+        values = jnp.where(valid, pre, 0.0)
+        scaled = values * (1 / norms[idx]) if rescale else values
+        error = scaled @ W_dec[idx] - residual
+        loss = coefficient * scale * jnp.mean(jnp.sum(jnp.square(error), axis=-1))
+        return loss.astype(jnp.float32), values, jnp.broadcast_to(idx, (n, k_static)), error
+
     def nothing_dead(_):
         like = x[0, 0]
         return (_zeros(like, (), jnp.float32), _zeros(like, (n, k_static), product.dtype),
                 _zeros(like, (n, k_static), jnp.int32), _zeros(like, residual.shape, residual.dtype))
 
-    loss, values, indices, error = jax.lax.cond(num_dead > 0, compute, nothing_dead, None)
+    branch = _aux_branch(num_dead, k_static)
+    loss, values, indices, error = jax.lax.switch(branch, (nothing_dead, few_dead, compute), None)
     return loss, (product, x, dead_mask, b_dec, W_enc, b_enc, W_dec, values, indices, error)
+
+
+def _aux_branch(num_dead: Array, k_static: int) -> Array:
+    """0: nothing dead; 1: at most k_static dead (column path); 2: more (dense path)."""
+    return jnp.where(num_dead == 0, 0, jnp.where(num_dead <= k_static, 1, 2))
+
+
+def _dead_columns(dead_mask: Array, num_dead: Array, k_static: int) -> tuple[Array, Array]:
+    """The dead latents' indices padded to k_static (with 0), and which of the k_static slots are real."""
+    idx = jnp.nonzero(dead_mask, size=k_static, fill_value=0)[0].astype(jnp.int32)
+    return idx, jnp.arange(k_static) < num_dead
 
 
 def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
@@ -331,11 +355,41 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
         d_b_dec = -(W_enc @ d_b_enc) if apply_b_dec else jnp.zeros_like(b_dec)
         return d_x, d_b_dec, sae_in.T @ d_pre, d_b_enc, d_W_dec
 
+    def few_dead_grads(_):
+        # `few_dead`'s backward: values are the dead columns' pre-activations (zero past num_dead),
+        # indices[0] those columns; every product is (tokens, k_static)-sized.
+        idx = indices[0]
+        valid = jnp.arange(k_static) < num_dead
+        d_error = (d_loss * coefficient * scale * 2 / x.shape[0]).astype(error.dtype) * error
+        W_rows = W_dec[idx]
+        sae_in = x - b_dec if apply_b_dec else x
+        if rescale:
+            norms, norms_vjp = jax.vjp(decoder_row_norms, W_dec)
+            inv = 1 / norms[idx]
+            d_W_rows = (values * inv).T @ d_error
+            d_scaled = d_error @ W_rows.T
+            d_norms = -jnp.sum(d_scaled * values, axis=0) * jnp.square(inv)
+            d_values = jnp.where(valid, d_scaled * inv, 0.0)
+            d_norms = d_norms + jnp.sum(d_values * pre_activations(product[:, idx], b_enc[idx], None), axis=0)
+            d_pre = d_values * norms[idx]
+        else:
+            d_W_rows = values.T @ d_error
+            d_pre = jnp.where(valid, d_error @ W_rows.T, 0.0)
+        d_b_enc_cols = jnp.sum(d_pre, axis=0)
+        W_enc_cols = W_enc[:, idx]
+        d_W_dec = jnp.zeros_like(W_dec).at[idx].add(d_W_rows.astype(W_dec.dtype))
+        if rescale:
+            d_W_dec = d_W_dec + norms_vjp(jnp.zeros_like(norms).at[idx].add(d_norms.astype(norms.dtype)))[0]
+        d_b_dec = -(W_enc_cols @ d_b_enc_cols) if apply_b_dec else jnp.zeros_like(b_dec)
+        return (d_pre @ W_enc_cols.T, d_b_dec, jnp.zeros_like(W_enc).at[:, idx].add(sae_in.T @ d_pre),
+                jnp.zeros_like(b_enc).at[idx].add(d_b_enc_cols), d_W_dec)
+
     def nothing_dead(_):
         like = x[0, 0]
         return tuple(_zeros(like, a.shape, a.dtype) for a in (x, b_dec, W_enc, b_enc, W_dec))
 
-    d_x, d_b_dec, d_W_enc, d_b_enc, d_W_dec = jax.lax.cond(num_dead > 0, grads, nothing_dead, None)
+    branch = _aux_branch(num_dead, k_static)
+    d_x, d_b_dec, d_W_enc, d_b_enc, d_W_dec = jax.lax.switch(branch, (nothing_dead, few_dead_grads, grads), None)
     return None, d_x, None, None, d_b_dec, d_W_enc, d_b_enc, d_W_dec
 
 
