@@ -414,9 +414,9 @@ def wait_for_idle(fraction: float, timeout: float) -> float:
 
 
 def jsae_environment(env: dict) -> dict:
-    from bridge.cli import _glibc_version, _thp_mode, hugepage_environment
+    from bridge.cli import jsae_environment as rerun_environment
 
-    return hugepage_environment(env, _glibc_version(), _thp_mode()) or env
+    return rerun_environment(env) or env
 
 
 def run_worker(args, kind: str, spec: Path) -> dict:

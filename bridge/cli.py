@@ -194,9 +194,14 @@ def hugepage_environment(environ: dict[str, str], glibc: tuple[int, int] | None,
     return dict(environ) | {"GLIBC_TUNABLES": f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE}
 
 
+def jsae_environment(environ: dict[str, str]) -> dict[str, str] | None:
+    """`hugepage_environment` of `environ` on this machine (None: `jsae` runs in `environ` as it is)."""
+    return hugepage_environment(environ, _glibc_version(), _thp_mode())
+
+
 def _rerun_with_hugepages() -> None:
-    """Replace this process by the same command under `hugepage_environment` (only at a real command line)."""
-    env = hugepage_environment(dict(os.environ), _glibc_version(), _thp_mode())
+    """Replace this process by the same command under `jsae_environment` (only at a real command line)."""
+    env = jsae_environment(dict(os.environ))
     if env is not None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.cli import HUGEPAGE_TUNABLE, _glibc_version, _thp_mode, hugepage_environment
+from bridge.cli import HUGEPAGE_TUNABLE, hugepage_environment, jsae_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = (2, 36)
@@ -37,7 +37,7 @@ def test_leaves_the_environment_alone(environ, glibc, mode):
     assert hugepage_environment(environ, glibc, mode) is None
 
 
-@pytest.mark.skipif(hugepage_environment({}, _glibc_version(), _thp_mode()) is None,
+@pytest.mark.skipif(jsae_environment({}) is None,
                     reason="no glibc >= 2.35 with transparent huge pages here")
 def test_the_command_line_reruns_itself_under_the_tunable():
     # A real command line (main() without argv) replaces its process once, then runs the command.

@@ -10,6 +10,9 @@ from jsae._errors import ConfigError
 from jsae.config import SAEConfig, dataclass_from_dict
 from jsae.saes import get_training_architecture
 
+# How the SAEs of a sweep share a step (see jsae.training.sweep.make_sweep_step).
+SWEEP_STRATEGIES = ("auto", "vmap", "unroll", "map")
+
 NONFINITE_POLICIES = ("error", "skip")
 
 
@@ -136,7 +139,7 @@ class TrainConfig:
                 f"TrainConfig.model_axis_size={self.model_axis_size} does not divide n_devices={self.n_devices}: "
                 "the mesh is (n_devices // model_axis_size, model_axis_size); choose a divisor of n_devices."
             )
-        if self.sweep_strategy not in ("auto", "vmap", "unroll", "map"):
+        if self.sweep_strategy not in SWEEP_STRATEGIES:
             raise ConfigError("TrainConfig.sweep_strategy must be 'auto', 'vmap', 'unroll' or 'map', "
                               f"got {self.sweep_strategy!r}.")
         self.lr_schedule()  # validates scheduler name and step counts

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jsae._errors import ConfigError
-from jsae.training.config import TrainConfig
+from jsae.training.config import SWEEP_STRATEGIES, TrainConfig
 from jsae.training.schedules import coefficient_schedule
 from jsae.training.step import Hyperparameters, TrainState, build_step, init_train_state
 
@@ -127,7 +127,6 @@ def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
     return base.replace(sae=base.sae.replace(k=k_max)) if k_max else base
 
 
-SWEEP_STRATEGIES = ("auto", "vmap", "map", "unroll")
 # "auto" unrolls on CPU up to this many members (compile time grows with each), maps beyond.
 UNROLL_MAX_MEMBERS = 16
 
@@ -173,7 +172,7 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
             outs = []
             for i in range(len(members)):
                 member_batch = batch if stream_of is None else batch[streams[i]]
-                outs.append(with_dead(jax.tree.map(lambda a, i=i: a[i], states), member_batch, index[i]))
+                outs.append(with_dead(member_state(states, i), member_batch, index[i]))
             return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
         return unrolled_step

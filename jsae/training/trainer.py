@@ -180,7 +180,7 @@ class Trainer:
     def _to_global(self, batch: Any) -> jax.Array:
         shape = tuple(getattr(batch, "shape", ()))
         d_in = self.cfg.sae.d_in
-        streams = self.sweep.n_streams if self.sweep is not None and self.sweep.streams else None
+        streams = self._n_streams()
         expected = (self.local_batch_size, d_in) if streams is None else (streams, self.local_batch_size, d_in)
         if len(shape) != len(expected) or shape[-1] != d_in or (streams is not None and shape[0] != streams):
             want = f"({self.local_batch_size}, d_in={d_in})" if streams is None else (
@@ -199,10 +199,14 @@ class Trainer:
             return jax.device_put(batch, self.batch_sharding)  # no copy; the sharding _compile_step compiles for
         return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch))
 
+    def _n_streams(self) -> int | None:
+        """Activation streams a sweep's batches stack (several hook points), None for one (tokens, d_in) batch."""
+        return self.sweep.n_streams if self.sweep is not None and self.sweep.streams else None
+
     def _compile_step(self, state: TrainState, dtype: Any) -> None:
         """Compile the step for global batches of `dtype` (jit reuses it at the first step)."""
         tokens, d_in = self.local_batch_size * self.n_processes, self.cfg.sae.d_in
-        streams = self.sweep.n_streams if self.sweep is not None and self.sweep.streams else None
+        streams = self._n_streams()
         shape = (tokens, d_in) if streams is None else (streams, tokens, d_in)
         self.step_fn.lower(state, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.batch_sharding)).compile()
 
