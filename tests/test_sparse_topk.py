@@ -145,6 +145,7 @@ def test_row_blocks_top_k_is_lax_top_k(cores, monkeypatch):
     from jsae.saes import _base
 
     monkeypatch.setattr(_base, "_cpu_cores", lambda: cores)
+    monkeypatch.setattr(_base.kernels, "available", lambda: False)  # the row blocks are the kernel's fallback
     rng = np.random.default_rng(1)
     x = rng.integers(0, 50, size=(_base.ROW_TOP_K_MIN_ROWS + 7, 96)).astype(np.float32)  # ties in every row
     jitted = jax.jit(lambda a: _base.row_top_k(a, 8))  # a fresh function: no trace cached under other cores
