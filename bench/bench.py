@@ -230,11 +230,38 @@ def time_steps(fns: dict, warmup: int, reps: int, settle: float = 0.0) -> dict[s
 
 
 # ---------------------------------------------------------------------- main
+# Instruction sets that change the matmul rates of one library or the other (AVX-512 for XLA's and
+# oneDNN's float32 kernels, AMX for PyTorch's bfloat16 on CPU).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> dict:
+    """The host CPU's model name and which of CPU_FEATURES it has (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    model = f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    return {"cpu_model": model, "cpu_features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def machine_label(info: dict) -> str:
+    """'cpu, 2 CPUs: Intel(R) Xeon(R) Processor with avx2 avx512f ...' for a results heading."""
+    label = f"{info['device']}, {info['cpus']} CPUs"
+    if "cpu_model" in info:
+        label += f": {info['cpu_model']}" + (f" with {' '.join(info['cpu_features'])}" if info["cpu_features"] else "")
+    return label
+
+
 def machine() -> dict:
     import jax
 
     info = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(), "machine": platform.machine()}
+    info |= cpu_model()
     if os.environ.get("GLIBC_TUNABLES"):  # e.g. glibc.malloc.hugetlb=1 (what `jsae` sets for itself)
         info["GLIBC_TUNABLES"] = os.environ["GLIBC_TUNABLES"]
     try:
@@ -333,7 +360,7 @@ def format_table(rows, ceilings, info) -> str:
     date = datetime.date.today().isoformat()
     dense_column = any("jsae_dense_tok_s" in r for r in rows)
     lines = [
-        f"### {date} — {info['backend']} ({info['device']}, {info['cpus']} CPUs), jax {info['jax']}"
+        f"### {date} — {info['backend']} ({machine_label(info)}), jax {info['jax']}"
         + (f", torch {info['torch']}" if "torch" in info else "")
         + (f", sae_lens {info['sae_lens']}" if "sae_lens" in info else "")
         + (f"; both libraries under GLIBC_TUNABLES={info['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in info else ""),

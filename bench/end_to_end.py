@@ -473,11 +473,13 @@ def command_line(args, flat: dict) -> str:
 
 
 def format_report(flat: dict, summary: dict, profile: dict | None, info: dict, args) -> str:
+    from bench import machine_label  # bench/bench.py
+
     date = datetime.date.today().isoformat()
     sae = flat["sae"]
     size = sae.get("k", "")
     lines = [
-        f"### {date} — end-to-end training, {info['backend']} ({info['device']}, {info['cpus']} CPUs), "
+        f"### {date} — end-to-end training, {info['backend']} ({machine_label(info)}), "
         f"jax {info['jax']}" + (f", torch {info['torch']}" if "torch" in info else "")
         + (f", sae_lens {info['sae_lens']}" if "sae_lens" in info else ""),
         "",

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench import machine  # noqa: E402  (bench/bench.py, this folder is on sys.path)
+from bench import machine, machine_label  # noqa: E402  (bench/bench.py, this folder is on sys.path)
 
 
 def overrides(out: Path, tokens: int) -> dict:
@@ -68,7 +68,7 @@ def main() -> None:
           "faster in wall time")
     if args.write:
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(f"\n### {datetime.date.today()} — sweep vs separate runs ({info['device']}, {info['cpus']} CPUs), "
+            f.write(f"\n### {datetime.date.today()} — sweep vs separate runs ({machine_label(info)}), "
                     f"jax {info['jax']}, torch {info.get('torch', '—')}"
                     + (f"; under GLIBC_TUNABLES={info['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in info else "")
                     + "\n\n"

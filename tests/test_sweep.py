@@ -151,8 +151,9 @@ def test_a_sweep_over_k_equals_training_each_k_alone(strategy):
 def test_auto_strategy():
     from jsae.training.sweep import UNROLL_MAX_MEMBERS, resolve_strategy
 
-    assert resolve_strategy("auto", 8, "cpu") == "unroll"
-    assert resolve_strategy("auto", UNROLL_MAX_MEMBERS + 1, "cpu") == "map"
+    assert resolve_strategy("auto", 8, "cpu", cpu_kernels=True) == "map"
+    assert resolve_strategy("auto", 8, "cpu", cpu_kernels=False) == "unroll"
+    assert resolve_strategy("auto", UNROLL_MAX_MEMBERS + 1, "cpu", cpu_kernels=False) == "map"
     assert resolve_strategy("auto", 8, "gpu") == "vmap"
     assert resolve_strategy("map", 8, "gpu") == "map"
     with pytest.raises(jsae.ConfigError, match="sweep_strategy must be 'auto', 'vmap', 'unroll' or 'map'"):

@@ -50,7 +50,8 @@ class TrainConfig:
             divide d_sae and the device count; with several processes, each process's device count.
         sweep_strategy: how the SAEs of a sweep share a step: "vmap" (batched together), "unroll" (each
             member's step written out in the same compiled step), "map" (a loop over the members in it)
-            or "auto" (vmap off CPU; on CPU unroll up to 16 members, map beyond).
+            or "auto" (vmap off CPU; map on CPU, or unroll up to 16 members where jsae's CPU top-k kernel
+            cannot be built).
         sync_every_n_steps: wait for the device every n steps (None: every step on multi-device CPU,
             where XLA's collectives otherwise deadlock, else never).
         progress_bar: show a tqdm bar.

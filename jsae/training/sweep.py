@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jsae import kernels
 from jsae._errors import ConfigError
 from jsae.training.config import SWEEP_STRATEGIES, TrainConfig
 from jsae.training.schedules import coefficient_schedule
@@ -127,17 +128,28 @@ def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
     return base.replace(sae=base.sae.replace(k=k_max)) if k_max else base
 
 
-# "auto" unrolls on CPU up to this many members (compile time grows with each), maps beyond.
+# Without jsae's CPU top-k kernel, "auto" unrolls on CPU up to this many members (compile time
+# grows with each), maps beyond.
 UNROLL_MAX_MEMBERS = 16
 
 
-def resolve_strategy(strategy: str, n_members: int, backend: str | None = None) -> str:
-    """The strategy "auto" stands for: vmap off CPU; on CPU unroll up to UNROLL_MAX_MEMBERS members, else map."""
+def resolve_strategy(strategy: str, n_members: int, backend: str | None = None,
+                     cpu_kernels: bool | None = None) -> str:
+    """The strategy "auto" stands for: vmap off CPU; map on CPU.
+
+    Unrolled members paid on CPU while XLA's top-k ran on one core (the other core could take
+    another member's work); with jsae's top-k kernel (`jsae.kernels`, on every core) they no longer
+    do (8 TopK 128 -> 1024 members: 32.7 ms a member unrolled, 32.3 mapped) and compile 3x longer
+    (8.1 vs 2.6 s), so "auto" unrolls only without the kernel, up to UNROLL_MAX_MEMBERS members.
+    `cpu_kernels`: whether the kernel is there (default: `jsae.kernels.available()`).
+    """
     if strategy != "auto":
         return strategy
     if (backend or jax.default_backend()) != "cpu":
         return "vmap"
-    return "unroll" if n_members <= UNROLL_MAX_MEMBERS else "map"
+    if cpu_kernels is None:
+        cpu_kernels = kernels.available()
+    return "unroll" if not cpu_kernels and n_members <= UNROLL_MAX_MEMBERS else "map"
 
 
 def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None,
@@ -153,8 +165,8 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
             "unroll" writes each member's step out in the one compiled step, so XLA:CPU runs
             independent members' work side by side (compile time grows with the members); "map"
             runs them one after another in a loop (`lax.map`); "auto": `resolve_strategy`. On 2 CPU
-            cores, 8 TopK 128 -> 1024 members took 40 ms a member unrolled, 55 mapped, 50 vmapped
-            (unrolled compile 5.7 s vs 2.0 s mapped).
+            cores, 8 TopK 128 -> 1024 members took 32.3 ms a member mapped, 32.7 unrolled, 50.5
+            vmapped (compile 2.6, 8.1 and 3.6 s; bench/RESULTS.md).
 
     Every metric gains a leading member axis. Works under shard_map / pmap like `make_train_step`.
     """
