@@ -129,3 +129,27 @@ def test_jsae_cpu_kernels_0_turns_the_kernel_off_silently(tmp_path):
     out = probe({"JSAE_CACHE_DIR": str(tmp_path), "JSAE_CPU_KERNELS": "0"})
     assert "available False" in out and "warnings []" in out
     assert not any(tmp_path.iterdir())  # nothing was built
+
+
+DIRECT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jsae import kernels
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(300, 64)).astype(np.float32))
+    try:
+        got = kernels.top_k_indices(x, 5)  # the first call in the process: registers the kernel itself
+    except RuntimeError as error:
+        print("error", error)
+    else:
+        print("equal", bool((np.asarray(got) == np.asarray(jax.lax.top_k(x, 5)[1])).all()))
+""")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_top_k_indices_as_the_first_call_registers_the_kernel_or_says_why_not(enabled):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JSAE_CPU_KERNELS="1" if enabled else "0")
+    result = subprocess.run([sys.executable, "-c", DIRECT], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    if enabled:
+        assert result.stdout.strip() == "equal True"
+    else:
+        assert "error jsae's CPU top-k kernel is not available" in result.stdout and "JSAE_CPU_KERNELS=0" in result.stdout

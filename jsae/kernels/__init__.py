@@ -132,9 +132,13 @@ def _load() -> bool:
 def top_k_indices(x: jax.Array, k: int) -> jax.Array:
     """The indices `jax.lax.top_k(x, k)` returns, from the kernel: float32 x, any leading axes.
 
-    Call only where `available()` is true and the computation runs on CPU. Carries no gradient
-    (take the values with `jnp.take_along_axis(x, indices, -1)`).
+    For computations that run on CPU; builds and registers the kernel on first use, and raises
+    RuntimeError where `available()` is false. Carries no gradient (take the values with
+    `jnp.take_along_axis(x, indices, -1)`).
     """
+    if not available():
+        raise RuntimeError("jsae's CPU top-k kernel is not available here (see the warning above, or "
+                           "JSAE_CPU_KERNELS=0 is set); use jax.lax.top_k")
     if x.dtype != jnp.float32:
         raise TypeError(f"the CPU top-k kernel takes float32, got {x.dtype}")
     if not 0 <= k <= x.shape[-1]:
