@@ -56,6 +56,8 @@ CASES = {
     ],
     "quick": [("standard", 128, 1024, 1024, {"l1_coefficient": 1.0}), ("topk", 128, 1024, 1024, {"k": 16})],
     "topk": [("topk", 768, 16384, 4096, {"k": 32}), ("topk", 768, 6144, 4096, {"k": 32})],
+    # the default run's SAE (configs/default.yaml), the member of bench/sweep.py's sweep
+    "default": [("topk", 128, 1024, 4096, {"k": 32})],
 }
 
 

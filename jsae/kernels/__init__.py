@@ -1,15 +1,19 @@
-"""jsae's CPU kernel: a row-wise top-k for XLA:CPU, built on first use.
+"""jsae's CPU kernels: a row-wise top-k and TopK training's sparse products for XLA:CPU, built on first use.
 
 XLA:CPU's top-k runs a partial sort over each row on one thread (30 ms for 4096 rows of 1024
 latents with k = 32 on the 2-core machine of bench/RESULTS.md); TopK SAEs take one every step.
-`top_k.cc` beside this file selects the same indices in the same order from the few entries that
-can be among the top k, on XLA's intra-op threads (6 ms for the same top-k).
+`cpu_kernels.cc` beside this file selects the same values and indices in the same order from the
+few entries that can be among the top k, on XLA's intra-op threads (7 ms for the same top-k).
+The sparse TopK step's products over each token's k active latents (`gather_rows_dot`,
+`gather_rows_weighted`, `scatter_rows`, see `jsae.saes._sparse_topk`) are XLA gathers and
+scatters of one row at a time otherwise; here they are loops over rows on the same threads.
 
 It is C++ against the XLA FFI headers jaxlib ships, compiled once per machine with the system's
 C++ compiler (`$CXX`, else `c++`) into a cache folder (`$JSAE_CACHE_DIR`, else
 `$XDG_CACHE_HOME/jsae`, else `~/.cache/jsae`) and loaded from there afterwards. Where it cannot be
-built (no compiler, not x86/ARM Linux or macOS) jsae warns once and uses `jax.lax.top_k`: the
-results are identical either way. `JSAE_CPU_KERNELS=0` turns the kernel off.
+built (no compiler, not x86/ARM Linux or macOS) jsae warns once and uses XLA's own operations: the
+results are the same either way (the sparse products up to float rounding). `JSAE_CPU_KERNELS=0`
+turns the kernels off.
 """
 
 from __future__ import annotations
@@ -29,9 +33,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("top_k.cc")
-TOP_K_TARGET = "jsae_top_k_indices_f32"
-TOP_K_SYMBOL = "JsaeTopKIndicesF32"
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TOP_K_TARGET = "jsae_top_k_f32"
+# XLA FFI target name -> the symbol cpu_kernels.cc defines for it
+TARGETS = {
+    TOP_K_TARGET: "JsaeTopKF32",
+    "jsae_gather_rows_dot_f32": "JsaeGatherRowsDotF32",
+    "jsae_gather_rows_weighted_f32": "JsaeGatherRowsWeightedF32",
+    "jsae_scatter_rows_f32": "JsaeScatterRowsF32",
+}
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -72,11 +82,11 @@ def library_path(compiler: str) -> Path:
     import jaxlib
 
     key = "\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, platform.machine(), _cpu_fingerprint()])
-    return cache_dir() / "kernels" / f"top_k-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    return cache_dir() / "kernels" / f"cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
 def build(compiler: str) -> Path:
-    """Compile top_k.cc into the cache (if it is not there yet) and return the library's path.
+    """Compile cpu_kernels.cc into the cache (if it is not there yet) and return the library's path.
 
     Written to a temporary file and renamed into place, so processes building at once (several
     hosts on one machine) each see either no library or a whole one.
@@ -85,7 +95,7 @@ def build(compiler: str) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("jsae: compiling the CPU top-k kernel (once per machine) into %s", path)
+    logger.info("jsae: compiling the CPU kernels (once per machine) into %s", path)
     errors = []
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         output = Path(tmp) / path.name
@@ -95,11 +105,11 @@ def build(compiler: str) -> Path:
                 os.replace(output, path)
                 return path
             errors.append(f"$ {' '.join(command)}\n{result.stderr.strip()[-2000:]}")
-    raise RuntimeError("could not compile jsae's CPU top-k kernel:\n" + "\n".join(errors))
+    raise RuntimeError("could not compile jsae's CPU kernels:\n" + "\n".join(errors))
 
 
 def available() -> bool:
-    """Whether the CPU top-k kernel is registered with XLA in this process (building it on first call).
+    """Whether the CPU kernels are registered with XLA in this process (building it on first call).
 
     False (after one warning) where it cannot be built; False without trying when
     JSAE_CPU_KERNELS=0.
@@ -121,27 +131,96 @@ def _load() -> bool:
         if compiler is None:
             raise RuntimeError("no C++ compiler found (set $CXX, or install g++ or clang++)")
         library = ctypes.cdll.LoadLibrary(str(build(compiler)))
-        jax.ffi.register_ffi_target(TOP_K_TARGET, jax.ffi.pycapsule(getattr(library, TOP_K_SYMBOL)), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as error:
-        warnings.warn(f"jsae: using jax.lax.top_k on CPU ({error}). Results are the same, TopK training is slower; "
+        warnings.warn(f"jsae: using jax.lax.top_k and XLA's gathers on CPU ({error}). Results are the same, TopK "
+                      "training is slower; "
                       "JSAE_CPU_KERNELS=0 silences this.", RuntimeWarning, stacklevel=3)
         return False
     return True
 
 
-def top_k_indices(x: jax.Array, k: int) -> jax.Array:
-    """The indices `jax.lax.top_k(x, k)` returns, from the kernel: float32 x, any leading axes.
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k(x, k)` from the kernel: the same values (bit for bit) and indices, float32 x,
+    any leading axes.
 
     For computations that run on CPU; builds and registers the kernel on first use, and raises
-    RuntimeError where `available()` is false. Carries no gradient (take the values with
-    `jnp.take_along_axis(x, indices, -1)`).
+    RuntimeError where `available()` is false. Carries no gradient (`jsae.saes._base.row_top_k`
+    adds lax.top_k's).
     """
-    if not available():
-        raise RuntimeError("jsae's CPU top-k kernel is not available here (see the warning above, or "
-                           "JSAE_CPU_KERNELS=0 is set); use jax.lax.top_k")
+    _check_available("jax.lax.top_k")
     if x.dtype != jnp.float32:
         raise TypeError(f"the CPU top-k kernel takes float32, got {x.dtype}")
     if not 0 <= k <= x.shape[-1]:
         raise ValueError(f"top_k needs 0 <= k <= {x.shape[-1]} (the last axis), got k={k}")
-    out = jax.ShapeDtypeStruct((*x.shape[:-1], k), jnp.int32)
-    return jax.ffi.ffi_call(TOP_K_TARGET, out, vmap_method="broadcast_all")(jax.lax.stop_gradient(x))
+    shape = (*x.shape[:-1], k)
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
+    values, indices = jax.ffi.ffi_call(TOP_K_TARGET, out, vmap_method="broadcast_all")(jax.lax.stop_gradient(x))
+    return values, indices
+
+
+def usable(*arrays: jax.Array) -> bool:
+    """Whether the kernels can take these arrays: JAX's default backend is the CPU, they are
+    float32 (or integer indices), and the kernels are available."""
+    return (jax.default_backend() == "cpu" and all(a.dtype in (jnp.float32, jnp.int32) for a in arrays)
+            and available())
+
+
+def _check_available(instead: str) -> None:
+    if not available():
+        raise RuntimeError("jsae's CPU kernels are not available here (see the warning above, or "
+                           f"JSAE_CPU_KERNELS=0 is set); use {instead}")
+
+
+def _check_slots(name: str, indices: jax.Array, **float32s: jax.Array) -> None:
+    if indices.ndim < 2 or indices.dtype != jnp.int32:
+        raise TypeError(f"{name} takes (..., n, k) int32 indices, got {indices.dtype}{list(indices.shape)}")
+    for arg, a in float32s.items():
+        if a.dtype != jnp.float32 or a.ndim != indices.ndim or a.shape[:-2] != indices.shape[:-2]:
+            raise TypeError(f"{name} takes a float32 {arg} with the indices' leading axes "
+                            f"{list(indices.shape[:-2])}, got {a.dtype}{list(a.shape)}")
+
+
+def gather_rows_dot(rows: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
+    """out[..., t, j] = rows[..., t, :] · table[..., indices[..., t, j], :]: (..., n, d), (..., n, k), (..., m, d) -> (..., n, k).
+
+    Indices outside [0, m) give 0. No gradient; float32 sums in a different order from XLA's.
+    """
+    _check_available("jsae.saes._sparse_topk's XLA products")
+    _check_slots("gather_rows_dot", indices, rows=rows, table=table)
+    if rows.shape[-2:] != (indices.shape[-2], table.shape[-1]):
+        raise ValueError(f"gather_rows_dot: rows {list(rows.shape)} must be (..., n, d) for indices "
+                         f"{list(indices.shape)} and table {list(table.shape)}")
+    out = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
+    return jax.ffi.ffi_call("jsae_gather_rows_dot_f32", out, vmap_method="broadcast_all")(rows, indices, table)
+
+
+def gather_rows_weighted(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
+    """out[..., t, :] = Σ_j weights[..., t, j] · table[..., indices[..., t, j], :]: -> (..., n, d).
+
+    Indices outside [0, m) add nothing. No gradient; float32 sums in a different order from XLA's.
+    """
+    _check_available("jsae.saes._sparse_topk's XLA products")
+    _check_slots("gather_rows_weighted", indices, weights=weights, table=table)
+    if weights.shape != indices.shape:
+        raise ValueError(f"gather_rows_weighted: weights {list(weights.shape)} must have the indices' shape "
+                         f"{list(indices.shape)}")
+    out = jax.ShapeDtypeStruct((*indices.shape[:-1], table.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("jsae_gather_rows_weighted_f32", out, vmap_method="broadcast_all")(weights, indices,
+                                                                                               table)
+
+
+def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, m: int) -> jax.Array:
+    """out[..., i, :] = Σ over (t, j) with indices[..., t, j] = i of weights[..., t, j] · rows[..., t, :]: -> (..., m, d).
+
+    Indices outside [0, m) add nothing. No gradient; each row's sum runs in (t, j) order whatever
+    the thread count, so results are deterministic.
+    """
+    _check_available("jsae.saes._sparse_topk's XLA products")
+    _check_slots("scatter_rows", indices, weights=weights, rows=rows)
+    if weights.shape != indices.shape or rows.shape[-2] != indices.shape[-2]:
+        raise ValueError(f"scatter_rows: weights {list(weights.shape)} must have the indices' shape and rows "
+                         f"{list(rows.shape)} their n, for indices {list(indices.shape)}")
+    out = jax.ShapeDtypeStruct((*indices.shape[:-2], m, rows.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call("jsae_scatter_rows_f32", out, vmap_method="broadcast_all")(weights, indices, rows)

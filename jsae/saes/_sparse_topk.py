@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jsae import kernels
 from jsae.saes._base import Array, decoder_row_norms, row_top_k
 
 # Tokens per iteration of the backward loops (on CPU 16 measured fastest of 1..64).
@@ -40,8 +41,11 @@ def gather_rows_weighted(weights: Array, indices: Array, table: Array) -> Array:
     """Σ_j weights[t, j] · table[indices[t, j]] for every token t: (n, k), (n, k), (m, d) -> (n, d).
 
     A loop over groups of SLOT_GROUP slots, each one fused pass that gathers and adds its slots:
-    no (n, k, d) array is formed. Accumulates in float32 (or wider), returns table's dtype.
+    no (n, k, d) array is formed. Accumulates in float32 (or wider), returns table's dtype. On CPU,
+    float32 goes through jsae's kernel (`jsae.kernels.gather_rows_weighted`).
     """
+    if kernels.usable(weights, indices, table):
+        return kernels.gather_rows_weighted(weights, indices, table)
     n, k = weights.shape
     acc = _acc_dtype(table.dtype)
 
@@ -79,7 +83,12 @@ def _rows(x: Array, start, size: int) -> Array:
 
 
 def gather_rows_dot(rows: Array, indices: Array, table: Array) -> Array:
-    """rows[t] · table[indices[t, j]] for every (t, j): (n, d), (n, k), (m, d) -> (n, k) in float32 (or wider)."""
+    """rows[t] · table[indices[t, j]] for every (t, j): (n, d), (n, k), (m, d) -> (n, k) in float32 (or wider).
+
+    On CPU, float32 goes through jsae's kernel (`jsae.kernels.gather_rows_dot`).
+    """
+    if kernels.usable(rows, indices, table):
+        return kernels.gather_rows_dot(rows, indices, table)
     n, k = indices.shape
     acc = _acc_dtype(table.dtype)
 
@@ -95,8 +104,11 @@ def gather_rows_dot(rows: Array, indices: Array, table: Array) -> Array:
 def scatter_rows(weights: Array, indices: Array, rows: Array, m: int) -> Array:
     """out[i] = Σ over (t, j) with indices[t, j] = i of weights[t, j] · rows[t]: -> (m, d) in rows' dtype.
 
-    The transpose of `gather_rows_weighted` with respect to the table; accumulates in float32 (or wider).
+    The transpose of `gather_rows_weighted` with respect to the table; accumulates in float32 (or
+    wider). On CPU, float32 goes through jsae's kernel (`jsae.kernels.scatter_rows`).
     """
+    if kernels.usable(weights, indices, rows):
+        return kernels.scatter_rows(weights, indices, rows, m)
     n, k = indices.shape
     acc = _acc_dtype(rows.dtype)
 
