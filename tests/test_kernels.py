@@ -63,6 +63,35 @@ def test_rows_with_many_ties_at_the_threshold_equal_lax_top_k(kind, k):
     np.testing.assert_array_equal(kernel_indices(x, k), lax_indices(x, k))
 
 
+@pytest.mark.parametrize("scaled", [True, False])
+def test_top_k_affine_is_the_top_k_of_the_affine_map(scaled):
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(700, 512)).astype(np.float32)
+    x[0] = np.nan  # NaNs and ties pass through (x + bias) * scale as XLA computes them
+    x[1, :300] = 1.0
+    bias = rng.normal(size=512).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, size=512).astype(np.float32) if scaled else None
+    affine = jax.jit(lambda a, b, s: (a + b) * s if s is not None else a + b)(x, bias, scale)
+    for k in (1, 32, 129):
+        values, indices = jax.jit(kernels.top_k_affine, static_argnums=3)(x, bias, scale, k)
+        want_values, want_indices = jax.lax.top_k(affine, k)
+        np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices), err_msg=f"k={k}")
+        np.testing.assert_array_equal(np.asarray(values).view(np.uint32), np.asarray(want_values).view(np.uint32))
+
+
+def test_top_k_affine_under_vmap_with_mapped_and_shared_bias():
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, 200, 96)).astype(np.float32)
+    biases = rng.normal(size=(3, 96)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, size=96).astype(np.float32)
+    got = jax.jit(jax.vmap(lambda a, b: kernels.top_k_affine(a, b, scale, 8)))(x, biases)
+    want = jax.lax.top_k((x + biases[:, None, :]) * scale, 8)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    with pytest.raises(ValueError, match="bias"):
+        kernels.top_k_affine(x[0], biases[0, :50], None, 8)
+
+
 def test_signed_zeros_infinities_and_nans_order_as_in_lax_top_k():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 37)).astype(np.float32)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 import jsae
 
@@ -46,3 +49,14 @@ def test_ci_runs_the_readme_test_command():
     readme = (root / "README.md").read_text()
     ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert "pytest" in ci and ci in readme
+
+
+def test_the_cpu_kernels_build_wherever_a_compiler_is_found():
+    # tests/test_kernels.py skips where the kernels cannot be built; a C++ compiler on the path
+    # means they must build (a compile error in jsae/kernels/cpu_kernels.cc fails here).
+    from jsae import kernels
+
+    if kernels._compiler() is None or os.environ.get("JSAE_CPU_KERNELS") == "0":
+        pytest.skip("no C++ compiler here (or JSAE_CPU_KERNELS=0)")
+    kernels.build(kernels._compiler())  # raises with the compiler's errors
+    assert kernels.available()

@@ -122,8 +122,12 @@ def test_input_gradient_matches_dense():
     assert rel_err(jax.grad(sparse)(x), jax.grad(dense)(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("kind", ["distinct", "ties", "all_equal"])
-def test_blockwise_top_k_is_lax_top_k(kind):
+def test_blockwise_top_k_is_lax_top_k(kind, kernel, monkeypatch):
+    # On CPU the pre-activations' top-k is jsae's kernel (kernels.top_k_affine); without it, blockwise.
+    if not kernel:
+        monkeypatch.setattr(_sparse_topk.kernels, "available", lambda: False)
     n, m, k = 64, 2048, 16
     rng = np.random.default_rng(0)
     product = {"distinct": rng.normal(size=(n, m)), "ties": rng.integers(0, 6, size=(n, m)),
@@ -136,7 +140,7 @@ def test_blockwise_top_k_is_lax_top_k(kind):
     np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
     got = np.take_along_axis((product + b_enc) * norms, np.asarray(indices), axis=-1)
     np.testing.assert_array_equal(got, np.asarray(values))  # the indices hold those values
-    if kind != "ties":  # with ties between blocks, another equally large latent may be picked
+    if kind != "ties" or kernel:  # blockwise, with ties between blocks another equal latent may be picked
         np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
 
 

@@ -38,6 +38,7 @@ TOP_K_TARGET = "jsae_top_k_f32"
 # XLA FFI target name -> the symbol cpu_kernels.cc defines for it
 TARGETS = {
     TOP_K_TARGET: "JsaeTopKF32",
+    "jsae_top_k_affine_f32": "JsaeTopKAffineF32",
     "jsae_gather_rows_dot_f32": "JsaeGatherRowsDotF32",
     "jsae_gather_rows_weighted_f32": "JsaeGatherRowsWeightedF32",
     "jsae_scatter_rows_f32": "JsaeScatterRowsF32",
@@ -158,6 +159,27 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
     values, indices = jax.ffi.ffi_call(TOP_K_TARGET, out, vmap_method="broadcast_all")(jax.lax.stop_gradient(x))
     return values, indices
+
+
+def top_k_affine(x: jax.Array, bias: jax.Array, scale: jax.Array | None, k: int) -> tuple[jax.Array, jax.Array]:
+    """`top_k((x + bias) * scale, k)` without writing out (x + bias) * scale: x (..., n), bias and
+    scale (n,) (under vmap, with x's mapped axes in front). scale None: x + bias.
+
+    The values are (x + bias) * scale at the indices, the same floats XLA computes. No gradient.
+    """
+    _check_available("jax.lax.top_k")
+    scale = jnp.ones_like(bias) if scale is None else scale
+    if any(a.dtype != jnp.float32 for a in (x, bias, scale)):
+        raise TypeError(f"the CPU top-k kernel takes float32, got {x.dtype}, {bias.dtype}, {scale.dtype}")
+    if bias.shape != scale.shape or bias.shape[-1:] != x.shape[-1:]:
+        raise ValueError(f"top_k_affine: bias {list(bias.shape)} and scale {list(scale.shape)} must both be "
+                         f"({x.shape[-1]},) for x {list(x.shape)}")
+    if not 0 <= k <= x.shape[-1]:
+        raise ValueError(f"top_k needs 0 <= k <= {x.shape[-1]} (the last axis), got k={k}")
+    shape = (*x.shape[:-1], k)
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
+    stop = jax.lax.stop_gradient
+    return jax.ffi.ffi_call("jsae_top_k_affine_f32", out, vmap_method="broadcast_all")(stop(x), stop(bias), stop(scale))
 
 
 def usable(*arrays: jax.Array) -> bool:

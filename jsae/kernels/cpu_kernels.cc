@@ -15,6 +15,8 @@
 //     candidates from many ties at tau: select the k best with nth_element and sort them).
 // Comparisons use the float's bits mapped to an order-preserving int32, so ties and signed zeros
 // resolve exactly as in lax.top_k. Rows are shared out over XLA's intra-op thread pool.
+// top_k_affine does the same for (x + bias) * scale, a row at a time (TopK's pre-activations from
+// the encoder product, never written out).
 //
 // The sparse products, for tokens t < n with k slots each (indices[t, j] < m, weights[t, j]):
 //   gather_rows_dot:      out[t, j] = rows[t] . table[indices[t, j]]                 (n, k)
@@ -169,16 +171,27 @@ int64_t Collect(const uint32_t* bits, int64_t n, int32_t tau, int32_t* keys, int
 constexpr int64_t kMaxRankedK = 128;
 constexpr int64_t kMaxRanked = 4;
 
+// Rows [first_row, end_row) of x (rows of n). With `bias` (and `scale`), the top k of each row's
+// (x + bias) * scale instead, computed a row at a time and never stored: bias and scale hold one
+// row of n for every `rows_per_bias` rows of x.
 void TopKRows(const float* x, int64_t first_row, int64_t end_row, int64_t n, int64_t k, float* values,
-              int32_t* out) {
+              int32_t* out, const float* bias = nullptr, const float* scale = nullptr, int64_t rows_per_bias = 1) {
   const bool ranked = k <= kMaxRankedK;
   const int64_t chunks = ranked ? std::min(n, std::max<int64_t>(2 * k, 16)) : k;
   std::vector<int32_t> keys(n), index(n), maxima(chunks), rank(std::max(n, chunks));
   std::vector<uint64_t> packed;
+  std::vector<float> affine(bias ? n : 0);
   for (int64_t r = first_row; r < end_row; ++r) {
-    const uint32_t* bits = reinterpret_cast<const uint32_t*>(x + r * n);
+    const float* row = x + r * n;
     if (r + 1 < end_row)  // the next row's first lines, while this one is worked on
-      for (int64_t j = 0; j < std::min<int64_t>(n, 256); j += 16) __builtin_prefetch(bits + n + j);
+      for (int64_t j = 0; j < std::min<int64_t>(n, 256); j += 16) __builtin_prefetch(row + n + j);
+    if (bias) {
+      const float* b = bias + (r / rows_per_bias) * n;
+      const float* s = scale + (r / rows_per_bias) * n;
+      for (int64_t j = 0; j < n; ++j) affine[j] = (row[j] + b[j]) * s[j];
+      row = affine.data();
+    }
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(row);
     int32_t* indices = out + r * k;
     StridedMaxima(bits, n, chunks, maxima.data());
     const int32_t tau = ranked ? KthLargest(maxima.data(), chunks, k, rank.data())
@@ -196,8 +209,14 @@ void TopKRows(const float* x, int64_t first_row, int64_t end_row, int64_t n, int
       std::sort(packed.begin(), best_k, std::greater<uint64_t>());
       for (int64_t q = 0; q < k; ++q) indices[q] = Unpack(packed[q]);
     }
-    for (int64_t q = 0; q < k; ++q) values[r * k + q] = x[r * n + indices[q]];  // the entry itself, bit for bit
+    for (int64_t q = 0; q < k; ++q) values[r * k + q] = row[indices[q]];  // the entry itself, bit for bit
   }
+}
+
+int64_t Elements(ffi::Span<const int64_t> dims) {
+  int64_t size = 1;
+  for (int64_t d : dims) size *= d;
+  return size;
 }
 
 // Blocks [0, blocks) handed out to whichever thread asks next; the calling thread works too and
@@ -264,6 +283,33 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
   return ffi::Error::Success();
 }
 
+// The top k of (x + bias) * scale along the last axis, x (..., n), bias and scale (..., n) with
+// leading axes that are a prefix of x's (one row for each slice of x's remaining axes).
+ffi::Error TopKAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> values,
+                      ffi::ResultBuffer<ffi::S32> indices) {
+  auto dims = x.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("top_k needs an array with at least one axis");
+  const int64_t n = dims.back();
+  const int64_t k = indices->dimensions().back();
+  if (k < 0 || k > n) return ffi::Error::InvalidArgument("top_k needs 0 <= k <= the last axis' size");
+  const int64_t rows = n ? Elements(dims) / n : 0;
+  const int64_t bias_rows = n ? Elements(bias.dimensions()) / n : 0;
+  if (bias.dimensions().size() == 0 || bias.dimensions().back() != n || !(scale.dimensions() == bias.dimensions()) ||
+      bias_rows == 0 || rows % bias_rows)
+    return ffi::Error::InvalidArgument("top_k_affine needs bias and scale of one shape (..., n) dividing x's rows");
+  if (k == 0 || rows == 0) return ffi::Error::Success();
+  const float* data = x.typed_data();
+  const float* b = bias.typed_data();
+  const float* s = scale.typed_data();
+  int32_t* out = indices->typed_data();
+  float* top = values->typed_data();
+  ParallelRows(pool, rows, 64, [&](int64_t first, int64_t end) {
+    TopKRows(data, first, end, n, k, top, out, b, s, rows / bias_rows);
+  });
+  return ffi::Error::Success();
+}
+
 // --------------------------------------------------------------------------- sparse products
 inline float Dot(const float* a, const float* b, int64_t d) {
   float lanes[16] = {};  // 16 partial sums, so the compiler can keep them in vector registers
@@ -278,12 +324,6 @@ inline float Dot(const float* a, const float* b, int64_t d) {
 
 inline void AddScaled(float* out, float w, const float* row, int64_t d) {
   for (int64_t c = 0; c < d; ++c) out[c] += w * row[c];
-}
-
-int64_t Elements(ffi::Span<const int64_t> dims) {
-  int64_t size = 1;
-  for (int64_t d : dims) size *= d;
-  return size;
 }
 
 // The shapes every sparse product checks: indices (..., n, k), and an (..., rows, d) operand with
@@ -408,6 +448,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsaeTopKF32, TopK,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsaeTopKAffineF32, TopKAffine,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 #define JSAE_SPARSE_PRODUCT(symbol, function)                                                    \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, function,                                                \

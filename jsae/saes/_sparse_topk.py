@@ -147,8 +147,11 @@ def top_k_hidden_pre(product: Array, b_enc: Array, norms: Array | None, k: int) 
     Blockwise and exact (ties aside): a row's k largest entries lie in the k blocks of TOPK_BLOCK
     consecutive latents with the largest maxima, so the top k of those blocks' entries (taken in
     index order, so ties resolve as in lax.top_k) is the row's. Falls back to one top-k where the
-    blocks would not pay.
+    blocks would not pay. On CPU, float32 goes through jsae's kernel (`jsae.kernels.top_k_affine`),
+    which never stores the pre-activations either.
     """
+    if kernels.usable(product, b_enc, *([] if norms is None else [norms])):
+        return kernels.top_k_affine(product, b_enc, norms, k)
     n, m = product.shape
     block = TOPK_BLOCK
     if m % block or 2 * k * block > m:
