@@ -239,10 +239,12 @@ def kernel_products(weights, indices, rows, table):
 
 
 @pytest.mark.parametrize("batch, n, k, m, d", [((), 4096, 32, 1024, 128), ((), 333, 7, 50, 13), ((3,), 40, 4, 512, 16),
-                                               ((2, 2), 17, 3, 9, 40), ((), 5, 1, 1, 1)])
+                                               ((2, 2), 17, 3, 9, 140), ((), 5, 1, 1, 1), ((), 64, 3, 37, 70)])
 def test_sparse_products_equal_their_definitions(batch, n, k, m, d):
+    # d = 140 and 70: more than one pass of the scatter's 64 columns, with a tail.
     args = slots(np.random.default_rng(7), batch, n, k, m, d)
-    for got, want, name in zip(kernel_products(*args), reference_products(*args), ["dot", "weighted", "scatter"]):
+    for got, want, name in zip(kernel_products(*args), reference_products(*args), ["dot", "weighted", "scatter"],
+                               strict=True):
         assert got.shape == want.shape, name
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()),
                                    err_msg=name)

@@ -156,8 +156,7 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if not 0 <= k <= x.shape[-1]:
         raise ValueError(f"top_k needs 0 <= k <= {x.shape[-1]} (the last axis), got k={k}")
     shape = (*x.shape[:-1], k)
-    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
-    values, indices = jax.ffi.ffi_call(TOP_K_TARGET, out, vmap_method="broadcast_all")(jax.lax.stop_gradient(x))
+    values, indices = _call(TOP_K_TARGET, [(shape, jnp.float32), (shape, jnp.int32)], jax.lax.stop_gradient(x))
     return values, indices
 
 
@@ -177,9 +176,10 @@ def top_k_affine(x: jax.Array, bias: jax.Array, scale: jax.Array | None, k: int)
     if not 0 <= k <= x.shape[-1]:
         raise ValueError(f"top_k needs 0 <= k <= {x.shape[-1]} (the last axis), got k={k}")
     shape = (*x.shape[:-1], k)
-    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int32))
     stop = jax.lax.stop_gradient
-    return jax.ffi.ffi_call("jsae_top_k_affine_f32", out, vmap_method="broadcast_all")(stop(x), stop(bias), stop(scale))
+    values, indices = _call("jsae_top_k_affine_f32", [(shape, jnp.float32), (shape, jnp.int32)], stop(x), stop(bias),
+                            stop(scale))
+    return values, indices
 
 
 def usable(*arrays: jax.Array) -> bool:
@@ -187,6 +187,32 @@ def usable(*arrays: jax.Array) -> bool:
     float32 (or integer indices), and the kernels are available."""
     return (jax.default_backend() == "cpu" and all(a.dtype in (jnp.float32, jnp.int32) for a in arrays)
             and available())
+
+
+def _varying(a: jax.Array) -> frozenset:
+    """The manual mesh axes `a` varies over (inside jax.shard_map; empty elsewhere)."""
+    axis_type = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(axis_type.varying) if axis_type is not None else frozenset()
+
+
+def _call(target: str, results: list[tuple], *args: jax.Array) -> tuple[jax.Array, ...]:
+    """jax.ffi.ffi_call of `target` on args; results: a (shape, dtype) for each output.
+
+    Under jax.shard_map, the inputs are first cast to vary over every mesh axis any of them varies
+    over (an FFI call takes operands of one type), and the results are typed as varying over those
+    axes too, as the XLA operations they replace would be.
+    """
+    axes = frozenset().union(*(_varying(a) for a in args))
+    if axes:
+        args = tuple(jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying") if axes - _varying(a) else a
+                     for a in args)
+    kind = {}
+    if axes:  # the (cast) inputs' manual axis type, on their (abstract) mesh
+        like = jax.typeof(args[0])
+        kind = {"sharding": jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec()),
+                "manual_axis_type": like.manual_axis_type}
+    out = tuple(jax.ShapeDtypeStruct(shape, dtype, **kind) for shape, dtype in results)
+    return tuple(jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(*args))
 
 
 def _check_available(instead: str) -> None:
@@ -214,8 +240,7 @@ def gather_rows_dot(rows: jax.Array, indices: jax.Array, table: jax.Array) -> ja
     if rows.shape[-2:] != (indices.shape[-2], table.shape[-1]):
         raise ValueError(f"gather_rows_dot: rows {list(rows.shape)} must be (..., n, d) for indices "
                          f"{list(indices.shape)} and table {list(table.shape)}")
-    out = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
-    return jax.ffi.ffi_call("jsae_gather_rows_dot_f32", out, vmap_method="broadcast_all")(rows, indices, table)
+    return _call("jsae_gather_rows_dot_f32", [(indices.shape, jnp.float32)], rows, indices, table)[0]
 
 
 def gather_rows_weighted(weights: jax.Array, indices: jax.Array, table: jax.Array) -> jax.Array:
@@ -228,9 +253,8 @@ def gather_rows_weighted(weights: jax.Array, indices: jax.Array, table: jax.Arra
     if weights.shape != indices.shape:
         raise ValueError(f"gather_rows_weighted: weights {list(weights.shape)} must have the indices' shape "
                          f"{list(indices.shape)}")
-    out = jax.ShapeDtypeStruct((*indices.shape[:-1], table.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("jsae_gather_rows_weighted_f32", out, vmap_method="broadcast_all")(weights, indices,
-                                                                                               table)
+    return _call("jsae_gather_rows_weighted_f32", [((*indices.shape[:-1], table.shape[-1]), jnp.float32)], weights,
+                 indices, table)[0]
 
 
 def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, m: int) -> jax.Array:
@@ -244,5 +268,5 @@ def scatter_rows(weights: jax.Array, indices: jax.Array, rows: jax.Array, m: int
     if weights.shape != indices.shape or rows.shape[-2] != indices.shape[-2]:
         raise ValueError(f"scatter_rows: weights {list(weights.shape)} must have the indices' shape and rows "
                          f"{list(rows.shape)} their n, for indices {list(indices.shape)}")
-    out = jax.ShapeDtypeStruct((*indices.shape[:-2], m, rows.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call("jsae_scatter_rows_f32", out, vmap_method="broadcast_all")(weights, indices, rows)
+    shape = (*indices.shape[:-2], m, rows.shape[-1])
+    return _call("jsae_scatter_rows_f32", [(shape, jnp.float32)], weights, indices, rows)[0]

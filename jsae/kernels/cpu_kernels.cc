@@ -392,6 +392,9 @@ ffi::Error GatherRowsWeighted(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weight
   return ffi::Error::Success();
 }
 
+// Columns of `rows` summed per pass of scatter_rows: n tokens' 64 columns (1 MB for 4096 tokens)
+// stay in a core's L2 cache while every latent's bucket reads them.
+constexpr int64_t kScatterColumns = 64;
 ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::S32> indices,
                        ffi::Buffer<ffi::F32> rows, ffi::ResultBuffer<ffi::F32> out) {
   int64_t batch, n, k, n_rows, d;
@@ -412,7 +415,7 @@ ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weights, ffi:
   }
   // Per batch member: its slots bucketed by latent (a stable counting sort, so each bucket keeps
   // (t, j) order), then ranges of latents shared out over the threads, each latent's row summed
-  // from its bucket.
+  // from its bucket, kScatterColumns columns at a time.
   std::vector<int64_t> start(m + 1);
   std::vector<int32_t> order(n * k);
   for (int64_t b = 0; b < batch; ++b) {
@@ -427,13 +430,18 @@ ffi::Error ScatterRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weights, ffi:
     const float* of_w = w + b * n * k;
     const float* of_rows = r + b * n * d;
     float* of_out = o + b * m * d;
+    auto sum_into = [&](float* acc, int64_t i, int64_t column, int64_t width) {  // acc[0, width) = latent i's sum
+      std::fill(acc, acc + width, 0.0f);
+      for (int64_t q = start[i]; q < start[i + 1]; ++q) {
+        const int64_t s = order[q];
+        AddScaled(acc, of_w[s], of_rows + (s / k) * d + column, width);
+      }
+    };
     ParallelRows(pool, m, 16, [&](int64_t lo, int64_t hi) {
-      std::fill(of_out + lo * d, of_out + hi * d, 0.0f);
-      for (int64_t i = lo; i < hi; ++i)
-        for (int64_t q = start[i]; q < start[i + 1]; ++q) {
-          const int64_t s = order[q];
-          AddScaled(of_out + i * d, of_w[s], of_rows + (s / k) * d, d);
-        }
+      for (int64_t column = 0; column < d; column += kScatterColumns) {
+        const int64_t width = std::min(kScatterColumns, d - column);
+        for (int64_t i = lo; i < hi; ++i) sum_into(of_out + i * d + column, i, column, width);
+      }
     });
   }
   return ffi::Error::Success();
