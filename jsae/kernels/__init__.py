@@ -1,9 +1,9 @@
 """jsae's CPU kernels: a row-wise top-k and TopK training's sparse products for XLA:CPU, built on first use.
 
-XLA:CPU's top-k runs a partial sort over each row on one thread (30 ms for 4096 rows of 1024
+XLA:CPU's top-k runs a partial sort over each row on one thread (35 ms for 4096 rows of 1024
 latents with k = 32 on the 2-core machine of bench/RESULTS.md); TopK SAEs take one every step.
 `cpu_kernels.cc` beside this file selects the same values and indices in the same order from the
-few entries that can be among the top k, on XLA's intra-op threads (7 ms for the same top-k).
+few entries that can be among the top k, on XLA's intra-op threads (1.9 ms for the same top-k).
 The sparse TopK step's products over each token's k active latents (`gather_rows_dot`,
 `gather_rows_weighted`, `scatter_rows`, see `jsae.saes._sparse_topk`) are XLA gathers and
 scatters of one row at a time otherwise; here they are loops over rows on the same threads.

@@ -138,9 +138,10 @@ def resolve_strategy(strategy: str, n_members: int, backend: str | None = None,
     """The strategy "auto" stands for: vmap off CPU; map on CPU.
 
     Unrolled members paid on CPU while XLA's top-k ran on one core (the other core could take
-    another member's work); with jsae's top-k kernel (`jsae.kernels`, on every core) they no longer
-    do (8 TopK 128 -> 1024 members: 32.7 ms a member unrolled, 32.3 mapped) and compile 3x longer
-    (8.1 vs 2.6 s), so "auto" unrolls only without the kernel, up to UNROLL_MAX_MEMBERS members.
+    another member's work); with jsae's CPU kernels (`jsae.kernels`, on every core) they no longer
+    do (8 TopK 128 -> 1024 members: 16.9-17.0 ms a member unrolled, 16.5-18.8 mapped, 17.9-18.1
+    vmapped) and compile 2-3x longer (6.0 vs 2.3-3.6 s), so "auto" unrolls only without the
+    kernels, up to UNROLL_MAX_MEMBERS members.
     `cpu_kernels`: whether the kernel is there (default: `jsae.kernels.available()`).
     """
     if strategy != "auto":
@@ -165,8 +166,8 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
             "unroll" writes each member's step out in the one compiled step, so XLA:CPU runs
             independent members' work side by side (compile time grows with the members); "map"
             runs them one after another in a loop (`lax.map`); "auto": `resolve_strategy`. On 2 CPU
-            cores, 8 TopK 128 -> 1024 members took 32.3 ms a member mapped, 32.7 unrolled, 50.5
-            vmapped (compile 2.6, 8.1 and 3.6 s; bench/RESULTS.md).
+            cores, 8 TopK 128 -> 1024 members took 16.5-18.8 ms a member mapped, 16.9-17.0
+            unrolled, 17.9-18.1 vmapped (compile 2.3-3.6, 6.0 and 3.0-4.4 s; bench/RESULTS.md).
 
     Every metric gains a leading member axis. Works under shard_map / pmap like `make_train_step`.
     """
