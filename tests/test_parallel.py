@@ -14,7 +14,8 @@ N_DEV, D_IN, D_SAE, BATCH, STEPS = 8, 16, 64, 128, 50
 
 CONFIGS = {
     "standard": jsae.StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l1_coefficient=1.0),
-    "topk": jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4),
+    "topk": jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4),  # the sparse path on CPU (with dead latents)
+    "topk_dense": jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, topk_implementation="dense"),
     "jumprelu": jsae.JumpReLUTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l0_coefficient=0.3, jumprelu_bandwidth=0.2),
 }
 

@@ -231,6 +231,15 @@ def test_choice_of_implementation():
                                           topk_implementation="dense").uses_sparse_topk("cpu")
 
 
+@pytest.mark.parametrize("kernels_there", [True, False])
+def test_auto_goes_sparse_at_narrower_saes_with_the_cpu_kernels(kernels_there, monkeypatch):
+    monkeypatch.setattr(topk.kernels, "available", lambda: kernels_there)
+    middle = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // topk.SPARSE_MIN_D_SAE_PER_K_XLA + 1)
+    assert middle.uses_sparse_topk("cpu") == kernels_there
+    wide = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // topk.SPARSE_MIN_D_SAE_PER_K_XLA)
+    assert wide.uses_sparse_topk("cpu")
+
+
 def test_unknown_implementation_is_a_config_error():
     with pytest.raises(ConfigError, match=r"topk_implementation must be one of \['auto', 'dense', 'sparse'\], "
                                           r"got 'fast'"):

@@ -315,7 +315,9 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
         scaled = values * (1 / norms[idx]) if rescale else values
         error = scaled @ W_dec[idx] - residual
         loss = coefficient * scale * jnp.mean(jnp.sum(jnp.square(error), axis=-1))
-        return loss.astype(jnp.float32), values, jnp.broadcast_to(idx, (n, k_static)), error
+        # The dead columns' indices, typed like x (device-varying under shard_map) as the other branches' are.
+        indices = _zeros(x[0, 0], (n, k_static), jnp.int32) + idx
+        return loss.astype(jnp.float32), values, indices, error
 
     def nothing_dead(_):
         like = x[0, 0]

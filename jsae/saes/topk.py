@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jsae import kernels
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
 from jsae.saes._base import (
@@ -88,9 +89,11 @@ class TopKTrainingSAEConfig(TopKSAEConfig, TrainingFields):
         topk_implementation: how the training step computes the TopK forward and backward (same
             numbers either way): "dense" multiplies full (tokens, d_sae) activation matrices, "sparse"
             (`jsae.saes._sparse_topk`) only the encoder product and otherwise works on each token's k
-            active latents; "auto" picks sparse on CPU when d_sae >= SPARSE_MIN_D_SAE_PER_K * k, dense
-            otherwise (on CPU, 2 cores: sparse 1.4-2.2x faster at d_sae = 32 k, ~5x at 512 k, level or
-            slower at 16 k; other backends are not measured and keep the dense path).
+            active latents; "auto" picks sparse on CPU when d_sae >= SPARSE_MIN_D_SAE_PER_K * k
+            (SPARSE_MIN_D_SAE_PER_K_XLA * k without jsae's CPU kernels), dense otherwise. On CPU, 2
+            cores, with the kernels: sparse 1.6x faster at d_sae = 8 k (128 -> 256, k = 32), 2.3x at
+            16 k, 3.5x at 32 k, 4.7x at 512 k (768 -> 16384), level at 4 k; without them 1.4-2.2x at
+            32 k, level or slower at 16 k. Other backends are not measured and keep the dense path.
     """
 
     aux_loss_coefficient: float = 1.0
@@ -113,12 +116,17 @@ class TopKTrainingSAEConfig(TopKSAEConfig, TrainingFields):
         if self.topk_implementation != "auto":
             return self.topk_implementation == "sparse"
         backend = backend or jax.default_backend()
-        return backend == "cpu" and self.d_sae >= SPARSE_MIN_D_SAE_PER_K * self.k
+        if backend != "cpu":
+            return False
+        per_k = SPARSE_MIN_D_SAE_PER_K if kernels.available() else SPARSE_MIN_D_SAE_PER_K_XLA
+        return self.d_sae >= per_k * self.k
 
 
 TOPK_IMPLEMENTATIONS = ("auto", "dense", "sparse")
-# "auto" goes sparse on CPU when d_sae / k is at least this (see bench/bench.py --cases topk --dense-topk).
-SPARSE_MIN_D_SAE_PER_K = 32
+# "auto" goes sparse on CPU when d_sae / k is at least this with jsae's CPU kernels (jsae.kernels),
+# or at least the second without them (see bench/bench.py --cases topk --dense-topk).
+SPARSE_MIN_D_SAE_PER_K = 8
+SPARSE_MIN_D_SAE_PER_K_XLA = 32
 
 
 def check_topk_training(cfg) -> None:
