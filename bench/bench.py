@@ -18,6 +18,7 @@ plus 2 * tokens * k * d_in for each of its four products over the k active laten
 
     python bench/bench.py                       # CPU, the default cases, both libraries
     python bench/bench.py --cases topk --dense-topk   # TopK: jsae sparse vs jsae dense vs sae_lens
+    python bench/bench.py --cases default --dense-topk   # the default run's TopK 128 -> 1024 (a sweep's member)
     python bench/bench.py --libs jsae --cases gpu --dtypes float32,bfloat16   # on a GPU
     python bench/bench.py --write               # also append the table to bench/RESULTS.md
 """
