@@ -150,12 +150,7 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     RuntimeError where `available()` is false. Carries no gradient (`jsae.saes._base.row_top_k`
     adds lax.top_k's).
     """
-    _check_available("jax.lax.top_k")
-    if x.dtype != jnp.float32:
-        raise TypeError(f"the CPU top-k kernel takes float32, got {x.dtype}")
-    if not 0 <= k <= x.shape[-1]:
-        raise ValueError(f"top_k needs 0 <= k <= {x.shape[-1]} (the last axis), got k={k}")
-    shape = (*x.shape[:-1], k)
+    shape = _check_top_k(x, k)
     values, indices = _call(TOP_K_TARGET, [(shape, jnp.float32), (shape, jnp.int32)], jax.lax.stop_gradient(x))
     return values, indices
 
@@ -166,20 +161,25 @@ def top_k_affine(x: jax.Array, bias: jax.Array, scale: jax.Array | None, k: int)
 
     The values are (x + bias) * scale at the indices, the same floats XLA computes. No gradient.
     """
-    _check_available("jax.lax.top_k")
     scale = jnp.ones_like(bias) if scale is None else scale
-    if any(a.dtype != jnp.float32 for a in (x, bias, scale)):
-        raise TypeError(f"the CPU top-k kernel takes float32, got {x.dtype}, {bias.dtype}, {scale.dtype}")
+    shape = _check_top_k(x, k, bias, scale)
     if bias.shape != scale.shape or bias.shape[-1:] != x.shape[-1:]:
         raise ValueError(f"top_k_affine: bias {list(bias.shape)} and scale {list(scale.shape)} must both be "
                          f"({x.shape[-1]},) for x {list(x.shape)}")
-    if not 0 <= k <= x.shape[-1]:
-        raise ValueError(f"top_k needs 0 <= k <= {x.shape[-1]} (the last axis), got k={k}")
-    shape = (*x.shape[:-1], k)
     stop = jax.lax.stop_gradient
     values, indices = _call("jsae_top_k_affine_f32", [(shape, jnp.float32), (shape, jnp.int32)], stop(x), stop(bias),
                             stop(scale))
     return values, indices
+
+
+def _check_top_k(x: jax.Array, k: int, *others: jax.Array) -> tuple[int, ...]:
+    """Checks for either top-k kernel (kernels there, float32 operands, 0 <= k <= n); the outputs' shape."""
+    _check_available("jax.lax.top_k")
+    if any(a.dtype != jnp.float32 for a in (x, *others)):
+        raise TypeError(f"the CPU top-k kernel takes float32, got {', '.join(str(a.dtype) for a in (x, *others))}")
+    if not 0 <= k <= x.shape[-1]:
+        raise ValueError(f"top_k needs 0 <= k <= {x.shape[-1]} (the last axis), got k={k}")
+    return (*x.shape[:-1], k)
 
 
 def usable(*arrays: jax.Array) -> bool:
@@ -203,12 +203,11 @@ def _call(target: str, results: list[tuple], *args: jax.Array) -> tuple[jax.Arra
     axes too, as the XLA operations they replace would be.
     """
     axes = frozenset().union(*(_varying(a) for a in args))
+    kind = {}
     if axes:
         args = tuple(jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying") if axes - _varying(a) else a
                      for a in args)
-    kind = {}
-    if axes:  # the (cast) inputs' manual axis type, on their (abstract) mesh
-        like = jax.typeof(args[0])
+        like = jax.typeof(args[0])  # the cast inputs' manual axis type, on their (abstract) mesh
         kind = {"sharding": jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec()),
                 "manual_axis_type": like.manual_axis_type}
     out = tuple(jax.ShapeDtypeStruct(shape, dtype, **kind) for shape, dtype in results)

@@ -265,20 +265,25 @@ void ParallelRows(ffi::ThreadPool& pool, int64_t rows, int64_t min_block, const 
   ParallelFor(pool, blocks, [&](int64_t b) { body(b * block, std::min(rows, (b + 1) * block)); });
 }
 
+// The shapes both top-k handlers check: x (..., n) and the (..., k) outputs. Sets n, k and the rows.
+ffi::Error TopKShapes(ffi::Span<const int64_t> dims, ffi::Span<const int64_t> out_dims, int64_t& n, int64_t& k,
+                      int64_t& rows) {
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("top_k needs an array with at least one axis");
+  n = dims.back();
+  k = out_dims.back();
+  if (k < 0 || k > n) return ffi::Error::InvalidArgument("top_k needs 0 <= k <= the last axis' size");
+  rows = Elements(dims.first(dims.size() - 1));
+  return ffi::Error::Success();
+}
+
 ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
                 ffi::ResultBuffer<ffi::S32> indices) {
-  auto dims = x.dimensions();
-  if (dims.size() == 0) return ffi::Error::InvalidArgument("top_k needs an array with at least one axis");
-  const int64_t n = dims.back();
-  const int64_t k = indices->dimensions().back();
-  if (k < 0 || k > n) return ffi::Error::InvalidArgument("top_k needs 0 <= k <= the last axis' size");
-  int64_t rows = 1;
-  for (size_t d = 0; d + 1 < dims.size(); ++d) rows *= dims[d];
+  int64_t n, k, rows;
+  if (auto e = TopKShapes(x.dimensions(), indices->dimensions(), n, k, rows); e.failure()) return e;
   if (k == 0 || rows == 0) return ffi::Error::Success();
   const float* data = x.typed_data();
   int32_t* out = indices->typed_data();
   float* top = values->typed_data();
-
   ParallelRows(pool, rows, 64, [&](int64_t first, int64_t end) { TopKRows(data, first, end, n, k, top, out); });
   return ffi::Error::Success();
 }
@@ -288,12 +293,8 @@ ffi::Error TopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer
 ffi::Error TopKAffine(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> bias,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> values,
                       ffi::ResultBuffer<ffi::S32> indices) {
-  auto dims = x.dimensions();
-  if (dims.size() == 0) return ffi::Error::InvalidArgument("top_k needs an array with at least one axis");
-  const int64_t n = dims.back();
-  const int64_t k = indices->dimensions().back();
-  if (k < 0 || k > n) return ffi::Error::InvalidArgument("top_k needs 0 <= k <= the last axis' size");
-  const int64_t rows = n ? Elements(dims) / n : 0;
+  int64_t n, k, rows;
+  if (auto e = TopKShapes(x.dimensions(), indices->dimensions(), n, k, rows); e.failure()) return e;
   const int64_t bias_rows = n ? Elements(bias.dimensions()) / n : 0;
   if (bias.dimensions().size() == 0 || bias.dimensions().back() != n || !(scale.dimensions() == bias.dimensions()) ||
       bias_rows == 0 || rows % bias_rows)

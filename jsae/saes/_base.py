@@ -98,10 +98,9 @@ def row_top_k(x: Array, k: int) -> tuple[Array, Array]:
     of many rows is split into one lax.top_k per core: XLA:CPU's top-k is one single-threaded loop
     over the rows, and top-ks of separate row blocks run concurrently.
     """
-    on_cpu = jax.default_backend() == "cpu"
-    if on_cpu and x.dtype == jnp.float32 and x.ndim >= 1 and kernels.available():
+    if x.dtype == jnp.float32 and x.ndim >= 1 and kernels.usable(x):
         return _kernel_top_k(x, k)
-    parts = _cpu_cores() if on_cpu else 1
+    parts = _cpu_cores() if jax.default_backend() == "cpu" else 1
     if parts < 2 or x.ndim != 2 or x.shape[0] < ROW_TOP_K_MIN_ROWS:
         return jax.lax.top_k(x, k)
     # The barriers keep each block's slice a separate input, so XLA keeps the blocks' top-ks apart.
