@@ -299,3 +299,122 @@ def test_sparse_products_reject_bad_operands_clearly():
         kernels.gather_rows_dot(jnp.zeros((4, 7)), i, t)
     with pytest.raises(ValueError, match="weights"):
         kernels.scatter_rows(jnp.zeros((4, 3)), i, r, 5)
+
+
+# --------------------------------------------------------------------------- encoder_top_k
+needs_amx = pytest.mark.skipif(not kernels.encoder_top_k_available(), reason="encoder_top_k needs a CPU with AMX")
+
+
+def encoder_top_k(x, W, b, s, k):
+    return [np.asarray(a) for a in jax.jit(kernels.encoder_top_k, static_argnums=4)(x, W, b, s, k)]
+
+
+def check_is_a_top_k(values, pre, indices, x, W, b, s, k):
+    """values / pre / indices are a top k of h = (x W + b) s: each value is h at its index (float32
+    rounding), in descending order, and no entry left out is above the smallest one taken."""
+    pre64 = np.asarray(x, np.float64) @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
+    h64 = pre64 * np.asarray(s, np.float64)
+    scale = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(W, np.float64)) * np.abs(s) + np.abs(b * s)
+    tolerance = 1e-5 * scale.max(axis=-1, keepdims=True) + 1e-30
+    assert indices.shape == values.shape == pre.shape == (*x.shape[:-1], k)
+    if k == 0:
+        return
+    picked = np.take_along_axis(h64, indices, axis=-1)
+    np.testing.assert_allclose(values, picked, rtol=0, atol=tolerance.max())
+    np.testing.assert_allclose(pre, np.take_along_axis(pre64, indices, axis=-1), rtol=0,
+                               atol=1e-5 * np.abs(pre64).max() + 1e-30)
+    assert (np.diff(values, axis=-1) <= 0).all(), "not in descending order"
+    assert (np.sort(indices, axis=-1)[..., 1:] != np.sort(indices, axis=-1)[..., :-1]).all(), "an index twice"
+    left_out = h64.copy()
+    np.put_along_axis(left_out, indices, -np.inf, axis=-1)
+    assert (left_out.max(axis=-1) <= picked.min(axis=-1) + tolerance[..., 0]).all(), "missed a larger entry"
+
+
+@needs_amx
+@pytest.mark.parametrize("n, K, m, k", [(4096, 768, 16384, 32), (130, 100, 70, 7), (37, 33, 2000, 64),
+                                        (64, 64, 512, 200), (16, 32, 64, 64), (5, 768, 1024, 1), (3, 8, 40, 0)])
+def test_encoder_top_k_is_the_top_k_of_the_float32_pre_activations(n, K, m, k):
+    # K and m off the tiles' multiples of 32, two token blocks (130 > 128), k > 128 (the sorting
+    # fallback), k = m and k = 0.
+    rng = np.random.default_rng(n + K + m + k)
+    x = rng.normal(size=(n, K)).astype(np.float32)
+    W = (rng.normal(size=(K, m)) / np.sqrt(K)).astype(np.float32)
+    b = (0.1 * rng.normal(size=m)).astype(np.float32)
+    s = rng.uniform(0.2, 3.0, size=m).astype(np.float32)
+    values, pre, indices = encoder_top_k(x, W, b, s, k)
+    check_is_a_top_k(values, pre, indices, x, W, b, s, k)
+    if k:  # and, away from float32 near-ties, exactly lax.top_k's choice
+        want = np.asarray(jax.lax.top_k((jnp.asarray(x) @ W + b) * s, k)[1])
+        assert (indices == want).all(axis=-1).mean() >= 0.99
+
+
+@needs_amx
+def test_encoder_top_k_separates_latents_that_bf16_cannot_tell_apart():
+    # Column j is base * (1 + 1e-5 p_j) for a permutation p: neighbours differ by a relative 1e-5,
+    # far below bf16's 2^-8 (so the approximate products cannot order them) and far above the
+    # float32 rounding of these short, positive dot products (so the exact ones must).
+    rng = np.random.default_rng(11)
+    n, K, m, k = 64, 32, 1024, 16
+    x = np.abs(rng.normal(size=(n, K))).astype(np.float32)
+    base = np.abs(rng.normal(size=(K, 1)))
+    p = rng.permutation(m)
+    W = (base * (1 + 1e-5 * p)).astype(np.float32)
+    zeros, ones = np.zeros(m, np.float32), np.ones(m, np.float32)
+    values, pre, indices = encoder_top_k(x, W, zeros, ones, k)
+    np.testing.assert_array_equal(indices, np.broadcast_to(np.argsort(-p)[:k], (n, k)))
+    np.testing.assert_array_equal(values, pre)
+
+
+@needs_amx
+def test_encoder_top_k_ties_and_non_finite_entries_order_as_lax_top_k():
+    rng = np.random.default_rng(12)
+    n, K, m, k = 40, 48, 300, 20
+    # Small integers: every product is exact in bf16 and float32, so h has many exact ties.
+    x = rng.integers(-1, 2, size=(n, K)).astype(np.float32)
+    W = rng.integers(-1, 2, size=(K, m)).astype(np.float32)
+    b = rng.integers(-2, 3, size=m).astype(np.float32)
+    s = np.ones(m, np.float32)
+    x[3, 5] = np.nan  # a whole row of NaN
+    x[4, 0] = np.inf
+    W[:, 7] = 0.0
+    W[2, 9] = np.inf  # column 9: +-inf or NaN in every row
+    b[11] = -np.inf
+    s[13] = 0.0
+    values, pre, indices = encoder_top_k(x, W, b, s, k)
+    h = (jnp.asarray(x) @ W + b) * s
+    want_values, want_indices = (np.asarray(a) for a in jax.lax.top_k(h, k))
+    # Row 3 is NaN throughout; which NaNs carry a sign bit (and so rank last) depends on the order
+    # of operations, so there only the values are compared: all NaN.
+    assert np.isnan(values[3]).all()
+    rows = np.arange(n) != 3
+    np.testing.assert_array_equal(indices[rows], want_indices[rows])
+    np.testing.assert_array_equal(values[rows], want_values[rows])
+    assert np.isinf(values[4]).any() and (indices == 9).any()  # the infinities did reach the top k
+
+
+@needs_amx
+def test_encoder_top_k_under_vmap_equals_one_call_per_member():
+    rng = np.random.default_rng(13)
+    n, K, m, k = 50, 40, 200, 6
+    x = rng.normal(size=(n, K)).astype(np.float32)
+    W = rng.normal(size=(3, K, m)).astype(np.float32)
+    b = rng.normal(size=(3, m)).astype(np.float32)
+    s = rng.uniform(0.5, 2, size=(3, m)).astype(np.float32)
+    mapped = jax.jit(jax.vmap(lambda W, b, s: kernels.encoder_top_k(x, W, b, s, k)))(W, b, s)
+    for member in range(3):
+        one = encoder_top_k(x, W[member], b[member], s[member], k)
+        for got, want in zip(mapped, one, strict=True):
+            np.testing.assert_array_equal(np.asarray(got[member]), want)
+
+
+@needs_amx
+def test_encoder_top_k_rejects_bad_operands_clearly():
+    x, W, b = jnp.zeros((4, 8)), jnp.zeros((8, 16)), jnp.zeros((16,))
+    with pytest.raises(TypeError, match="float32"):
+        kernels.encoder_top_k(x.astype(jnp.bfloat16), W, b, None, 2)
+    with pytest.raises(ValueError, match="W"):
+        kernels.encoder_top_k(x, jnp.zeros((9, 16)), b, None, 2)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.encoder_top_k(x, W, jnp.zeros((15,)), None, 2)
+    with pytest.raises(ValueError, match="0 <= k <= 16"):
+        kernels.encoder_top_k(x, W, b, None, 17)

@@ -78,6 +78,31 @@ def test_losses_and_gradients_match_dense(rescale, apply_b_dec, dead, shape):
     assert out_d.top_indices is None and out_s.top_indices.shape == (N, kw["k"])
 
 
+@pytest.mark.skipif(not jsae.kernels.encoder_top_k_available(), reason="encoder_top_k needs a CPU with AMX")
+@pytest.mark.parametrize("dead", ["none", "few", "many"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_screened_encoder_top_k_matches_the_dense_product(rescale, dead, monkeypatch):
+    # With AMX the sparse forward screens its top-k (jsae.kernels.encoder_top_k) and never forms
+    # the encoder product; the aux-k loss forms what it needs. Same numbers as with the product.
+    kw = BLOCKWISE | {"rescale_acts_by_decoder_norm": rescale, "aux_loss_coefficient": 0.7}
+    _, sparse_cfg = configs(**kw)
+    params = random_params(sparse_cfg)
+    x = jax.random.normal(jax.random.key(4), (N, D_IN)) * 1.5 + 0.2
+    mask = dead_mask(kw["d_sae"], DEAD[dead])
+    forward = _sparse_topk.sparse_topk_forward(x, params["b_dec"], params["W_enc"], params["b_enc"], params["W_dec"],
+                                               k=kw["k"], rescale=rescale, apply_b_dec=True)
+    assert forward.product is None
+    (loss_s, out_s), grads_s = loss_and_grads(sparse_cfg, params, x, mask)
+    monkeypatch.setenv("JSAE_ENCODER_TOP_K", "0")
+    assert not _sparse_topk.screens_encoder(x, params["W_enc"], params["b_enc"])
+    (loss_p, out_p), grads_p = loss_and_grads(sparse_cfg, params, x, mask)
+    np.testing.assert_array_equal(np.asarray(out_s.top_indices), np.asarray(out_p.top_indices))
+    assert rel_err(loss_s, loss_p) <= 1e-6
+    assert (float(out_s.losses["auxiliary_reconstruction_loss"]) > 0) == (dead != "none")
+    for name, g in grads_p.items():
+        assert rel_err(grads_s[name], g) <= 1e-6, f"gradient of {name}"
+
+
 @pytest.mark.parametrize("dead", ["none", "many"])
 def test_fewer_active_ranks_match_dense(dead):
     """A traced k below cfg.k (sweeps over k) keeps the first k ranks on both paths alike."""

@@ -42,11 +42,13 @@ TARGETS = {
     "jsae_gather_rows_dot_f32": "JsaeGatherRowsDotF32",
     "jsae_gather_rows_weighted_f32": "JsaeGatherRowsWeightedF32",
     "jsae_scatter_rows_f32": "JsaeScatterRowsF32",
+    "jsae_encoder_top_k_f32": "JsaeEncoderTopKF32",
 }
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet in this process
+_library: ctypes.CDLL | None = None
 
 
 def cache_dir() -> Path:
@@ -125,6 +127,7 @@ def available() -> bool:
 
 
 def _load() -> bool:
+    global _library
     if os.environ.get("JSAE_CPU_KERNELS", "1") == "0":
         return False
     compiler = _compiler()
@@ -134,12 +137,56 @@ def _load() -> bool:
         library = ctypes.cdll.LoadLibrary(str(build(compiler)))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _library = library
     except (OSError, RuntimeError, AttributeError) as error:
         warnings.warn(f"jsae: using jax.lax.top_k and XLA's gathers on CPU ({error}). Results are the same, TopK "
                       "training is slower; "
                       "JSAE_CPU_KERNELS=0 silences this.", RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def encoder_top_k_available() -> bool:
+    """Whether `encoder_top_k` can run here: the kernels are available and the CPU has AMX tiles
+    (Intel Xeon from Sapphire Rapids on) that Linux grants this process.
+
+    JSAE_ENCODER_TOP_K=0 makes it false (the sparse TopK path then takes XLA's dense encoder product).
+    """
+    if os.environ.get("JSAE_ENCODER_TOP_K", "1") == "0" or not available():
+        return False
+    return bool(_library.JsaeEncoderTopKUsable())
+
+
+def encoder_top_k(x: jax.Array, W: jax.Array, bias: jax.Array, scale: jax.Array | None,
+                  k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The top k of each row of h = (x @ W + bias) * scale without the dense float32 product:
+    x (..., n, K), W (..., K, m), bias and scale (..., m) (scale None: 1) -> values, pre, indices
+    (..., n, k), where pre = x @ W + bias at the indices and values = pre * scale.
+
+    An approximate bf16 product on the CPU's AMX tiles, with a rigorous bound on its error, picks
+    the entries that can be among the top k; only those get their float32 dot products, and the
+    top k of them is returned in `jax.lax.top_k`'s order. The values are float32 dot products
+    summed in a different order from XLA's (so equal to the dense path's up to float rounding).
+    Raises RuntimeError where `encoder_top_k_available()` is false. No gradient.
+    """
+    if not encoder_top_k_available():
+        raise RuntimeError("jsae's encoder_top_k needs the CPU kernels and a CPU with AMX tiles; use "
+                           "kernels.top_k_affine on x @ W")
+    scale = jnp.ones_like(bias) if scale is None else scale
+    if any(a.dtype != jnp.float32 for a in (x, W, bias, scale)):
+        raise TypeError("encoder_top_k takes float32 x, W, bias and scale, got "
+                        f"{', '.join(str(a.dtype) for a in (x, W, bias, scale))}")
+    lead = x.shape[:-2]
+    if (x.ndim < 2 or W.shape != (*lead, x.shape[-1], W.shape[-1]) or bias.shape != (*lead, W.shape[-1])
+            or scale.shape != bias.shape):
+        raise ValueError(f"encoder_top_k: x {list(x.shape)} must be (..., n, K), W {list(W.shape)} (..., K, m), "
+                         f"bias {list(bias.shape)} and scale {list(scale.shape)} (..., m), with the same leading axes")
+    if not 0 <= k <= W.shape[-1]:
+        raise ValueError(f"encoder_top_k needs 0 <= k <= {W.shape[-1]} (W's last axis), got k={k}")
+    shape = (*x.shape[:-1], k)
+    stop = jax.lax.stop_gradient
+    return _call("jsae_encoder_top_k_f32", [(shape, jnp.float32), (shape, jnp.float32), (shape, jnp.int32)],
+                 stop(x), stop(W), stop(bias), stop(scale))
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -175,7 +175,8 @@ class SparseTopK(NamedTuple):
         top_acts: the k relu'd activations of each token (n, k), without gradient.
         top_indices: their latent indices (n, k).
         product: the encoder product x̃ W_enc (n, d_sae), without gradient; `pre_activations` of it and
-            b_enc (and the decoder norms) gives the pre-activations.
+            b_enc (and the decoder norms) gives the pre-activations. None where the top-k came from
+            `jsae.kernels.encoder_top_k`, which never forms it (`screens_encoder`).
     """
 
     sae_out: Array
@@ -196,7 +197,7 @@ def sparse_topk_forward(x: Array, b_dec: Array, W_enc: Array, b_enc: Array, W_de
     sae_out, top_acts, top_indices, product = _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale,
                                                            apply_b_dec)
     stop = jax.lax.stop_gradient
-    return SparseTopK(sae_out, stop(top_acts), top_indices, stop(product))
+    return SparseTopK(sae_out, stop(top_acts), top_indices, None if product is None else stop(product))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -210,16 +211,27 @@ def _kept(values: Array, k_active: Array | None) -> Array:
     return keep if k_active is None else keep & (jnp.arange(values.shape[-1]) < k_active)
 
 
+def screens_encoder(sae_in: Array, W_enc: Array, b_enc: Array) -> bool:
+    """Whether the sparse forward takes its top-k from `jsae.kernels.encoder_top_k` (CPU with AMX,
+    float32): no dense float32 encoder product, so `SparseTopK.product` is None."""
+    return kernels.usable(sae_in, W_enc, b_enc) and kernels.encoder_top_k_available()
+
+
 def _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
     sae_in = x - b_dec if apply_b_dec else x
-    product = sae_in @ W_enc
     norms = decoder_row_norms(W_dec) if rescale else None
-    values, indices = top_k_hidden_pre(product, b_enc, norms, k)
+    if screens_encoder(sae_in, W_enc, b_enc):
+        values, pre_at, indices = kernels.encoder_top_k(sae_in, W_enc, b_enc, norms, k)
+        product = None
+    else:
+        product = sae_in @ W_enc
+        values, indices = top_k_hidden_pre(product, b_enc, norms, k)
+        pre_at = pre_activations(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None)
     acts = jax.nn.relu(values) if k_active is None else jnp.where(_kept(values, k_active), values, 0)
     # As the dense decode: activations times 1/‖W_dec row‖ (gathered), then the decoder product.
     scaled = acts * (1 / norms)[indices] if rescale else acts
     sae_out = gather_rows_weighted(scaled, indices, W_dec) + b_dec
-    pre_at = pre_activations(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None) if rescale else None
+    pre_at = pre_at if rescale else None
     residuals = (sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at, k_active)
     return (sae_out, acts, indices, product), residuals
 
@@ -263,7 +275,8 @@ def aux_k_loss(product: Array, x: Array, residual: Array, dead_mask: Array, b_de
                b_enc: Array, W_dec: Array, *, rescale: bool, apply_b_dec: bool, coefficient: float) -> Array:
     """`jsae.saes.topk.topk_aux_loss` from the sparse forward's encoder product, with its gradient.
 
-    `product` (held without gradient) must be x̃ W_enc of x and these parameters; the gradient of
+    `product` (held without gradient) must be x̃ W_enc of x and these parameters, or None: then the
+    branches that need it (or the dead latents' columns of it) compute it from x. The gradient of
     the pre-activations goes to the parameters through a dense encoder backward. Forward and
     backward each work only when some latent is dead, and pass each other nothing (tokens,
     d_sae)-sized: with autodiff, the branch where nothing is dead would fill such residuals with
@@ -283,22 +296,32 @@ def _aux_k(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale,
                       coefficient)[0]
 
 
-def _aux_k_sizes(x: Array, product: Array, dead_mask: Array):
+def _aux_k_sizes(x: Array, W_enc: Array, dead_mask: Array):
     k_aux = x.shape[-1] // 2
     num_dead = jnp.sum(dead_mask)
-    return min(k_aux, product.shape[-1]), num_dead, jnp.minimum(num_dead / k_aux, 1.0)
+    return min(k_aux, W_enc.shape[-1]), num_dead, jnp.minimum(num_dead / k_aux, 1.0)
+
+
+def _encoder_product(product: Array | None, x: Array, b_dec: Array, W_enc: Array, apply_b_dec: bool,
+                     columns: Array | None = None) -> Array:
+    """x̃ W_enc (its `columns` only, when given): from `product` where the forward formed it."""
+    if product is not None:
+        return product if columns is None else product[:, columns]
+    sae_in = x - b_dec if apply_b_dec else x
+    return sae_in @ (W_enc if columns is None else W_enc[:, columns])
 
 
 def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient):
-    k_static, num_dead, scale = _aux_k_sizes(x, product, dead_mask)
-    n = x.shape[0]
+    k_static, num_dead, scale = _aux_k_sizes(x, W_enc, dead_mask)
+    n, d_sae = x.shape[0], W_enc.shape[-1]
 
     def compute(_):  # as topk_aux_loss
         norms = decoder_row_norms(W_dec) if rescale else None
-        masked = jnp.where(dead_mask, pre_activations(product, b_enc, norms), -jnp.inf)
+        full = _encoder_product(product, x, b_dec, W_enc, apply_b_dec)
+        masked = jnp.where(dead_mask, pre_activations(full, b_enc, norms), -jnp.inf)
         values, indices = row_top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
-        acts = jnp.put_along_axis(jnp.zeros_like(product), indices, values, axis=-1, inplace=False)
+        acts = jnp.put_along_axis(jnp.zeros_like(full), indices, values, axis=-1, inplace=False)
         if rescale:
             acts = acts * (1 / norms)
         error = acts @ W_dec - residual
@@ -310,7 +333,8 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
         # its activations are the dead latents' pre-activations; work on those columns only.
         idx, valid = _dead_columns(dead_mask, num_dead, k_static)
         norms = decoder_row_norms(W_dec) if rescale else None
-        pre = pre_activations(product[:, idx], b_enc[idx], None if norms is None else norms[idx])
+        pre = pre_activations(_encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx), b_enc[idx],
+                              None if norms is None else norms[idx])
         values = jnp.where(valid, pre, 0.0)
         scaled = values * (1 / norms[idx]) if rescale else values
         error = scaled @ W_dec[idx] - residual
@@ -321,7 +345,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
 
     def nothing_dead(_):
         like = x[0, 0]
-        return (_zeros(like, (), jnp.float32), _zeros(like, (n, k_static), product.dtype),
+        return (_zeros(like, (), jnp.float32), _zeros(like, (n, k_static), W_enc.dtype),
                 _zeros(like, (n, k_static), jnp.int32), _zeros(like, residual.shape, residual.dtype))
 
     branch = _aux_branch(num_dead, k_static)
@@ -342,11 +366,12 @@ def _dead_columns(dead_mask: Array, num_dead: Array, k_static: int) -> tuple[Arr
 
 def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
     product, x, dead_mask, b_dec, W_enc, b_enc, W_dec, values, indices, error = residuals
-    k_static, num_dead, scale = _aux_k_sizes(x, product, dead_mask)
+    k_static, num_dead, scale = _aux_k_sizes(x, W_enc, dead_mask)
+    n, d_sae = x.shape[0], W_enc.shape[-1]
 
     def grads(_):
         d_error = (d_loss * coefficient * scale * 2 / x.shape[0]).astype(error.dtype) * error
-        acts = jnp.put_along_axis(jnp.zeros_like(product), indices, values, axis=-1, inplace=False)
+        acts = jnp.put_along_axis(jnp.zeros((n, d_sae), W_enc.dtype), indices, values, axis=-1, inplace=False)
         if rescale:
             norms, norms_vjp = jax.vjp(decoder_row_norms, W_dec)
             inv = 1 / norms
@@ -358,11 +383,12 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
             d_W_dec = acts.T @ d_error
             d_acts = d_error @ W_dec.T
         d_values = jnp.where(jnp.arange(k_static) < num_dead, jnp.take_along_axis(d_acts, indices, axis=-1), 0.0)
-        d_hidden = jnp.put_along_axis(jnp.zeros_like(product), indices, d_values, axis=-1, inplace=False)
+        d_hidden = jnp.put_along_axis(jnp.zeros((n, d_sae), W_enc.dtype), indices, d_values, axis=-1, inplace=False)
         # The dense encoder backward of d_hidden.
         sae_in = x - b_dec if apply_b_dec else x
         if rescale:
-            d_norms = d_norms + jnp.sum(d_hidden * pre_activations(product, b_enc, None), axis=0)
+            full = _encoder_product(product, x, b_dec, W_enc, apply_b_dec)
+            d_norms = d_norms + jnp.sum(d_hidden * pre_activations(full, b_enc, None), axis=0)
             d_W_dec = d_W_dec + norms_vjp(d_norms.astype(norms.dtype))[0]
             d_pre = d_hidden * norms
         else:
@@ -387,7 +413,8 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
             d_scaled = d_error @ W_rows.T
             d_norms = -jnp.sum(d_scaled * values, axis=0) * jnp.square(inv)
             d_values = jnp.where(valid, d_scaled * inv, 0.0)
-            d_norms = d_norms + jnp.sum(d_values * pre_activations(product[:, idx], b_enc[idx], None), axis=0)
+            columns = _encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx)
+            d_norms = d_norms + jnp.sum(d_values * pre_activations(columns, b_enc[idx], None), axis=0)
             d_pre = d_values * norms[idx]
         else:
             d_W_rows = values.T @ d_error

@@ -213,7 +213,10 @@ def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfi
     losses = {"mse_loss": mse(out.sae_out, x), "auxiliary_reconstruction_loss": aux}
     # Dense pre-activations and activations for callers that want them; dead code in a jitted
     # step, which reads top_acts / top_indices.
-    pre = pre_activations(out.product, p["b_enc"], decoder_row_norms(p["W_dec"]) if rescale else None)
+    product = out.product
+    if product is None:  # the top-k was screened (jsae.kernels.encoder_top_k): form it only if it is used
+        product = jax.lax.stop_gradient((x_in - p["b_dec"] if apply_b_dec else x_in) @ p["W_enc"])
+    pre = pre_activations(product, p["b_enc"], decoder_row_norms(p["W_dec"]) if rescale else None)
     feature_acts = jnp.put_along_axis(jnp.zeros_like(pre), out.top_indices, out.top_acts, axis=-1, inplace=False)
     return finish(losses, jax.lax.stop_gradient(feature_acts), jax.lax.stop_gradient(pre), out.sae_out)._replace(
         top_acts=out.top_acts, top_indices=out.top_indices)
