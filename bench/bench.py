@@ -15,6 +15,11 @@ d_sae >= 32 k) is counted as its one dense product, the encoder forward (2 * tok
 plus 2 * tokens * k * d_in for each of its four products over the k active latents per token
 (decoder forward; backward: the activations' gradient, the W_dec and the W_enc gradients):
 2 * tokens * d_in * d_sae + 8 * tokens * k * d_in. Its share of the ceiling uses that count.
+On a CPU with AMX tiles, float32, the sparse step has no dense float32 product at all: its top-k
+is screened by a bf16 encoder product on the tiles, with a rigorous bound on that product's
+error, and only the candidates (about 3-4 k a token at 768 -> 16384) get float32 dot products
+(jsae.kernels.encoder_top_k; from d_sae 4096 on). Those rows read "sparse, screened" and show no share of the float32
+ceiling, which would mean nothing for bf16 tile work.
 
     python bench/bench.py                       # CPU, the default cases, both libraries
     python bench/bench.py --cases topk --dense-topk   # TopK: jsae sparse vs jsae dense vs sae_lens
@@ -126,9 +131,12 @@ class JsaeStep:
 
         import jsae
         from jsae.saes import TRAINING_ARCHITECTURES
+        from jsae.saes._sparse_topk import SCREEN_MIN_D_SAE
 
         sae_cfg = TRAINING_ARCHITECTURES[arch].config_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, **extra)
         self.sparse = getattr(sae_cfg, "uses_sparse_topk", lambda: False)()
+        self.screened = self.sparse and dtype == "float32" and jax.default_backend() == "cpu" and \
+            d_sae >= SCREEN_MIN_D_SAE and jsae.kernels.encoder_top_k_available()
         self.flops = (sparse_topk_flops(tokens, d_in, d_sae, sae_cfg.k) if self.sparse
                       else jsae_dense_flops(tokens, d_in, d_sae))
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
@@ -336,12 +344,14 @@ def main() -> None:
             ceiling = ceilings[f"jax_{dtype}"]
             row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens, "dtype": dtype}
             if "jsae" in fns:
-                row["jsae_path"] = "sparse" if fns["jsae"].sparse else "dense"
+                row["jsae_path"] = "sparse, screened" if fns["jsae"].screened else \
+                    "sparse" if fns["jsae"].sparse else "dense"
             for name, s in secs.items():
                 flops = fns[name].flops if name.startswith("jsae") else dense_flops(tokens, d_in, d_sae)
                 row[f"{name}_s"] = s
                 row[f"{name}_tok_s"] = tokens / s
-                row[f"{name}_ceiling_share"] = flops / s / ceiling
+                if not getattr(fns[name], "screened", False):
+                    row[f"{name}_ceiling_share"] = flops / s / ceiling
             if "jsae_s" in row and "sae_lens_s" in row:
                 row["speedup"] = row["sae_lens_s"] / row["jsae_s"]
             if "jsae_s" in row and "jsae_dense_s" in row:

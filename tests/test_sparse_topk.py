@@ -84,6 +84,7 @@ def test_losses_and_gradients_match_dense(rescale, apply_b_dec, dead, shape):
 def test_screened_encoder_top_k_matches_the_dense_product(rescale, dead, monkeypatch):
     # With AMX the sparse forward screens its top-k (jsae.kernels.encoder_top_k) and never forms
     # the encoder product; the aux-k loss forms what it needs. Same numbers as with the product.
+    monkeypatch.setattr(_sparse_topk, "SCREEN_MIN_D_SAE", 0)  # screened at any width, as from 4096 latents on
     kw = BLOCKWISE | {"rescale_acts_by_decoder_norm": rescale, "aux_loss_coefficient": 0.7}
     _, sparse_cfg = configs(**kw)
     params = random_params(sparse_cfg)
@@ -101,6 +102,15 @@ def test_screened_encoder_top_k_matches_the_dense_product(rescale, dead, monkeyp
     assert (float(out_s.losses["auxiliary_reconstruction_loss"]) > 0) == (dead != "none")
     for name, g in grads_p.items():
         assert rel_err(grads_s[name], g) <= 1e-6, f"gradient of {name}"
+
+
+@pytest.mark.skipif(not jsae.kernels.encoder_top_k_available(), reason="encoder_top_k needs a CPU with AMX")
+def test_the_top_k_is_screened_from_screen_min_d_sae_latents():
+    x, b = jnp.zeros((8, 16)), jnp.zeros(_sparse_topk.SCREEN_MIN_D_SAE)
+    assert _sparse_topk.screens_encoder(x, jnp.zeros((16, _sparse_topk.SCREEN_MIN_D_SAE)), b)
+    assert not _sparse_topk.screens_encoder(x, jnp.zeros((16, _sparse_topk.SCREEN_MIN_D_SAE - 1)), b[1:])
+    assert not _sparse_topk.screens_encoder(x.astype(jnp.bfloat16), jnp.zeros((16, _sparse_topk.SCREEN_MIN_D_SAE),
+                                                                                jnp.bfloat16), b)
 
 
 @pytest.mark.parametrize("dead", ["none", "many"])

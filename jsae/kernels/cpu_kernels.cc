@@ -22,6 +22,8 @@
 //   gather_rows_dot:      out[t, j] = rows[t] . table[indices[t, j]]                 (n, k)
 //   gather_rows_weighted: out[t]    = sum_j weights[t, j] table[indices[t, j]]        (n, d)
 //   scatter_rows:         out[i]    = sum over indices[t, j] = i of weights[t, j] rows[t]   (m, d)
+// encoder_top_k (at the end of this file) takes the top k of (x W + bias) * scale from a bf16
+// product on the AMX tiles and exact float32 dot products for the few candidates.
 // Leading axes of every operand are a batch (a vmap). The first two share tokens out over the
 // threads; scatter_rows buckets the pairs by latent and shares out ranges of latents, each row
 // summed in (t, j) order, so its sums do not depend on the thread count.
