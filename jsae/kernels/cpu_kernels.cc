@@ -697,7 +697,6 @@ JSAE_AMX_TARGET void Screen(const uint16_t* a, int64_t rows, int64_t rows_pad, i
   }
   _tile_release();
 }
-#endif
 
 // The k best of `count` candidates (keys in index order): their positions, best first.
 void BestOf(const int32_t* keys, int64_t count, int64_t k, int32_t* rank, std::vector<uint64_t>& packed,
@@ -715,6 +714,7 @@ void BestOf(const int32_t* keys, int64_t count, int64_t k, int32_t* rank, std::v
   std::sort(packed.begin(), best_k, std::greater<uint64_t>());
   for (int64_t q = 0; q < k; ++q) best[q] = Unpack(packed[q]);
 }
+#endif
 
 ffi::Error EncoderTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> values,
@@ -815,6 +815,8 @@ ffi::Error EncoderTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     });
   }
   return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "encoder_top_k needs a CPU with AMX");
 #endif
 }
 
