@@ -131,12 +131,14 @@ class JsaeStep:
 
         import jsae
         from jsae.saes import TRAINING_ARCHITECTURES
-        from jsae.saes._sparse_topk import SCREEN_MIN_D_SAE
+        from jsae.saes._sparse_topk import screens_encoder
 
         sae_cfg = TRAINING_ARCHITECTURES[arch].config_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, **extra)
         self.sparse = getattr(sae_cfg, "uses_sparse_topk", lambda: False)()
-        self.screened = self.sparse and dtype == "float32" and jax.default_backend() == "cpu" and \
-            d_sae >= SCREEN_MIN_D_SAE and jsae.kernels.encoder_top_k_available()
+        operand = jax.ShapeDtypeStruct
+        self.screened = self.sparse and screens_encoder(operand((tokens, d_in), sae_cfg.jnp_dtype),
+                                                        operand((d_in, d_sae), sae_cfg.jnp_dtype),
+                                                        operand((d_sae,), sae_cfg.jnp_dtype))
         self.flops = (sparse_topk_flops(tokens, d_in, d_sae, sae_cfg.k) if self.sparse
                       else jsae_dense_flops(tokens, d_in, d_sae))
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,

@@ -182,6 +182,23 @@ int64_t Collect(const uint32_t* bits, int64_t n, int32_t tau, int32_t* keys, int
 constexpr int64_t kMaxRankedK = 128;
 constexpr int64_t kMaxRanked = 4;
 
+// The k best of `count` candidates (keys in index order): their positions, best first.
+void BestOf(const int32_t* keys, int64_t count, int64_t k, int32_t* rank, std::vector<uint64_t>& packed,
+            int32_t* best) {
+  if (k <= kMaxRankedK && count <= kMaxRanked * k) {
+    Ranks(keys, count, rank);
+    for (int64_t q = 0; q < count; ++q)
+      if (rank[q] < k) best[rank[q]] = static_cast<int32_t>(q);
+    return;
+  }
+  packed.resize(count);
+  for (int64_t q = 0; q < count; ++q) packed[q] = Pack(keys[q], q);
+  auto best_k = packed.begin() + k;
+  if (count > k) std::nth_element(packed.begin(), best_k, packed.end(), std::greater<uint64_t>());
+  std::sort(packed.begin(), best_k, std::greater<uint64_t>());
+  for (int64_t q = 0; q < k; ++q) best[q] = Unpack(packed[q]);
+}
+
 // Rows [first_row, end_row) of x (rows of n). With `bias` (and `scale`), the top k of each row's
 // (x + bias) * scale instead, computed a row at a time and never stored: bias and scale hold one
 // row of n for every `rows_per_bias` rows of x.
@@ -190,6 +207,7 @@ void TopKRows(const float* x, int64_t first_row, int64_t end_row, int64_t n, int
   const bool ranked = k <= kMaxRankedK;
   const int64_t chunks = ranked ? std::min(n, std::max<int64_t>(2 * k, 16)) : k;
   std::vector<int32_t> keys(n), index(n), maxima(chunks), rank(std::max(n, chunks));
+  std::vector<int32_t> best(k);
   std::vector<uint64_t> packed;
   std::vector<float> affine(bias ? n : 0);
   for (int64_t r = first_row; r < end_row; ++r) {
@@ -208,18 +226,8 @@ void TopKRows(const float* x, int64_t first_row, int64_t end_row, int64_t n, int
     const int32_t tau = ranked ? KthLargest(maxima.data(), chunks, k, rank.data())
                                : *std::min_element(maxima.begin(), maxima.end());
     const int64_t count = Collect(bits, n, tau, keys.data(), index.data());
-    if (ranked && count <= kMaxRanked * k) {
-      Ranks(keys.data(), count, rank.data());
-      for (int64_t q = 0; q < count; ++q)
-        if (rank[q] < k) indices[rank[q]] = index[q];
-    } else {
-      packed.resize(count);
-      for (int64_t q = 0; q < count; ++q) packed[q] = Pack(keys[q], index[q]);
-      auto best_k = packed.begin() + k;
-      if (count > k) std::nth_element(packed.begin(), best_k, packed.end(), std::greater<uint64_t>());
-      std::sort(packed.begin(), best_k, std::greater<uint64_t>());
-      for (int64_t q = 0; q < k; ++q) indices[q] = Unpack(packed[q]);
-    }
+    BestOf(keys.data(), count, k, rank.data(), packed, best.data());
+    for (int64_t q = 0; q < k; ++q) indices[q] = index[best[q]];
     for (int64_t q = 0; q < k; ++q) values[r * k + q] = row[indices[q]];  // the entry itself, bit for bit
   }
 }
@@ -698,22 +706,6 @@ JSAE_AMX_TARGET void Screen(const uint16_t* a, int64_t rows, int64_t rows_pad, i
   _tile_release();
 }
 
-// The k best of `count` candidates (keys in index order): their positions, best first.
-void BestOf(const int32_t* keys, int64_t count, int64_t k, int32_t* rank, std::vector<uint64_t>& packed,
-            int32_t* best) {
-  if (k <= kMaxRankedK && count <= kMaxRanked * k) {
-    Ranks(keys, count, rank);
-    for (int64_t q = 0; q < count; ++q)
-      if (rank[q] < k) best[rank[q]] = static_cast<int32_t>(q);
-    return;
-  }
-  packed.resize(count);
-  for (int64_t q = 0; q < count; ++q) packed[q] = Pack(keys[q], q);
-  auto best_k = packed.begin() + k;
-  if (count > k) std::nth_element(packed.begin(), best_k, packed.end(), std::greater<uint64_t>());
-  std::sort(packed.begin(), best_k, std::greater<uint64_t>());
-  for (int64_t q = 0; q < k; ++q) best[q] = Unpack(packed[q]);
-}
 #endif
 
 ffi::Error EncoderTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> W,
@@ -736,7 +728,7 @@ ffi::Error EncoderTopK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   thread_local std::vector<float> transposed, margin, floor, norms;
   packed.resize(m_pad * K_pad);
   transposed.resize(m * K);
-  margin.resize(m), floor.resize(m), norms.resize(m_pad);
+  margin.resize(m), floor.resize(m), norms.resize(m);
   // Raw pointers: a worker thread naming a thread_local would get its own, empty one.
   uint16_t* packed_w = packed.data();
   float* w_t = transposed.data();

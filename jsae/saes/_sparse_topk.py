@@ -240,7 +240,8 @@ def _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
     else:
         product = sae_in @ W_enc
         values, indices = top_k_hidden_pre(product, b_enc, norms, k)
-        pre_at = pre_activations(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None)
+        pre_at = (pre_activations(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None)
+                  if rescale else None)
     acts = jax.nn.relu(values) if k_active is None else jnp.where(_kept(values, k_active), values, 0)
     # As the dense decode: activations times 1/‖W_dec row‖ (gathered), then the decoder product.
     scaled = acts * (1 / norms)[indices] if rescale else acts
@@ -316,7 +317,7 @@ def _aux_k_sizes(x: Array, W_enc: Array, dead_mask: Array):
     return min(k_aux, W_enc.shape[-1]), num_dead, jnp.minimum(num_dead / k_aux, 1.0)
 
 
-def _encoder_product(product: Array | None, x: Array, b_dec: Array, W_enc: Array, apply_b_dec: bool,
+def encoder_product(product: Array | None, x: Array, b_dec: Array, W_enc: Array, apply_b_dec: bool,
                      columns: Array | None = None) -> Array:
     """x̃ W_enc (its `columns` only, when given): from `product` where the forward formed it."""
     if product is not None:
@@ -331,7 +332,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
 
     def compute(_):  # as topk_aux_loss
         norms = decoder_row_norms(W_dec) if rescale else None
-        full = _encoder_product(product, x, b_dec, W_enc, apply_b_dec)
+        full = encoder_product(product, x, b_dec, W_enc, apply_b_dec)
         masked = jnp.where(dead_mask, pre_activations(full, b_enc, norms), -jnp.inf)
         values, indices = row_top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
@@ -347,7 +348,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
         # its activations are the dead latents' pre-activations; work on those columns only.
         idx, valid = _dead_columns(dead_mask, num_dead, k_static)
         norms = decoder_row_norms(W_dec) if rescale else None
-        pre = pre_activations(_encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx), b_enc[idx],
+        pre = pre_activations(encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx), b_enc[idx],
                               None if norms is None else norms[idx])
         values = jnp.where(valid, pre, 0.0)
         scaled = values * (1 / norms[idx]) if rescale else values
@@ -401,7 +402,7 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
         # The dense encoder backward of d_hidden.
         sae_in = x - b_dec if apply_b_dec else x
         if rescale:
-            full = _encoder_product(product, x, b_dec, W_enc, apply_b_dec)
+            full = encoder_product(product, x, b_dec, W_enc, apply_b_dec)
             d_norms = d_norms + jnp.sum(d_hidden * pre_activations(full, b_enc, None), axis=0)
             d_W_dec = d_W_dec + norms_vjp(d_norms.astype(norms.dtype))[0]
             d_pre = d_hidden * norms
@@ -427,7 +428,7 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
             d_scaled = d_error @ W_rows.T
             d_norms = -jnp.sum(d_scaled * values, axis=0) * jnp.square(inv)
             d_values = jnp.where(valid, d_scaled * inv, 0.0)
-            columns = _encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx)
+            columns = encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx)
             d_norms = d_norms + jnp.sum(d_values * pre_activations(columns, b_enc[idx], None), axis=0)
             d_pre = d_values * norms[idx]
         else:

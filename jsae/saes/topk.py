@@ -25,7 +25,7 @@ from jsae.saes._base import (
     training_module_cfg,
     zeros,
 )
-from jsae.saes._sparse_topk import aux_k_loss, pre_activations, sparse_topk_forward
+from jsae.saes._sparse_topk import aux_k_loss, encoder_product, pre_activations, sparse_topk_forward
 from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
@@ -213,9 +213,8 @@ def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfi
     losses = {"mse_loss": mse(out.sae_out, x), "auxiliary_reconstruction_loss": aux}
     # Dense pre-activations and activations for callers that want them; dead code in a jitted
     # step, which reads top_acts / top_indices.
-    product = out.product
-    if product is None:  # the top-k was screened (jsae.kernels.encoder_top_k): form it only if it is used
-        product = jax.lax.stop_gradient((x_in - p["b_dec"] if apply_b_dec else x_in) @ p["W_enc"])
+    # (formed here, where the screened top-k never formed it, only if something reads it)
+    product = jax.lax.stop_gradient(encoder_product(out.product, x_in, p["b_dec"], p["W_enc"], apply_b_dec))
     pre = pre_activations(product, p["b_enc"], decoder_row_norms(p["W_dec"]) if rescale else None)
     feature_acts = jnp.put_along_axis(jnp.zeros_like(pre), out.top_indices, out.top_acts, axis=-1, inplace=False)
     return finish(losses, jax.lax.stop_gradient(feature_acts), jax.lax.stop_gradient(pre), out.sae_out)._replace(
