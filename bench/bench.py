@@ -123,6 +123,50 @@ def torch_matmul_rate(dtype: str, device: str, n: int | None = None, reps: int =
     return 2 * n**3 / best
 
 
+def blas_matmul_rate(n: int = 2048, reps: int = 5, inner: int = 10) -> float | None:
+    """The n³ float32 rate of the sgemm jsae's dense CPU kernels call (OpenBLAS from
+    scipy-openblas32), as they call it: single-threaded, one share of the output per core."""
+    import ctypes
+    import threading
+
+    import numpy as np
+
+    from jsae import kernels
+
+    if not kernels.dense_available():
+        return None
+    path, symbol, _ = kernels._blas_library()
+    sgemm = getattr(ctypes.CDLL(path), symbol)  # the library the kernels loaded (set to one thread)
+    threads = len(os.sched_getaffinity(0))
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), np.float32)
+    ptr = ctypes.c_void_p
+    bounds = [n * t // threads for t in range(threads + 1)]
+
+    def share(t):  # rows bounds[t]:bounds[t+1] of c = a b, CblasRowMajor / NoTrans
+        rows = bounds[t + 1] - bounds[t]
+        sgemm(101, 111, 111, rows, n, n, ctypes.c_float(1.0), ptr(a.ctypes.data + 4 * n * bounds[t]), n,
+              ptr(b.ctypes.data), n, ctypes.c_float(0.0), ptr(c.ctypes.data + 4 * n * bounds[t]), n)
+
+    def product():
+        workers = [threading.Thread(target=share, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    product()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            product()
+        best = min(best, (time.perf_counter() - t) / inner)
+    np.testing.assert_allclose(c[:4], a[:4] @ b, rtol=1e-3, atol=1e-2)
+    return 2 * n**3 / best
+
+
 # ---------------------------------------------------------------------- one step, each library
 class JsaeStep:
     def __init__(self, arch, d_in, d_sae, tokens, extra, dtype):
@@ -139,6 +183,7 @@ class JsaeStep:
         self.screened = self.sparse and screens_encoder(operand((tokens, d_in), sae_cfg.jnp_dtype),
                                                         operand((d_in, d_sae), sae_cfg.jnp_dtype),
                                                         operand((d_sae,), sae_cfg.jnp_dtype))
+        self.kernels = getattr(sae_cfg, "uses_dense_kernels", lambda: False)()
         self.flops = (sparse_topk_flops(tokens, d_in, d_sae, sae_cfg.k) if self.sparse
                       else jsae_dense_flops(tokens, d_in, d_sae))
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
@@ -304,6 +349,9 @@ def main() -> None:
     parser.add_argument("--dense-topk", action="store_true",
                         help="on topk cases also time jsae's dense TopK path (topk_implementation='dense') "
                              "and print the top-k selection's own timings")
+    parser.add_argument("--xla", action="store_true",
+                        help="on standard and jumprelu cases also time jsae's dense step on XLA's products "
+                             "(dense_implementation='xla')")
     parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--precision", default=None, help="jax_default_matmul_precision (e.g. highest)")
@@ -323,6 +371,8 @@ def main() -> None:
         ceilings[f"jax_{dtype}"] = jax_matmul_rate(dtype)
         if "saelens" in libs:
             ceilings[f"torch_{dtype}"] = torch_matmul_rate(dtype, torch_device)
+    if not gpu and "jsae" in libs and (rate := blas_matmul_rate()) is not None:
+        ceilings["blas_float32"] = rate
     print("matmul ceilings (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()), flush=True)
 
     if args.dense_topk and "jsae" in libs:
@@ -340,14 +390,18 @@ def main() -> None:
                 if arch == "topk" and args.dense_topk:
                     fns["jsae_dense"] = JsaeStep(arch, d_in, d_sae, tokens, extra | {"topk_implementation": "dense"},
                                                  dtype)
+                if arch in ("standard", "jumprelu") and args.xla:
+                    fns["jsae_xla"] = JsaeStep(arch, d_in, d_sae, tokens, extra | {"dense_implementation": "xla"},
+                                               dtype)
             if "saelens" in libs:
                 fns["sae_lens"] = SaelensStep(arch, d_in, d_sae, tokens, extra, dtype, torch_device)
             secs = time_steps(fns, args.warmup, args.reps, args.settle)
-            ceiling = ceilings[f"jax_{dtype}"]
+            # the best rate any library measured here: the machine's ceiling, not one library's
+            ceiling = max(v for k, v in ceilings.items() if k.endswith(f"_{dtype}"))
             row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens, "dtype": dtype}
             if "jsae" in fns:
                 row["jsae_path"] = "sparse, screened" if fns["jsae"].screened else \
-                    "sparse" if fns["jsae"].sparse else "dense"
+                    "sparse" if fns["jsae"].sparse else "dense, BLAS kernels" if fns["jsae"].kernels else "dense"
             for name, s in secs.items():
                 flops = fns[name].flops if name.startswith("jsae") else dense_flops(tokens, d_in, d_sae)
                 row[f"{name}_s"] = s
@@ -358,6 +412,8 @@ def main() -> None:
                 row["speedup"] = row["sae_lens_s"] / row["jsae_s"]
             if "jsae_s" in row and "jsae_dense_s" in row:
                 row["speedup_over_dense"] = row["jsae_dense_s"] / row["jsae_s"]
+            if "jsae_s" in row and "jsae_xla_s" in row:
+                row["speedup_over_xla"] = row["jsae_xla_s"] / row["jsae_s"]
             rows.append(row)
             print(json.dumps(row), flush=True)
             del fns
@@ -374,6 +430,7 @@ def main() -> None:
 def format_table(rows, ceilings, info) -> str:
     date = datetime.date.today().isoformat()
     dense_column = any("jsae_dense_tok_s" in r for r in rows)
+    xla_column = any("jsae_xla_tok_s" in r for r in rows)
     lines = [
         f"### {date} — {info['backend']} ({machine_label(info)}), jax {info['jax']}"
         + (f", torch {info['torch']}" if "torch" in info else "")
@@ -381,14 +438,16 @@ def format_table(rows, ceilings, info) -> str:
         + (f"; both libraries under GLIBC_TUNABLES={info['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in info else ""),
         "",
         "Matmul ceiling (best n³ product rate, n = 8192 on GPU / 2048 on CPU, TFLOP/s; JAX's default "
-        "float32 precision on GPU uses TF32): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()),
+        "float32 precision on GPU uses TF32; blas: the sgemm of jsae's dense CPU kernels; shares are of "
+        "the best rate of the dtype): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()),
         "",
         "| arch | d_in → d_sae | tokens | dtype | jsae tok/s | sae_lens tok/s | speed-up | jsae share of ceiling |"
-        + (" jsae dense tok/s | jsae vs dense |" if dense_column else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else ""),
+        + (" jsae dense tok/s | jsae vs dense |" if dense_column else "")
+        + (" jsae on XLA tok/s | kernels vs XLA |" if xla_column else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else "") + ("---|---|" if xla_column else ""),
     ]
     for r in rows:
-        arch = f"{r['arch']} ({r['jsae_path']})" if r["arch"] == "topk" and "jsae_path" in r else r["arch"]
+        arch = f"{r['arch']} ({r['jsae_path']})" if r.get("jsae_path", "dense") != "dense" else r["arch"]
         jsae_tok = f"{r['jsae_tok_s']:,.0f}" if "jsae_tok_s" in r else "—"
         sl_tok = f"{r['sae_lens_tok_s']:,.0f}" if "sae_lens_tok_s" in r else "—"
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
@@ -398,6 +457,10 @@ def format_table(rows, ceilings, info) -> str:
             dense_tok = f"{r['jsae_dense_tok_s']:,.0f}" if "jsae_dense_tok_s" in r else "—"
             over = f"{r['speedup_over_dense']:.2f}x" if "speedup_over_dense" in r else "—"
             line += f" {dense_tok} | {over} |"
+        if xla_column:
+            xla_tok = f"{r['jsae_xla_tok_s']:,.0f}" if "jsae_xla_tok_s" in r else "—"
+            over = f"{r['speedup_over_xla']:.2f}x" if "speedup_over_xla" in r else "—"
+            line += f" {xla_tok} | {over} |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

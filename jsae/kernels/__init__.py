@@ -30,6 +30,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -37,8 +38,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+# Every file the library is built from (the cache key covers them all).
+SOURCES = (SOURCE, SOURCE.with_name("dense_kernels.cc"))
+HEADERS = (SOURCE.with_name("parallel.h"),)
 TOP_K_TARGET = "jsae_top_k_f32"
 # XLA FFI target name -> the symbol cpu_kernels.cc defines for it
 TARGETS = {
@@ -48,12 +53,15 @@ TARGETS = {
     "jsae_gather_rows_weighted_f32": "JsaeGatherRowsWeightedF32",
     "jsae_scatter_rows_f32": "JsaeScatterRowsF32",
     "jsae_encoder_top_k_f32": "JsaeEncoderTopKF32",
+    "jsae_dense_encode_f32": "JsaeDenseEncodeF32",
+    "jsae_dense_backward_f32": "JsaeDenseBackwardF32",
 }
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet in this process
 _library: ctypes.CDLL | None = None
+_blas: str | None = None  # the BLAS the dense kernels call, once loaded
 
 
 def cache_dir() -> Path:
@@ -80,8 +88,8 @@ def _cpu_fingerprint() -> str:
 
 
 def _compile_commands(compiler: str, output: Path) -> list[list[str]]:
-    base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
-            "-o", str(output)]
+    base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
+            *map(str, SOURCES), "-ldl", "-o", str(output)]
     return [base[:2] + ["-march=native"] + base[2:], base]  # plain flags if the compiler lacks -march=native
 
 
@@ -89,7 +97,8 @@ def library_path(compiler: str) -> Path:
     """The cached shared library for this source, jaxlib, compiler and CPU."""
     import jaxlib
 
-    key = "\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, platform.machine(), _cpu_fingerprint()])
+    texts = [f.read_text() for f in (*SOURCES, *HEADERS)]
+    key = "\0".join([*texts, jaxlib.__version__, compiler, platform.machine(), _cpu_fingerprint()])
     return cache_dir() / "kernels" / f"cpu_kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
 
@@ -194,6 +203,125 @@ def encoder_top_k(x: jax.Array, W: jax.Array, bias: jax.Array, scale: jax.Array 
                  stop(x), stop(W), stop(bias), stop(scale))
 
 
+BLAS_LIBRARIES = ("mkl", "openblas")
+
+
+def _blas_library() -> tuple[str, str, str]:
+    """(path, sgemm symbol, single-thread setter) of the BLAS the dense kernels call.
+
+    $JSAE_BLAS picks one of BLAS_LIBRARIES; unset: Intel MKL where the `mkl` package is installed
+    (`pip install "jsae[mkl]"`: ~5-10% faster products on Intel CPUs), else OpenBLAS from the
+    scipy-openblas32 package (the build NumPy and SciPy ship). Either is a library of its own in
+    this process, made single-threaded: the kernels share work over XLA's threads.
+    """
+    choice = os.environ.get("JSAE_BLAS", "")
+    if choice not in ("", *BLAS_LIBRARIES):
+        raise OSError(f"JSAE_BLAS must be one of {list(BLAS_LIBRARIES)}, got {choice!r}")
+    if choice in ("", "mkl"):
+        found = sorted(Path(sys.prefix, "lib").glob("libmkl_rt.so*"))
+        if found:  # MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL = 1): no OpenMP threads
+            return str(found[-1]), "cblas_sgemm", "MKL_Set_Threading_Layer"
+        if choice == "mkl":
+            raise OSError(f"JSAE_BLAS=mkl, but no libmkl_rt in {Path(sys.prefix, 'lib')} (pip install mkl)")
+    import scipy_openblas32
+
+    path = Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)
+    return str(path), "scipy_cblas_sgemm", "scipy_openblas_set_num_threads"
+
+
+def blas_library() -> str | None:
+    """The path of the BLAS the dense kernels loaded, or None (see `dense_available`)."""
+    return _blas if dense_available() else None
+
+
+_blas_tried = False
+
+
+def dense_available() -> bool:
+    """Whether `dense_encode` and `dense_backward` can run here: the kernels are available and
+    their BLAS (`_blas_library`: MKL where installed, else OpenBLAS from scipy-openblas32) loads.
+
+    JSAE_DENSE_KERNELS=0 makes it false (the dense steps then run XLA's products and fusions).
+    """
+    global _blas, _blas_tried
+    if os.environ.get("JSAE_DENSE_KERNELS", "1") == "0" or not available():
+        return False
+    with _lock:
+        if not _blas_tried:
+            _blas_tried = True
+            try:
+                path, sgemm, threads = _blas_library()
+                if _library.JsaeLoadBlas(path.encode(), sgemm.encode(), threads.encode()):
+                    _blas = path
+                else:
+                    raise OSError(f"could not load {sgemm} from {path}")
+            except (ImportError, OSError) as error:
+                warnings.warn(f"jsae: the dense steps use XLA's products on CPU ({error}). Results are the "
+                              "same, standard and JumpReLU training is slower; JSAE_DENSE_KERNELS=0 silences "
+                              "this.", RuntimeWarning, stacklevel=3)
+    return _blas is not None
+
+
+def dense_encode(x: jax.Array, W_enc: jax.Array, b_enc: jax.Array, W_dec: jax.Array,
+                 threshold: jax.Array | None) -> tuple[jax.Array, ...]:
+    """The dense SAE forward in blocks of tokens, its products by the BLAS: x (n, d), W_enc (d, m),
+    b_enc (m,), W_dec (m, d), threshold (m,) for JumpReLU or None for ReLU ->
+    h, pre, lin, sums, fired, l0 where pre = x W_enc + b_enc, h = relu(pre) (threshold None) or
+    pre * (pre > threshold), lin = h W_dec (n, d), sums = Σ_tokens h and fired = the tokens where h
+    != 0 (JumpReLU: pre > threshold) (m,), l0 = the latents where h != 0, a token (n,). pre is (0,)
+    for ReLU. No gradient (`jsae.saes._dense_fused` defines it); float32, no leading axes.
+    """
+    _check_dense("dense_encode", x, W_enc, b_enc, W_dec, *([] if threshold is None else [threshold]))
+    n, d = x.shape
+    m = W_enc.shape[1]
+    if W_enc.shape != (d, m) or b_enc.shape != (m,) or W_dec.shape != (m, d) or (
+            threshold is not None and threshold.shape != (m,)):
+        raise ValueError(f"dense_encode: x {list(x.shape)} must be (n, d), W_enc {list(W_enc.shape)} (d, m), b_enc "
+                         f"{list(b_enc.shape)} and threshold (m,), W_dec {list(W_dec.shape)} (m, d)")
+    jump = threshold is not None
+    if threshold is None:
+        threshold = jnp.zeros((0,), jnp.float32)
+    f32 = jnp.float32
+    results = [((n, m), f32), ((n, m) if jump else (0,), f32), ((n, d), f32), ((m,), f32), ((m,), f32),
+               ((n,), f32)]
+    stop = jax.lax.stop_gradient
+    return _call("jsae_dense_encode_f32", results, stop(x), stop(W_enc), stop(b_enc), stop(W_dec), stop(threshold),
+                 vmap_method="sequential", jump=jump)
+
+
+def dense_backward(x: jax.Array, W_dec: jax.Array, h: jax.Array, pre: jax.Array, threshold: jax.Array | None,
+                   g_lin: jax.Array, g_sums: jax.Array, g_l0: jax.Array, *, bandwidth: float = 1.0,
+                   ste_to_input: bool = False) -> tuple[jax.Array, ...]:
+    """`dense_encode`'s backward in blocks of latents, from the cotangents of lin (n, d), sums (m,)
+    and l0 (n,) (l0's reaches JumpReLU's threshold and, with ste_to_input, its pre-activations,
+    through the rectangle-kernel estimator of width `bandwidth`) -> the gradients of W_enc (d, m),
+    b_enc (m,), W_dec (m, d) and threshold (m,) (zeros for ReLU).
+    """
+    jump = threshold is not None
+    if threshold is None:
+        threshold = jnp.zeros((0,), jnp.float32)
+    _check_dense("dense_backward", x, W_dec, h, pre, threshold, g_lin, g_sums, g_l0)
+    (n, d), m = x.shape, h.shape[-1]
+    if (h.shape != (n, m) or W_dec.shape != (m, d) or g_lin.shape != (n, d) or g_sums.shape != (m,)
+            or g_l0.shape != (n,) or (jump and (pre.shape != (n, m) or threshold.shape != (m,)))):
+        raise ValueError("dense_backward: operands of mismatched shapes")
+    f32 = jnp.float32
+    results = [((d, m), f32), ((m,), f32), ((m, d), f32), ((m,), f32)]
+    stop = jax.lax.stop_gradient
+    return _call("jsae_dense_backward_f32", results, *map(stop, (x, W_dec, h, pre, threshold, g_lin, g_sums, g_l0)),
+                 vmap_method="sequential", jump=jump, bandwidth=np.float32(bandwidth),
+                 ste_to_input=bool(ste_to_input))
+
+
+def _check_dense(name: str, *arrays: jax.Array) -> None:
+    if not dense_available():
+        raise RuntimeError(f"jsae's {name} needs the CPU kernels and OpenBLAS (scipy-openblas32); use XLA's products")
+    if any(a.dtype != jnp.float32 for a in arrays):
+        raise TypeError(f"{name} takes float32 operands, got {', '.join(str(a.dtype) for a in arrays)}")
+    if arrays[0].ndim != 2:
+        raise ValueError(f"{name} takes x (n, d), got {list(arrays[0].shape)}")
+
+
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """`jax.lax.top_k(x, k)` from the kernel: the same values (bit for bit) and indices, float32 x,
     any leading axes.
@@ -247,7 +375,8 @@ def _varying(a: jax.Array) -> frozenset:
     return frozenset(axis_type.varying) if axis_type is not None else frozenset()
 
 
-def _call(target: str, results: list[tuple], *args: jax.Array) -> tuple[jax.Array, ...]:
+def _call(target: str, results: list[tuple], *args: jax.Array, vmap_method: str = "broadcast_all",
+          **attributes) -> tuple[jax.Array, ...]:
     """jax.ffi.ffi_call of `target` on args; results: a (shape, dtype) for each output.
 
     Under jax.shard_map, the inputs are first cast to vary over every mesh axis any of them varies
@@ -263,7 +392,7 @@ def _call(target: str, results: list[tuple], *args: jax.Array) -> tuple[jax.Arra
         kind = {"sharding": jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec()),
                 "manual_axis_type": like.manual_axis_type}
     out = tuple(jax.ShapeDtypeStruct(shape, dtype, **kind) for shape, dtype in results)
-    return tuple(jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")(*args))
+    return tuple(jax.ffi.ffi_call(target, out, vmap_method=vmap_method)(*args, **attributes))
 
 
 def _check_available(instead: str) -> None:

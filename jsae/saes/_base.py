@@ -323,6 +323,20 @@ def training_hidden_pre(module: BaseSAEModule, params: dict, x: Array) -> tuple[
     return hidden_pre, state
 
 
+def dense_input(module: BaseSAEModule, params: dict, x: Array) -> tuple[Array, InputState, Array]:
+    """The encoder's input for `jsae.saes._dense_fused.dense_forward`: the prepared input with b_dec
+    held fixed, its state, and the shift that carries b_dec's gradient through the input (exactly
+    zero; zeros without gradient when the SAE does not subtract b_dec from its input)."""
+    b_dec = params["b_dec"]
+    frozen = params | {"b_dec": jax.lax.stop_gradient(b_dec)}
+    sae_in, state = module.apply({"params": frozen}, x, method="prepare_input")
+    if module.cfg.apply_b_dec_to_input:
+        shift = b_dec - jax.lax.stop_gradient(b_dec)
+    else:
+        shift = jnp.zeros_like(jax.lax.stop_gradient(b_dec))
+    return sae_in, state, shift
+
+
 def training_module_cfg(cfg: SAEConfig) -> SAEConfig:
     """Training sees flat (tokens, d_in) batches: the hook_z reshape happens before the SAE."""
     return cfg.replace(reshape_activations="none") if cfg.reshape_activations != "none" else cfg

@@ -25,25 +25,31 @@ class TrainOutput(NamedTuple):
         loss: the scalar that is differentiated (sum of `losses`).
         losses: named loss terms, SAELens names (mse_loss, l1_loss, auxiliary_reconstruction_loss, ...).
         feature_acts: latent activations (batch, d_sae).
-        hidden_pre: pre-activations (batch, d_sae).
+        hidden_pre: pre-activations (batch, d_sae); None where the forward did not write them out
+            (a standard SAE's step on jsae's dense CPU kernels).
         sae_out: reconstruction (batch, d_out).
         top_acts: the sparse TopK path's k activations per token (batch, k), else None.
         top_indices: their latent indices (batch, k), else None.
         fired: 1 where a latent fired, 0 elsewhere (batch, d_sae), when the forward computes that mask
             anyway (JumpReLU's step); else None and `fired_counts` tests feature_acts.
+        fired_count: tokens each latent fired on (d_sae,), when the forward counted them (the dense
+            CPU kernels); else None.
     """
 
     loss: Array
     losses: dict[str, Array]
     feature_acts: Array
-    hidden_pre: Array
+    hidden_pre: Array | None
     sae_out: Array
     top_acts: Array | None = None
     top_indices: Array | None = None
     fired: Array | None = None
+    fired_count: Array | None = None
 
     def fired_counts(self) -> Array:
         """Tokens each latent fired on (d_sae,) — from the k active latents when the forward kept them."""
+        if self.fired_count is not None:
+            return self.fired_count
         if self.fired is not None:
             return jnp.sum(self.fired.astype(jnp.float32), axis=0)
         if self.top_indices is None:
@@ -96,6 +102,14 @@ def check_nonnegative(cfg: Any, *fields: str) -> None:
         value = getattr(cfg, field)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{type(cfg).__name__}.{field} must be a number >= 0, got {value!r}.")
+
+
+def check_dense_implementation(cfg: Any) -> None:
+    from jsae.saes._dense_fused import DENSE_IMPLEMENTATIONS
+
+    if cfg.dense_implementation not in DENSE_IMPLEMENTATIONS:
+        raise ConfigError(f"{type(cfg).__name__}.dense_implementation must be one of {list(DENSE_IMPLEMENTATIONS)}, "
+                          f"got {cfg.dense_implementation!r}.")
 
 
 def init_training_params(cfg: SAEConfig, key: Array, extra: dict[str, Array] | None = None) -> dict[str, Array]:

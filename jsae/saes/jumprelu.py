@@ -10,16 +10,25 @@ import jax.numpy as jnp
 
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
+from jsae.saes import _dense_fused
 from jsae.saes._base import (
     Array,
     BaseSAEModule,
     decoder_row_norms,
+    dense_input,
     fold_decoder_norms,
     training_hidden_pre,
     training_module_cfg,
     zeros,
 )
-from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
+from jsae.saes._training import (
+    TrainingFields,
+    TrainOutput,
+    check_dense_implementation,
+    check_nonnegative,
+    finish,
+    mse,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,6 +79,10 @@ class JumpReLUTrainingSAEConfig(JumpReLUSAEConfig, TrainingFields):
         jumprelu_tanh_scale: scale inside tanh for the "tanh" mode.
         jumprelu_ste_to_input: also pass the estimator's gradient to the pre-activations.
         target_l0: the L0 the "quadratic" mode pulls towards.
+        dense_implementation: how the training step runs its products. "auto": on CPU in float32,
+            for the "step" and "quadratic" modes without the pre-activation loss, jsae's BLAS
+            kernels with the elementwise work done between them (jsae.saes._dense_fused), XLA's
+            operations elsewhere; "xla": always XLA's. Same results up to float rounding.
     """
 
     jumprelu_init_threshold: float = 0.01
@@ -81,10 +94,12 @@ class JumpReLUTrainingSAEConfig(JumpReLUSAEConfig, TrainingFields):
     jumprelu_tanh_scale: float = 4.0
     jumprelu_ste_to_input: bool = False
     target_l0: float | None = None
+    dense_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.validate_training()
+        check_dense_implementation(self)
         name = type(self).__name__
         check_nonnegative(self, "jumprelu_init_threshold", "l0_coefficient", "l0_warm_up_steps")
         if not self.jumprelu_bandwidth > 0:
@@ -103,6 +118,11 @@ class JumpReLUTrainingSAEConfig(JumpReLUSAEConfig, TrainingFields):
 
     def coefficients(self) -> dict[str, tuple[float, int]]:
         return {"l0": (self.l0_coefficient, self.l0_warm_up_steps)}
+
+    def uses_dense_kernels(self) -> bool:
+        """Whether the training step runs on jsae's dense CPU kernels (see dense_implementation)."""
+        return (self.jumprelu_sparsity_loss_mode != "tanh" and self.pre_act_loss_coefficient is None
+                and _dense_fused.uses_kernels(self))
 
 
 def _rectangle(u: Array) -> Array:
@@ -177,6 +197,8 @@ def project_params(params: dict, cfg: JumpReLUTrainingSAEConfig) -> dict:
 def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, coefficients: dict,
                      dead_mask: Array) -> TrainOutput:
     module = JumpReLUSAE(training_module_cfg(cfg))
+    if cfg.uses_dense_kernels():
+        return _kernel_forward(module, params, x, cfg, coefficients)
     hidden_pre, state = training_hidden_pre(module, params, x)
     threshold = params["threshold"].astype(hidden_pre.dtype)
     bandwidth, ste_to_input = cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input
@@ -200,3 +222,18 @@ def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, 
         gap = jax.nn.relu(threshold - hidden_pre) * dead_mask.astype(hidden_pre.dtype) * W_dec_norm
         losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * jnp.mean(jnp.sum(gap, axis=-1))
     return finish(losses, feature_acts, hidden_pre, sae_out)._replace(fired=fired)
+
+
+def _kernel_forward(module: JumpReLUSAE, params: dict, x: Array, cfg: JumpReLUTrainingSAEConfig,
+                    coefficients: dict) -> TrainOutput:
+    """`training_forward` on jsae's dense CPU kernels ("step" and "quadratic" modes, no
+    pre-activation loss): the same losses from lin and the per-token L0."""
+    sae_in, state, shift = dense_input(module, params, x)
+    out = _dense_fused.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"],
+                                     params["threshold"], bandwidth=cfg.jumprelu_bandwidth,
+                                     ste_to_input=cfg.jumprelu_ste_to_input)
+    sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
+    l0 = out.l0
+    per_item = l0 if cfg.jumprelu_sparsity_loss_mode == "step" else 2 / cfg.target_l0 * (l0 - cfg.target_l0) ** 2
+    losses = {"mse_loss": mse(sae_out, x), "l0_loss": jnp.mean(coefficients["l0"] * per_item)}
+    return finish(losses, out.h, out.pre, sae_out)._replace(fired_count=out.fired)

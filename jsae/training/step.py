@@ -213,28 +213,35 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
         finite = jnp.all(jnp.isfinite(x)) & jnp.isfinite(loss) & _all_finite(grads)
         if axis_name is not None:
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-        directions, opt_state = tx.update(grads, state.opt_state, params)
-        updates = jax.tree.map(lambda d: (-lr * d).astype(d.dtype), directions)
-        new_params = optax.apply_updates(params, updates)
         local_fired = out.fired_counts()
         fired_counts = reduce_sum(local_fired)
         n_tokens = reduce_sum(jnp.asarray(x.shape[0], jnp.float32))
-        reset = (state.step > 0) & (state.step % cfg.feature_sampling_window == 0)
-        steps_since_fired = jnp.where(fired_counts > 0, 0.0, state.steps_since_fired + 1)
-        batch_threshold = state.batch_threshold
-        if arch.batch_threshold:
-            batch_threshold = update_threshold(batch_threshold, out.feature_acts, sae_cfg.topk_threshold_lr, axis_name)
-        updated = state.replace(
-            step=state.step + 1,
-            params=new_params,
-            opt_state=opt_state,
-            steps_since_fired=steps_since_fired,
-            act_freq=jnp.where(reset, 0.0, state.act_freq) + fired_counts,
-            window_tokens=jnp.where(reset, 0.0, state.window_tokens) + n_tokens,
-            batch_threshold=batch_threshold,
-        )
-        # A non-finite batch (or gradient) leaves the state untouched, step counter included.
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+
+        def apply(state: TrainState) -> TrainState:
+            directions, opt_state = tx.update(grads, state.opt_state, params)
+            updates = jax.tree.map(lambda d: (-lr * d).astype(d.dtype), directions)
+            new_params = optax.apply_updates(params, updates)
+            reset = (state.step > 0) & (state.step % cfg.feature_sampling_window == 0)
+            steps_since_fired = jnp.where(fired_counts > 0, 0.0, state.steps_since_fired + 1)
+            batch_threshold = state.batch_threshold
+            if arch.batch_threshold:
+                batch_threshold = update_threshold(batch_threshold, out.feature_acts, sae_cfg.topk_threshold_lr,
+                                                   axis_name)
+            return state.replace(
+                step=state.step + 1,
+                params=new_params,
+                opt_state=opt_state,
+                steps_since_fired=steps_since_fired,
+                act_freq=jnp.where(reset, 0.0, state.act_freq) + fired_counts,
+                window_tokens=jnp.where(reset, 0.0, state.window_tokens) + n_tokens,
+                batch_threshold=batch_threshold,
+            )
+
+        # A non-finite batch (or gradient) leaves the state untouched, step counter included. A
+        # branch rather than a select of new and old values: the update then runs in place on the
+        # donated state, without copies of the old moments kept for the select (under vmap, as in a
+        # sweep, JAX turns it into that select).
+        new_state = jax.lax.cond(finite, apply, lambda state: state, state)
         new_state = new_state.replace(skipped_batches=state.skipped_batches + (~finite))
 
         # Metrics, SAELens names. Explained variance over the global batch from summed moments.

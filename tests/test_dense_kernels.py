@@ -1,0 +1,261 @@
+"""The dense CPU kernels (ReLU and JumpReLU steps on a BLAS sgemm) give XLA's numbers: the
+kernels against float64, the training forward's losses and gradients against the XLA path, whole
+steps, vmap, and the cases that keep XLA's path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from saelens_helpers import rel_err
+
+import jsae
+from jsae import kernels
+from jsae._errors import ConfigError
+from jsae.saes import _dense_fused, jumprelu, standard
+from jsae.saes._training import init_training_params
+
+pytestmark = pytest.mark.skipif(not kernels.dense_available(), reason="the dense CPU kernels are not available")
+
+# 300 tokens and 600 latents: forward blocks of 256 tokens and a tail of 44, backward blocks of
+# 256 latents and a tail of 88 (kernels.dense_kernels.cc's BlockSize on 1-2 threads).
+N, D_IN, D_SAE = 300, 24, 600
+
+
+def operands(seed=0, jump=False):
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((N, D_IN)).astype(np.float32)
+    W_enc = (0.2 * r.standard_normal((D_IN, D_SAE))).astype(np.float32)
+    b_enc = (0.1 * r.standard_normal(D_SAE)).astype(np.float32)
+    W_dec = (0.2 * r.standard_normal((D_SAE, D_IN))).astype(np.float32)
+    threshold = np.abs(0.3 * r.standard_normal(D_SAE)).astype(np.float32) if jump else None
+    return x, W_enc, b_enc, W_dec, threshold
+
+
+def reference_forward(x, W_enc, b_enc, W_dec, threshold):
+    pre = x.astype(np.float64) @ W_enc + b_enc
+    on = pre > 0 if threshold is None else pre > threshold
+    h = np.where(on, pre, 0.0)
+    return pre, on, h, h @ W_dec
+
+
+@pytest.mark.parametrize("jump", [False, True])
+def test_dense_encode_matches_float64(jump):
+    x, W_enc, b_enc, W_dec, threshold = operands(jump=jump)
+    h, pre, lin, sums, fired, l0 = jax.jit(kernels.dense_encode)(x, W_enc, b_enc, W_dec, threshold)
+    want_pre, on, want_h, want_lin = reference_forward(x, W_enc, b_enc, W_dec, threshold)
+    assert rel_err(h, want_h) <= 1e-6 and rel_err(lin, want_lin) <= 1e-6
+    assert rel_err(sums, want_h.sum(0)) <= 1e-6
+    np.testing.assert_array_equal(np.asarray(h) != 0, on)  # no pre-activation within rounding of 0
+    np.testing.assert_array_equal(fired, on.sum(0))
+    np.testing.assert_array_equal(l0, on.sum(1))
+    if jump:
+        assert rel_err(pre, want_pre) <= 1e-6
+    else:
+        assert pre.shape == (0,)
+
+
+@pytest.mark.parametrize("jump,ste_to_input", [(False, False), (True, False), (True, True)])
+def test_dense_backward_matches_float64(jump, ste_to_input):
+    x, W_enc, b_enc, W_dec, threshold = operands(jump=jump)
+    bandwidth = 0.2
+    h, pre, *_ = kernels.dense_encode(x, W_enc, b_enc, W_dec, threshold)
+    r = np.random.default_rng(5)
+    g_lin = r.standard_normal((N, D_IN)).astype(np.float32)
+    g_sums = r.standard_normal(D_SAE).astype(np.float32)
+    g_l0 = r.standard_normal(N).astype(np.float32)
+    got = jax.jit(lambda *a: kernels.dense_backward(*a, bandwidth=bandwidth, ste_to_input=ste_to_input))(
+        x, W_dec, h, pre, threshold, g_lin, g_sums, g_l0)
+    want_pre, on, want_h, _ = reference_forward(x, W_enc, b_enc, W_dec, threshold)
+    a = g_lin.astype(np.float64) @ W_dec.T + g_sums
+    g_pre = np.where(on, a, 0.0)
+    g_threshold = np.zeros(D_SAE)
+    if jump:
+        u = (want_pre - threshold) / bandwidth
+        ste = ((u > -0.5) & (u < 0.5)) * (threshold * a + g_l0[:, None]) / bandwidth
+        g_threshold = -ste.sum(0)
+        assert np.count_nonzero(ste) > 100  # the estimator's window holds many entries
+        if ste_to_input:
+            g_pre = g_pre + ste
+    want = (x.T.astype(np.float64) @ g_pre, g_pre.sum(0), want_h.T @ g_lin, g_threshold)
+    for name, value, expected in zip(("W_enc", "b_enc", "W_dec", "threshold"), got, want, strict=True):
+        assert rel_err(value, expected) <= 1e-5, name
+
+
+def test_dense_encode_keeps_xla_non_finite_values():
+    """As XLA computes them: relu keeps NaN and inf, -inf becomes 0; JumpReLU's x * (x > threshold)
+    (a select in XLA) gives 0 for NaN and -inf."""
+    x, W_enc, b_enc, W_dec, threshold = operands(jump=True)
+    x = x.copy()
+    x[3, 0], x[7, 2], x[11, 5] = np.nan, np.inf, -np.inf
+    for th in (None, threshold):
+        h = kernels.dense_encode(x, W_enc, b_enc, W_dec, th)[0]
+        pre = jnp.asarray(x) @ W_enc + b_enc
+        want = jax.jit(lambda p, th: jax.nn.relu(p) if th is None else p * (p > th))(pre, th)
+        bad = ~np.isfinite(np.asarray(pre))
+        assert bad[[3, 7, 11]].all(axis=1).all()
+        assert (~np.isfinite(np.asarray(want))).any()
+        np.testing.assert_array_equal(np.asarray(h)[bad], np.asarray(want)[bad])
+
+
+# ------------------------------------------------------------------ the training forward
+CASES = {
+    "standard": (standard, {"l1_coefficient": 0.7}),
+    "standard, no b_dec in input": (standard, {"l1_coefficient": 0.7, "apply_b_dec_to_input": False}),
+    "standard, layer_norm": (standard, {"l1_coefficient": 0.7, "normalize_activations": "layer_norm"}),
+    "jumprelu": (jumprelu, {"l0_coefficient": 0.3, "jumprelu_bandwidth": 0.3}),
+    "jumprelu, ste to input": (jumprelu, {"l0_coefficient": 0.3, "jumprelu_bandwidth": 0.3,
+                                          "jumprelu_ste_to_input": True}),
+    "jumprelu, quadratic": (jumprelu, {"l0_coefficient": 0.3, "jumprelu_sparsity_loss_mode": "quadratic",
+                                       "target_l0": 40.0, "jumprelu_bandwidth": 0.3}),
+}
+
+
+def configs(module, **kw):
+    cls = module.StandardTrainingSAEConfig if module is standard else module.JumpReLUTrainingSAEConfig
+    return (cls(d_in=D_IN, d_sae=D_SAE, dense_implementation="xla", **kw),
+            cls(d_in=D_IN, d_sae=D_SAE, dense_implementation="auto", **kw))
+
+
+def random_params(cfg, seed=0):
+    """Training init plus noise, so biases, thresholds and decoder norms are all non-trivial."""
+    params = init_training_params(cfg, jax.random.key(seed))
+    keys = jax.random.split(jax.random.key(seed + 1), len(params))
+    noisy = {name: value + 0.1 * jax.random.normal(key, value.shape)
+             for key, (name, value) in zip(keys, sorted(params.items()), strict=True)}
+    if "threshold" in noisy:
+        noisy["threshold"] = jnp.abs(noisy["threshold"]) + 0.05
+    return noisy
+
+
+def loss_and_grads(module, cfg, params, x):
+    coefficients = {name: jnp.float32(value) for name, (value, _) in cfg.coefficients().items()}
+
+    def loss_fn(p):
+        out = module.training_forward(p, x, cfg=cfg, coefficients=coefficients, dead_mask=jnp.zeros(D_SAE, bool))
+        return out.loss, out
+
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_losses_and_gradients_match_xla(case):
+    module, kw = CASES[case]
+    xla_cfg, kernel_cfg = configs(module, **kw)
+    assert kernel_cfg.uses_dense_kernels() and not xla_cfg.uses_dense_kernels()
+    params = random_params(xla_cfg)
+    x = jax.random.normal(jax.random.key(3), (N, D_IN)) * 1.5 + 0.2
+    (loss_x, out_x), grads_x = loss_and_grads(module, xla_cfg, params, x)
+    (loss_k, out_k), grads_k = loss_and_grads(module, kernel_cfg, params, x)
+    assert rel_err(loss_k, loss_x) <= 1e-6
+    for name in out_x.losses:
+        assert rel_err(out_k.losses[name], out_x.losses[name]) <= 1e-5, name
+    assert set(grads_k) == set(grads_x)
+    for name in grads_x:
+        assert float(jnp.max(jnp.abs(grads_x[name]))) > 0, name
+        assert rel_err(grads_k[name], grads_x[name]) <= 1e-5, name
+    assert rel_err(out_k.sae_out, out_x.sae_out) <= 1e-6
+    assert rel_err(out_k.feature_acts, out_x.feature_acts) <= 1e-6
+    np.testing.assert_array_equal(out_k.fired_counts(), out_x.fired_counts())
+    # the kernel path ran: a standard SAE's pre-activations are never written out there
+    assert (out_k.hidden_pre is None) == (module is standard)
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_train_steps_match_xla(arch):
+    """Five whole steps (clip, Adam, dead-latent counters, metrics) on either path."""
+    module, kw = CASES[arch]
+    states, metrics = [], []
+    batches = [jax.random.normal(jax.random.key(10 + i), (N, D_IN)) for i in range(5)]
+    for sae_cfg in configs(module, **kw):
+        cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**6, train_batch_size_tokens=N, lr=1e-3)
+        step = jax.jit(jsae.make_train_step(cfg))
+        state = jsae.init_train_state(cfg)
+        for batch in batches:
+            state, m = step(state, batch)
+        states.append(state)
+        metrics.append(m)
+    for name in states[0].params:
+        assert rel_err(states[1].params[name], states[0].params[name]) <= 1e-5, name
+    np.testing.assert_array_equal(states[1].act_freq, states[0].act_freq)
+    np.testing.assert_array_equal(states[1].steps_since_fired, states[0].steps_since_fired)
+    for name in ("losses/overall_loss", "metrics/l0", "metrics/explained_variance"):
+        assert rel_err(metrics[1][name], metrics[0][name]) <= 1e-5, name
+
+
+def test_vmapped_forward_is_one_call_per_member():
+    """A sweep vmaps the step: each member's loss and gradients are its own call's."""
+    module, kw = CASES["jumprelu"]
+    _, cfg = configs(module, **kw)
+    members = [random_params(cfg, seed) for seed in (0, 7)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+    x = jax.random.normal(jax.random.key(4), (N, D_IN))
+    coefficients = {"l0": jnp.float32(0.3)}
+
+    def loss(p):
+        return module.training_forward(p, x, cfg=cfg, coefficients=coefficients,
+                                       dead_mask=jnp.zeros(D_SAE, bool)).loss
+
+    losses, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(stacked)
+    for i, p in enumerate(members):
+        one_loss, one_grads = jax.jit(jax.value_and_grad(loss))(p)
+        assert float(losses[i]) == float(one_loss)
+        for name in one_grads:
+            np.testing.assert_array_equal(grads[name][i], one_grads[name])
+
+
+def test_activations_are_not_differentiable():
+    x, W_enc, b_enc, W_dec, _ = map(lambda a: None if a is None else jnp.asarray(a), operands())
+    shift = jnp.zeros(D_IN)
+
+    def through_h(W):
+        return jnp.sum(_dense_fused.dense_forward(x, shift, W, b_enc, W_dec).h)
+
+    with pytest.raises(TypeError, match="not differentiable"):
+        jax.grad(through_h)(W_enc)
+    # the differentiable outputs are differentiated exactly
+    lin_grad = jax.grad(lambda W: jnp.sum(_dense_fused.dense_forward(x, shift, W, b_enc, W_dec).lin))(W_enc)
+    pre = x @ W_enc + b_enc
+    want = x.T @ jnp.where(pre > 0, jnp.sum(W_dec, axis=1), 0.0)
+    assert rel_err(lin_grad, want) <= 1e-5
+
+
+def test_configs_that_keep_xla():
+    assert not standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, lp_norm=2.0).uses_dense_kernels()
+    assert not standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, dtype="bfloat16").uses_dense_kernels()
+    assert not jumprelu.JumpReLUTrainingSAEConfig(
+        d_in=8, d_sae=16, jumprelu_sparsity_loss_mode="tanh").uses_dense_kernels()
+    assert not jumprelu.JumpReLUTrainingSAEConfig(d_in=8, d_sae=16, pre_act_loss_coefficient=0.1).uses_dense_kernels()
+    assert standard.StandardTrainingSAEConfig(d_in=8, d_sae=16).uses_dense_kernels()
+    with pytest.raises(ConfigError, match="dense_implementation"):
+        standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, dense_implementation="blas")
+
+
+def test_kernels_reject_bad_operands():
+    x, W_enc, b_enc, W_dec, _ = operands()
+    with pytest.raises(TypeError, match="float32"):
+        kernels.dense_encode(x.astype(np.float16), W_enc, b_enc, W_dec, None)
+    with pytest.raises(ValueError, match="dense_encode"):
+        kernels.dense_encode(x, W_enc[:-1], b_enc, W_dec, None)
+
+
+def test_each_blas_gives_the_same_numbers():
+    """The checks above on OpenBLAS (JSAE_BLAS=openblas), in a process of their own (the BLAS is
+    chosen once per process), where this one runs on MKL."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if "libmkl_rt" not in (kernels.blas_library() or ""):
+        pytest.skip("this process already runs on OpenBLAS")
+    env = os.environ | {"JSAE_BLAS": "openblas"}
+    probe = subprocess.run([sys.executable, "-c", "from jsae import kernels; print(kernels.blas_library())"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert "scipy_openblas" in probe.stdout
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "float64 or match_xla or non_finite"],
+                            env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
