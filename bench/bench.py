@@ -9,7 +9,14 @@ FLOP model (dense step): 12 * tokens * d_in * d_sae — encoder and decoder prod
 performs all 12; jsae's dense step performs 10: the encoder's backward needs only the W_enc
 gradient, because b_dec's gradient through the input is taken as (sum over tokens of dh) W_enc^T
 (jsae.saes._base.training_hidden_pre) instead of a per-token product; each library's share of
-the ceiling counts the products it performs.
+the ceiling counts the products it performs. On CPU in float32 jsae's dense standard and JumpReLU
+steps run those products on jsae's dense kernels (a BLAS sgemm, jsae.kernels.dense_encode /
+dense_backward; rows "dense, BLAS kernels"); `--xla` also times them on XLA's products.
+The ceiling of a dtype is the best n³ rate measured here of JAX, PyTorch and (CPU) the sgemm of
+jsae's dense kernels called as they call it; every share is of that best rate. Rows on the dense
+kernels also time the kernels' products alone (dense_encode then dense_backward on the step's
+operands: the same 10 products and the elementwise work between them, without the losses, the
+clipping and Adam), alternated with the steps, and show that share too.
 jsae's sparse TopK step (TopKTrainingSAEConfig.topk_implementation; "auto" takes it on CPU when
 d_sae >= 32 k) is counted as its one dense product, the encoder forward (2 * tokens * d_in * d_sae),
 plus 2 * tokens * k * d_in for each of its four products over the k active latents per token
@@ -22,6 +29,7 @@ error, and only the candidates (about 3-4 k a token at 768 -> 16384) get float32
 ceiling, which would mean nothing for bf16 tile work.
 
     python bench/bench.py                       # CPU, the default cases, both libraries
+    python bench/bench.py --xla                 # ... and jsae's dense steps on XLA's products too
     python bench/bench.py --cases topk --dense-topk   # TopK: jsae sparse vs jsae dense vs sae_lens
     python bench/bench.py --cases default --dense-topk   # the default run's TopK 128 -> 1024 (a sweep's member)
     python bench/bench.py --libs jsae --cases gpu --dtypes float32,bfloat16   # on a GPU
@@ -199,6 +207,37 @@ class JsaeStep:
         self.metrics["losses/overall_loss"].block_until_ready()
 
 
+class KernelProducts:
+    """The products of a jsae dense step on the kernels alone: dense_encode then dense_backward on
+    the step's operands (its 10 * tokens * d_in * d_sae FLOPs and the elementwise work between
+    them; no losses, clipping or Adam)."""
+
+    def __init__(self, step: JsaeStep):
+        import jax
+        import jax.numpy as jnp
+
+        from jsae import kernels
+
+        params = jax.tree.map(jnp.copy, step.state.params)  # the step donates its state
+        threshold = params.get("threshold")
+        x = step.batch - params["b_dec"]
+
+        def products(x, W_enc, b_enc, W_dec, threshold):
+            h, pre, lin, _, _, l0 = kernels.dense_encode(x, W_enc, b_enc, W_dec, threshold)
+            return kernels.dense_backward(x, W_dec, h, pre, threshold, lin - x, jnp.zeros_like(b_enc),
+                                          jnp.ones_like(l0), bandwidth=0.05)
+
+        self.run = jax.jit(products)
+        self.args = (x, params["W_enc"], params["b_enc"], params["W_dec"], threshold)
+        self.flops = step.flops
+        self.screened = False
+
+    def __call__(self):
+        import jax
+
+        jax.block_until_ready(self.run(*self.args))
+
+
 class SaelensStep:
     """What SAETrainer._train_step does: forward, backward, clip_grad_norm_(1.0), Adam, zero_grad."""
 
@@ -320,6 +359,11 @@ def machine() -> dict:
     info = {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(), "machine": platform.machine()}
     info |= cpu_model()
+    if info["backend"] == "cpu":
+        from jsae import kernels
+
+        blas = kernels.blas_library()
+        info["blas"] = "none" if blas is None else "MKL" if "libmkl" in blas else "OpenBLAS"
     if os.environ.get("GLIBC_TUNABLES"):  # e.g. glibc.malloc.hugetlb=1 (what `jsae` sets for itself)
         info["GLIBC_TUNABLES"] = os.environ["GLIBC_TUNABLES"]
     try:
@@ -390,6 +434,8 @@ def main() -> None:
                 if arch == "topk" and args.dense_topk:
                     fns["jsae_dense"] = JsaeStep(arch, d_in, d_sae, tokens, extra | {"topk_implementation": "dense"},
                                                  dtype)
+                if fns["jsae"].kernels:
+                    fns["jsae_products"] = KernelProducts(fns["jsae"])
                 if arch in ("standard", "jumprelu") and args.xla:
                     fns["jsae_xla"] = JsaeStep(arch, d_in, d_sae, tokens, extra | {"dense_implementation": "xla"},
                                                dtype)
@@ -431,10 +477,12 @@ def format_table(rows, ceilings, info) -> str:
     date = datetime.date.today().isoformat()
     dense_column = any("jsae_dense_tok_s" in r for r in rows)
     xla_column = any("jsae_xla_tok_s" in r for r in rows)
+    products_column = any("jsae_products_ceiling_share" in r for r in rows)
     lines = [
         f"### {date} — {info['backend']} ({machine_label(info)}), jax {info['jax']}"
         + (f", torch {info['torch']}" if "torch" in info else "")
         + (f", sae_lens {info['sae_lens']}" if "sae_lens" in info else "")
+        + (f", jsae's dense kernels on {info['blas']}" if "blas" in info else "")
         + (f"; both libraries under GLIBC_TUNABLES={info['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in info else ""),
         "",
         "Matmul ceiling (best n³ product rate, n = 8192 on GPU / 2048 on CPU, TFLOP/s; JAX's default "
@@ -443,8 +491,10 @@ def format_table(rows, ceilings, info) -> str:
         "",
         "| arch | d_in → d_sae | tokens | dtype | jsae tok/s | sae_lens tok/s | speed-up | jsae share of ceiling |"
         + (" jsae dense tok/s | jsae vs dense |" if dense_column else "")
-        + (" jsae on XLA tok/s | kernels vs XLA |" if xla_column else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else "") + ("---|---|" if xla_column else ""),
+        + (" jsae on XLA tok/s | kernels vs XLA |" if xla_column else "")
+        + (" kernels' products alone: share of ceiling |" if products_column else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else "") + ("---|---|" if xla_column else "")
+        + ("---|" if products_column else ""),
     ]
     for r in rows:
         arch = f"{r['arch']} ({r['jsae_path']})" if r.get("jsae_path", "dense") != "dense" else r["arch"]
@@ -461,6 +511,9 @@ def format_table(rows, ceilings, info) -> str:
             xla_tok = f"{r['jsae_xla_tok_s']:,.0f}" if "jsae_xla_tok_s" in r else "—"
             over = f"{r['speedup_over_xla']:.2f}x" if "speedup_over_xla" in r else "—"
             line += f" {xla_tok} | {over} |"
+        if products_column:
+            alone = r.get("jsae_products_ceiling_share")
+            line += f" {100 * alone:.0f}% |" if alone is not None else " — |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -259,3 +259,63 @@ def test_each_blas_gives_the_same_numbers():
                             env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+# ------------------------------------------------------------------ the fused Adam update
+@pytest.mark.parametrize("arch,max_grad_norm", [("standard", 0.05), ("topk", 10.0), ("jumprelu", 0.05)])
+def test_fused_adam_trains_as_optax(arch, max_grad_norm):
+    """kernels.adam against optax's clip + Adam + apply_updates over six steps: the clip taken (a
+    small max_grad_norm) and not, the same moments, count and parameters within float rounding."""
+    from jsae.saes import TRAINING_ARCHITECTURES
+    from jsae.training.step import uses_fused_adam
+
+    extra = {"topk": {"k": 8}}.get(arch, {})
+    sae = TRAINING_ARCHITECTURES[arch].config_cls(d_in=D_IN, d_sae=256, **extra)
+    states, metrics = [], []
+    for implementation in ("optax", "auto"):
+        cfg = jsae.TrainConfig(sae=sae, total_training_tokens=10**6, train_batch_size_tokens=128, lr=1e-3,
+                               max_grad_norm=max_grad_norm, adam_implementation=implementation)
+        state = jsae.init_train_state(cfg)
+        assert uses_fused_adam(cfg, state.params) == (implementation == "auto")
+        step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0)
+        for i in range(6):
+            state, m = step(state, jax.random.normal(jax.random.key(i), (128, D_IN)))
+        states.append(state)
+        metrics.append(m)
+    optax_state, fused_state = states
+    assert int(fused_state.opt_state[1].count) == int(optax_state.opt_state[1].count) == 6
+    for tree in ("params",):
+        for name, value in getattr(optax_state, tree).items():
+            assert rel_err(getattr(fused_state, tree)[name], value) <= 1e-6, name
+    for moment in ("mu", "nu"):
+        for name, value in getattr(optax_state.opt_state[1], moment).items():
+            assert rel_err(getattr(fused_state.opt_state[1], moment)[name], value) <= 1e-5, (moment, name)
+    assert rel_err(metrics[1]["losses/overall_loss"], metrics[0]["losses/overall_loss"]) <= 1e-6
+
+
+def test_fused_adam_is_not_taken_for_bfloat16_or_when_asked():
+    from jsae.training.step import uses_fused_adam
+
+    sae = standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, dtype="bfloat16")
+    cfg = jsae.TrainConfig(sae=sae, total_training_tokens=10**4, train_batch_size_tokens=8)
+    assert not uses_fused_adam(cfg, jsae.init_train_state(cfg).params)
+    cfg = jsae.TrainConfig(sae=standard.StandardTrainingSAEConfig(d_in=8, d_sae=16), total_training_tokens=10**4,
+                           train_batch_size_tokens=8, adam_implementation="optax")
+    assert not uses_fused_adam(cfg, jsae.init_train_state(cfg).params)
+    with pytest.raises(ConfigError, match="adam_implementation"):
+        cfg.replace(adam_implementation="fused")
+
+
+def test_adam_kernel_is_one_pass_of_optax_formulas():
+    r = np.random.default_rng(0)
+    p, g, m = (r.standard_normal(70_000).astype(np.float32) for _ in range(3))  # two chunks of 2^16
+    v = np.abs(r.standard_normal(70_000)).astype(np.float32)
+    for keep in (1.0, 0.0):
+        c = np.array([keep, 3.0, 1.0, 0.1, 0.9, 0.001, 0.999, 1 - 0.9**3, 1 - 0.999**3, 1e-8, -1e-3], np.float32)
+        got = jax.jit(kernels.adam)(p, g, m, v, c)
+        gc = g if keep else (g / np.float32(3.0)) * np.float32(1.0)
+        mu = np.float32(0.1) * gc + np.float32(0.9) * m
+        nu = np.float32(0.001) * gc * gc + np.float32(0.999) * v
+        step = (mu / c[7]) / (np.sqrt(nu / c[8]) + c[9])
+        for value, want in zip(got, (p + c[10] * step, mu, nu), strict=True):
+            np.testing.assert_allclose(value, want, rtol=2e-6, atol=1e-7)

@@ -58,6 +58,11 @@ def test_sharded_training_matches_one_device(arch, tmp_path):
     single.fit(iter(data))
     sharded = jsae.Trainer(cfg.replace(model_axis_size=MODEL, output_path=str(tmp_path / "sharded")))
     assert dict(sharded.mesh.shape) == {"data": N_DEV // MODEL, "model": MODEL}
+    if hasattr(cfg.sae, "dense_implementation"):
+        # split latents keep XLA's products (which XLA partitions); one device may take the dense kernels
+        assert sharded._step_config(sharded.cfg).sae.dense_implementation == "xla"
+        assert sharded._step_config(sharded.cfg).adam_implementation == "optax"
+        assert single._step_config(single.cfg).sae.dense_implementation == cfg.sae.dense_implementation
     sharded.fit(iter(data))
 
     assert_close_states(sharded.state, single.state)

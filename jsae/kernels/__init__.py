@@ -1,4 +1,4 @@
-"""jsae's CPU kernels: a row-wise top-k, the encoder's top-k and TopK training's sparse products for XLA:CPU, built on first use.
+"""jsae's CPU kernels: a row-wise top-k, the encoder's top-k, TopK training's sparse products and the dense steps' fused products for XLA:CPU, built on first use.
 
 XLA:CPU's top-k runs a partial sort over each row on one thread (35 ms for 4096 rows of 1024
 latents with k = 32 on the 2-core machine of bench/RESULTS.md); TopK SAEs take one every step.
@@ -12,6 +12,11 @@ On CPUs with AMX tiles, `encoder_top_k` takes the sparse step's top-k without XL
 encoder product: a bf16 product on the tiles, with a rigorous bound on its error, picks the
 candidates, which get float32 dot products (768 -> 16384, 4096 tokens: 172-180 ms against
 405-441 ms for XLA's product and `top_k_affine`).
+
+`dense_encode` and `dense_backward` (`dense_kernels.cc`) run a standard or JumpReLU SAE's dense
+training step: its five products on a BLAS sgemm (MKL where installed, else OpenBLAS from
+scipy-openblas32; `_blas_library`), one single-threaded call per block on each of XLA's threads,
+with the elementwise work between the products done on each block (see jsae.saes._dense_fused).
 
 It is C++ against the XLA FFI headers jaxlib ships, compiled once per machine with the system's
 C++ compiler (`$CXX`, else `c++`) into a cache folder (`$JSAE_CACHE_DIR`, else
@@ -55,6 +60,7 @@ TARGETS = {
     "jsae_encoder_top_k_f32": "JsaeEncoderTopKF32",
     "jsae_dense_encode_f32": "JsaeDenseEncodeF32",
     "jsae_dense_backward_f32": "JsaeDenseBackwardF32",
+    "jsae_adam_f32": "JsaeAdamF32",
 }
 
 logger = logging.getLogger(__name__)
@@ -313,6 +319,25 @@ def dense_backward(x: jax.Array, W_dec: jax.Array, h: jax.Array, pre: jax.Array,
                  ste_to_input=bool(ste_to_input))
 
 
+def adam(p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
+         coefficients: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Adam step after a global-norm clip, in one pass over each element, in place (the
+    outputs alias p, m and v): the p, m, v that optax.chain(clip_by_global_norm, scale_by_adam)
+    and apply_updates give. coefficients: float32 [keep (1 where the global norm is below the
+    clip), norm, max_norm, 1 - b1, b1, 1 - b2, b2, 1 - b1^count, 1 - b2^count, eps, -lr]. No gradient.
+    """
+    _check_available("optax")
+    if any(a.dtype != jnp.float32 for a in (p, g, m, v, coefficients)) or coefficients.shape != (11,):
+        raise TypeError("adam takes float32 p, g, m, v and 11 float32 coefficients")
+    if not p.shape == g.shape == m.shape == v.shape:
+        raise ValueError(f"adam: p {list(p.shape)}, g {list(g.shape)}, m {list(m.shape)} and v {list(v.shape)} "
+                         "must have one shape")
+    stop = jax.lax.stop_gradient
+    results = [(p.shape, jnp.float32)] * 3
+    return _call("jsae_adam_f32", results, *map(stop, (p, g, m, v, coefficients)), vmap_method="sequential",
+                 input_output_aliases={0: 0, 2: 1, 3: 2})
+
+
 def _check_dense(name: str, *arrays: jax.Array) -> None:
     if not dense_available():
         raise RuntimeError(f"jsae's {name} needs the CPU kernels and OpenBLAS (scipy-openblas32); use XLA's products")
@@ -376,7 +401,7 @@ def _varying(a: jax.Array) -> frozenset:
 
 
 def _call(target: str, results: list[tuple], *args: jax.Array, vmap_method: str = "broadcast_all",
-          **attributes) -> tuple[jax.Array, ...]:
+          input_output_aliases: dict | None = None, **attributes) -> tuple[jax.Array, ...]:
     """jax.ffi.ffi_call of `target` on args; results: a (shape, dtype) for each output.
 
     Under jax.shard_map, the inputs are first cast to vary over every mesh axis any of them varies
@@ -392,7 +417,8 @@ def _call(target: str, results: list[tuple], *args: jax.Array, vmap_method: str 
         kind = {"sharding": jax.sharding.NamedSharding(like.sharding.mesh, jax.sharding.PartitionSpec()),
                 "manual_axis_type": like.manual_axis_type}
     out = tuple(jax.ShapeDtypeStruct(shape, dtype, **kind) for shape, dtype in results)
-    return tuple(jax.ffi.ffi_call(target, out, vmap_method=vmap_method)(*args, **attributes))
+    call = jax.ffi.ffi_call(target, out, vmap_method=vmap_method, input_output_aliases=input_output_aliases)
+    return tuple(call(*args, **attributes))
 
 
 def _check_available(instead: str) -> None:

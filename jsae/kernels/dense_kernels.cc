@@ -24,6 +24,7 @@
 //   g_b_enc = sum over tokens of g_pre;  g_W_enc = xᵀ g_pre;  g_threshold = -sum over tokens of ste
 // g_pre is never written out: each block's columns are formed, used for g_W_enc and dropped.
 // The sgemm is loaded at run time (JsaeLoadBlas) and called single-threaded from XLA's threads.
+// adam (at the end) is the step's clipped Adam update of one parameter in one pass, in place.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -260,7 +261,58 @@ ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// One Adam step after a global-norm clip, as optax.chain(clip_by_global_norm, scale_by_adam)
+// and apply_updates compute it, element by element in one pass: coefficients holds
+// [keep (1: the norm is below the clip), norm, max_norm, 1 - b1, b1, 1 - b2, b2,
+//  1 - b1^count, 1 - b2^count, eps, -lr] as float32.
+void AdamRange(const float* __restrict p, const float* __restrict g, const float* __restrict m,
+               const float* __restrict v, const float* c, float* __restrict p_out, float* __restrict m_out,
+               float* __restrict v_out, int64_t begin, int64_t end) {
+  const bool keep = c[0] != 0.f;
+  const float norm = c[1], max_norm = c[2], one_b1 = c[3], b1 = c[4], one_b2 = c[5], b2 = c[6];
+  const float correction1 = c[7], correction2 = c[8], eps = c[9], neg_lr = c[10];
+  for (int64_t i = begin; i < end; ++i) {
+    const float gc = keep ? g[i] : (g[i] / norm) * max_norm;
+    const float mu = one_b1 * gc + b1 * m[i];
+    const float nu = one_b2 * (gc * gc) + b2 * v[i];
+    const float direction = (mu / correction1) / (std::sqrt(nu / correction2 + 0.f) + eps);
+    m_out[i] = mu;
+    v_out[i] = nu;
+    p_out[i] = p[i] + neg_lr * direction;
+  }
+}
+
+ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m,
+                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> coefficients, ffi::ResultBuffer<ffi::F32> p_out,
+                ffi::ResultBuffer<ffi::F32> m_out, ffi::ResultBuffer<ffi::F32> v_out) {
+  const int64_t size = p.element_count();
+  if (g.element_count() != size || m.element_count() != size || v.element_count() != size ||
+      p_out->element_count() != size || m_out->element_count() != size || v_out->element_count() != size ||
+      coefficients.element_count() != 11)
+    return ffi::Error::InvalidArgument("adam: parameters, gradients and moments of one shape, 11 coefficients");
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (size + kChunk - 1) / kChunk;
+  ParallelFor(pool, chunks, [&](int64_t b) {
+    AdamRange(p.typed_data(), g.typed_data(), m.typed_data(), v.typed_data(), coefficients.typed_data(),
+              p_out->typed_data(), m_out->typed_data(), v_out->typed_data(), b * kChunk,
+              std::min(size, (b + 1) * kChunk));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsaeAdamF32, Adam,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // p
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // m
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coefficients
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // p
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // m
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // v
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsaeDenseEncodeF32, DenseEncode,
                               ffi::Ffi::Bind()

@@ -52,6 +52,9 @@ class TrainConfig:
             member's step written out in the same compiled step), "map" (a loop over the members in it)
             or "auto" (vmap off CPU; map on CPU, or unroll up to 16 members where jsae's CPU top-k kernel
             cannot be built).
+        adam_implementation: "auto": on CPU with float32 parameters, the clipped Adam update of
+            each parameter in one pass in place (jsae.kernels.adam; the values optax gives, up to
+            float rounding); "optax": optax's transformations everywhere.
         sync_every_n_steps: wait for the device every n steps (None: every step on multi-device CPU,
             where XLA's collectives otherwise deadlock, else never).
         progress_bar: show a tqdm bar.
@@ -89,6 +92,7 @@ class TrainConfig:
     model_axis_size: int = 1
     sync_every_n_steps: int | None = None
     sweep_strategy: str = "auto"
+    adam_implementation: str = "auto"
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -119,6 +123,9 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
         if not self.max_grad_norm > 0:
             raise ConfigError(f"TrainConfig.max_grad_norm must be > 0, got {self.max_grad_norm!r}.")
+        if self.adam_implementation not in ("auto", "optax"):
+            raise ConfigError(f"TrainConfig.adam_implementation must be one of ['auto', 'optax'], "
+                              f"got {self.adam_implementation!r}.")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(
                 f"TrainConfig.on_nonfinite must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}."

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jsae import kernels
 from jsae.saes import get_training_architecture
 from jsae.saes._training import init_training_params
 from jsae.saes.batchtopk import init_threshold, threshold_value, update_threshold
@@ -56,6 +57,9 @@ class TrainState:
     skipped_batches: Array
 
 
+ADAM_EPS = 1e-8  # torch.optim.Adam's default
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clip, then Adam's direction (torch Adam: eps 1e-8 outside the sqrt).
 
@@ -64,7 +68,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """
     return optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.scale_by_adam(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=1e-8),
+        optax.scale_by_adam(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=ADAM_EPS),
     )
 
 
@@ -144,6 +148,33 @@ def step_compiler_options(platform: str | None = None) -> dict[str, str] | None:
     return dict(options)
 
 
+def uses_fused_adam(cfg: TrainConfig, params: dict) -> bool:
+    """Whether the step updates `params` with jsae.kernels.adam (cfg.adam_implementation "auto",
+    JAX's default backend the CPU, every parameter float32, the CPU kernels available)."""
+    return (cfg.adam_implementation == "auto" and jax.default_backend() == "cpu"
+            and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params)) and kernels.available())
+
+
+def _fused_adam(cfg: TrainConfig, grads: dict, opt_state: Any, params: dict, lr: Array) -> tuple[dict, Any]:
+    """make_optimizer's chain and apply_updates in one pass over each parameter (jsae.kernels.adam):
+    the same clip, moments, bias corrections and update, computed as optax does; the global norm's
+    squares summed by dot products (one read of each gradient; sums in another order)."""
+    clip_state, adam_state = opt_state
+    norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
+    keep = norm < cfg.max_grad_norm
+    count = optax.safe_increment(adam_state.count)
+    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
+    f32 = jnp.float32
+    coefficients = jnp.stack([
+        keep.astype(f32), norm.astype(f32), f32(cfg.max_grad_norm), f32(1 - b1), f32(b1), f32(1 - b2), f32(b2),
+        (1 - b1**count).astype(f32), (1 - b2**count).astype(f32), f32(ADAM_EPS), -jnp.asarray(lr, f32)])
+    new_params, mu, nu = {}, {}, {}
+    for name in params:
+        new_params[name], mu[name], nu[name] = kernels.adam(params[name], grads[name], adam_state.mu[name],
+                                                            adam_state.nu[name], coefficients)
+    return new_params, (clip_state, adam_state._replace(count=count, mu=mu, nu=nu))
+
+
 def hyperparameters(cfg: TrainConfig) -> Hyperparameters:
     """The hyperparameters of one SAE (the member index is ignored)."""
     lr_fn = cfg.lr_schedule()
@@ -216,11 +247,15 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
         local_fired = out.fired_counts()
         fired_counts = reduce_sum(local_fired)
         n_tokens = reduce_sum(jnp.asarray(x.shape[0], jnp.float32))
+        fused_adam = uses_fused_adam(cfg, params)
 
         def apply(state: TrainState) -> TrainState:
-            directions, opt_state = tx.update(grads, state.opt_state, params)
-            updates = jax.tree.map(lambda d: (-lr * d).astype(d.dtype), directions)
-            new_params = optax.apply_updates(params, updates)
+            if fused_adam:
+                new_params, opt_state = _fused_adam(cfg, grads, state.opt_state, params, lr)
+            else:
+                directions, opt_state = tx.update(grads, state.opt_state, params)
+                updates = jax.tree.map(lambda d: (-lr * d).astype(d.dtype), directions)
+                new_params = optax.apply_updates(params, updates)
             reset = (state.step > 0) & (state.step % cfg.feature_sampling_window == 0)
             steps_since_fired = jnp.where(fired_counts > 0, 0.0, state.steps_since_fired + 1)
             batch_threshold = state.batch_threshold

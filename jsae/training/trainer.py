@@ -166,8 +166,19 @@ class Trainer:
 
     def _make_step(self, axis_name: str | None):
         if self.sweep is None:
-            return make_train_step(self.cfg, axis_name)
-        return make_sweep_step(self.sweep.members, axis_name, self.sweep.streams, self.cfg.sweep_strategy)
+            return make_train_step(self._step_config(self.cfg), axis_name)
+        members = [self._step_config(member) for member in self.sweep.members]
+        return make_sweep_step(members, axis_name, self.sweep.streams, self.cfg.sweep_strategy)
+
+    def _step_config(self, cfg: TrainConfig) -> TrainConfig:
+        """The config the step is built from. With latents split over devices, dense steps keep XLA's
+        products and Adam stays optax's: XLA partitions those, while jsae's CPU kernels (like any
+        FFI call) would run on gathered, whole weights on every device."""
+        if self.model_axis_size == 1:
+            return cfg
+        if getattr(cfg.sae, "dense_implementation", "xla") != "xla":
+            cfg = cfg.replace(sae=cfg.sae.replace(dense_implementation="xla"))
+        return cfg.replace(adam_implementation="optax")
 
     def _fresh_state(self, scaling_factor: float | list[float] = 1.0, params: dict | None = None) -> TrainState:
         if self.sweep is None:
