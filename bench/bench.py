@@ -311,14 +311,19 @@ def time_steps(fns: dict, warmup: int, reps: int, settle: float = 0.0) -> dict[s
     """Median seconds per step of each callable, calls alternated so both see the same machine state.
 
     settle: seconds to pause before each timed call, so the previous library's worker threads
-    (OpenMP's and XLA's spin-wait after their work) have gone idle.
+    (OpenMP's and XLA's spin-wait after their work) have gone idle. The order of the calls rotates
+    every repeat, so no callable always runs after the same one (on the 2-core VM of RESULTS.md, in
+    some runs, the step timed right after sae_lens' — which faults in gigabytes of pages a step —
+    ran 10-40% slower than alone).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            fn = fns[name]
             time.sleep(settle)
             t = time.perf_counter()
             fn()
