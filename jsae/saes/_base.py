@@ -305,36 +305,31 @@ def lp_norm(x: Array, p: float, axis: int = -1) -> Array:
     return jnp.where(positive, jnp.where(positive, total, 1.0) ** (1.0 / p), 0.0)
 
 
-def training_hidden_pre(module: BaseSAEModule, params: dict, x: Array) -> tuple[Array, InputState]:
-    """(x̃ - b_dec) W_enc + b_enc for a training forward, and the input state.
+def training_input(module: BaseSAEModule, params: dict, x: Array) -> tuple[Array, InputState, Array | None]:
+    """The encoder's input for a training forward: the prepared input with b_dec held fixed, its
+    state, and the shift that carries b_dec's gradient through the input — exactly zero, as
+    b_dec - stop_gradient(b_dec) — or None when the SAE does not subtract b_dec from its input.
 
-    The same value as the module's encoder, but b_dec's gradient through the input is taken as
-    -(Σ_tokens ∂h) W_encᵀ — one vector-matrix product a batch — instead of autodiff's per-token
-    (tokens, d_sae) x (d_sae, d_in) product summed afterwards: a sixth of a dense step's FLOPs.
-    The input x is data (no gradient), so nothing else needs that product.
+    b_dec's gradient through the input is then -(Σ_tokens ∂h) W_encᵀ — one vector-matrix product a
+    batch — instead of autodiff's per-token (tokens, d_sae) x (d_sae, d_in) product summed
+    afterwards: a sixth of a dense step's FLOPs. The input x is data (no gradient), so nothing else
+    needs that product.
     """
     b_dec = params["b_dec"]
     frozen = params | {"b_dec": jax.lax.stop_gradient(b_dec)}
     sae_in, state = module.apply({"params": frozen}, x, method="prepare_input")
-    hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
-    if module.cfg.apply_b_dec_to_input:
-        zero = b_dec - jax.lax.stop_gradient(b_dec)  # exactly 0; carries b_dec's gradient
-        hidden_pre = hidden_pre - zero @ params["W_enc"]
-    return hidden_pre, state
-
-
-def dense_input(module: BaseSAEModule, params: dict, x: Array) -> tuple[Array, InputState, Array]:
-    """The encoder's input for `jsae.saes._dense_fused.dense_forward`: the prepared input with b_dec
-    held fixed, its state, and the shift that carries b_dec's gradient through the input (exactly
-    zero; zeros without gradient when the SAE does not subtract b_dec from its input)."""
-    b_dec = params["b_dec"]
-    frozen = params | {"b_dec": jax.lax.stop_gradient(b_dec)}
-    sae_in, state = module.apply({"params": frozen}, x, method="prepare_input")
-    if module.cfg.apply_b_dec_to_input:
-        shift = b_dec - jax.lax.stop_gradient(b_dec)
-    else:
-        shift = jnp.zeros_like(jax.lax.stop_gradient(b_dec))
+    shift = b_dec - jax.lax.stop_gradient(b_dec) if module.cfg.apply_b_dec_to_input else None
     return sae_in, state, shift
+
+
+def training_hidden_pre(module: BaseSAEModule, params: dict, x: Array) -> tuple[Array, InputState]:
+    """(x̃ - b_dec) W_enc + b_enc for a training forward, and the input state: the module's encoder,
+    with b_dec's gradient through the input taken as `training_input` says."""
+    sae_in, state, shift = training_input(module, params, x)
+    hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
+    if shift is not None:
+        hidden_pre = hidden_pre - shift @ params["W_enc"]
+    return hidden_pre, state
 
 
 def training_module_cfg(cfg: SAEConfig) -> SAEConfig:

@@ -61,14 +61,14 @@ def uses_kernels(cfg) -> bool:
             and cfg.jnp_dtype == jnp.float32 and kernels.dense_available())
 
 
-def dense_forward(x: Array, shift: Array, W_enc: Array, b_enc: Array, W_dec: Array, threshold: Array | None = None,
+def dense_forward(x: Array, shift: Array | None, W_enc: Array, b_enc: Array, W_dec: Array, threshold: Array | None = None,
                   *, bandwidth: float = 1.0, ste_to_input: bool = False) -> DenseForward:
     """pre = (x - shift) W_enc + b_enc, h = relu(pre) (threshold None) or pre * (pre > threshold)
     (JumpReLU, with the rectangle-kernel straight-through estimator of width `bandwidth` for the
     threshold, and with `ste_to_input` for the pre-activations too), lin = h W_dec.
 
-    x is data: it gets no gradient (the caller passes it through stop_gradient). `shift` carries
-    b_dec's gradient through the input, -(Σ_tokens g_pre) W_encᵀ, one vector-matrix product.
+    x is data: it gets no gradient. `shift` (`jsae.saes._base.training_input`'s; None: none)
+    carries b_dec's gradient through the input, -(Σ_tokens g_pre) W_encᵀ, one vector-matrix product.
     """
     out = _dense(jax.lax.stop_gradient(x), shift, W_enc, b_enc, W_dec, threshold, bandwidth, ste_to_input)
     h, pre, lin, sums, fired, l0 = out
@@ -77,20 +77,20 @@ def dense_forward(x: Array, shift: Array, W_enc: Array, b_enc: Array, W_dec: Arr
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _dense(x, shift, W_enc, b_enc, W_dec, threshold, bandwidth, ste_to_input):
-    return kernels.dense_encode(x - shift, W_enc, b_enc, W_dec, threshold)
+    return kernels.dense_encode(x if shift is None else x - shift, W_enc, b_enc, W_dec, threshold)
 
 
 def _dense_fwd(x, shift, W_enc, b_enc, W_dec, threshold, bandwidth, ste_to_input):
     values = [a.value if a is not None else None for a in (x, shift, W_enc, b_enc, W_dec, threshold)]
     x, shift, W_enc, b_enc, W_dec, threshold = values
-    sae_in = x - shift
+    sae_in = x if shift is None else x - shift
     out = kernels.dense_encode(sae_in, W_enc, b_enc, W_dec, threshold)
     h, pre = out[0], out[1]
-    return out, (sae_in, W_enc, W_dec, h, pre, threshold)
+    return out, (sae_in, shift, W_enc, W_dec, h, pre, threshold)
 
 
 def _dense_bwd(bandwidth, ste_to_input, residuals, cotangents):
-    sae_in, W_enc, W_dec, h, pre, threshold = residuals
+    sae_in, shift, W_enc, W_dec, h, pre, threshold = residuals
     g_h, g_pre, g_lin, g_sums, g_fired, g_l0 = cotangents
     for name, g in (("h", g_h), ("pre", g_pre)):
         if not isinstance(g, jax.custom_derivatives.SymbolicZero):
@@ -100,7 +100,7 @@ def _dense_bwd(bandwidth, ste_to_input, residuals, cotangents):
                            for z in (g_lin, g_sums, g_l0))
     g_W_enc, g_b_enc, g_W_dec, g_threshold = kernels.dense_backward(
         sae_in, W_dec, h, pre, threshold, g_lin, g_sums, g_l0, bandwidth=bandwidth, ste_to_input=ste_to_input)
-    g_shift = -(W_enc @ g_b_enc)  # (d, m) x (m,): no transposed copy of W_enc
+    g_shift = None if shift is None else -(W_enc @ g_b_enc)  # (d, m) x (m,): no transposed copy of W_enc
     return None, g_shift, g_W_enc, g_b_enc, g_W_dec, (None if threshold is None else g_threshold)
 
 

@@ -30,10 +30,9 @@ class TrainOutput(NamedTuple):
         sae_out: reconstruction (batch, d_out).
         top_acts: the sparse TopK path's k activations per token (batch, k), else None.
         top_indices: their latent indices (batch, k), else None.
-        fired: 1 where a latent fired, 0 elsewhere (batch, d_sae), when the forward computes that mask
-            anyway (JumpReLU's step); else None and `fired_counts` tests feature_acts.
-        fired_count: tokens each latent fired on (d_sae,), when the forward counted them (the dense
-            CPU kernels); else None.
+        fired_count: tokens each latent fired on (d_sae,), when the forward counts them anyway
+            (JumpReLU's step mask, the dense CPU kernels); else None and `fired_counts` tests
+            feature_acts.
     """
 
     loss: Array
@@ -43,15 +42,12 @@ class TrainOutput(NamedTuple):
     sae_out: Array
     top_acts: Array | None = None
     top_indices: Array | None = None
-    fired: Array | None = None
     fired_count: Array | None = None
 
     def fired_counts(self) -> Array:
         """Tokens each latent fired on (d_sae,) — from the k active latents when the forward kept them."""
         if self.fired_count is not None:
             return self.fired_count
-        if self.fired is not None:
-            return jnp.sum(self.fired.astype(jnp.float32), axis=0)
         if self.top_indices is None:
             return jnp.sum((self.feature_acts != 0).astype(jnp.float32), axis=0)
         fired = (self.top_acts != 0).astype(jnp.float32).reshape(-1)

@@ -15,9 +15,9 @@ from jsae.saes._base import (
     Array,
     BaseSAEModule,
     decoder_row_norms,
-    dense_input,
     fold_decoder_norms,
     training_hidden_pre,
+    training_input,
     training_module_cfg,
     zeros,
 )
@@ -204,7 +204,7 @@ def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, 
     bandwidth, ste_to_input = cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input
     mode = cfg.jumprelu_sparsity_loss_mode
     W_dec_norm = decoder_row_norms(params["W_dec"])
-    fired = None
+    fired_count = None
     if mode == "tanh":
         feature_acts = jumprelu_ste(hidden_pre, threshold, bandwidth, ste_to_input)
         per_item = jnp.sum(jnp.tanh(cfg.jumprelu_tanh_scale * feature_acts * W_dec_norm), axis=-1)
@@ -212,7 +212,7 @@ def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, 
         feature_acts, step = jumprelu_and_step(hidden_pre, threshold, bandwidth, ste_to_input)
         # With threshold >= 0 (project_params) a latent fires exactly where the step is 1: the fired
         # counts reuse this mask instead of testing feature_acts in another pass.
-        fired = jax.lax.stop_gradient(step)
+        fired_count = jnp.sum(jax.lax.stop_gradient(step).astype(jnp.float32), axis=0)
         l0 = jnp.sum(step, axis=-1)
         per_item = l0 if mode == "step" else 2 / cfg.target_l0 * (l0 - cfg.target_l0) ** 2
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
@@ -221,14 +221,14 @@ def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, 
         # Anthropic's pre-activation loss, on dead latents only (zero when none is dead).
         gap = jax.nn.relu(threshold - hidden_pre) * dead_mask.astype(hidden_pre.dtype) * W_dec_norm
         losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * jnp.mean(jnp.sum(gap, axis=-1))
-    return finish(losses, feature_acts, hidden_pre, sae_out)._replace(fired=fired)
+    return finish(losses, feature_acts, hidden_pre, sae_out)._replace(fired_count=fired_count)
 
 
 def _kernel_forward(module: JumpReLUSAE, params: dict, x: Array, cfg: JumpReLUTrainingSAEConfig,
                     coefficients: dict) -> TrainOutput:
     """`training_forward` on jsae's dense CPU kernels ("step" and "quadratic" modes, no
     pre-activation loss): the same losses from lin and the per-token L0."""
-    sae_in, state, shift = dense_input(module, params, x)
+    sae_in, state, shift = training_input(module, params, x)
     out = _dense_fused.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"],
                                      params["threshold"], bandwidth=cfg.jumprelu_bandwidth,
                                      ste_to_input=cfg.jumprelu_ste_to_input)

@@ -14,10 +14,10 @@ from jsae.saes._base import (
     Array,
     BaseSAEModule,
     decoder_row_norms,
-    dense_input,
     fold_decoder_norms,
     lp_norm,
     training_hidden_pre,
+    training_input,
     training_module_cfg,
     zeros,
 )
@@ -115,7 +115,7 @@ def training_forward(params: dict, x: Array, *, cfg: StandardTrainingSAEConfig, 
 def _kernel_forward(module: StandardSAE, params: dict, x: Array, cfg: StandardTrainingSAEConfig,
                     coefficients: dict) -> TrainOutput:
     """`training_forward` on jsae's dense CPU kernels: the same losses from lin, sums and counts."""
-    sae_in, state, shift = dense_input(module, params, x)
+    sae_in, state, shift = training_input(module, params, x)
     out = _dense_fused.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"])
     sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
     norms = decoder_row_norms(params["W_dec"])
