@@ -241,24 +241,45 @@ def test_kernels_reject_bad_operands():
 
 
 def test_each_blas_gives_the_same_numbers():
-    """The checks above on OpenBLAS (JSAE_BLAS=openblas), in a process of their own (the BLAS is
-    chosen once per process), where this one runs on MKL."""
+    """The checks above on the other BLAS (OpenBLAS where this process runs on MKL, MKL where it
+    runs on OpenBLAS), in a process of their own: the BLAS is chosen once per process."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    if "libmkl_rt" not in (kernels.blas_library() or ""):
-        pytest.skip("this process already runs on OpenBLAS")
-    env = os.environ | {"JSAE_BLAS": "openblas"}
+    if kernels.blas_library() is None:
+        pytest.skip("no BLAS for the dense kernels here")
+    other, name = (("openblas", "scipy_openblas") if "libmkl_rt" in kernels.blas_library() else ("mkl", "libmkl_rt"))
+    env = os.environ | {"JSAE_BLAS": other}
     probe = subprocess.run([sys.executable, "-c", "from jsae import kernels; print(kernels.blas_library())"],
                            env=env, capture_output=True, text=True, check=True)
-    assert "scipy_openblas" in probe.stdout
+    assert name in probe.stdout
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                              "-k", "float64 or match_xla or non_finite"],
                             env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+def test_default_blas_follows_the_cpu(monkeypatch):
+    """Unset JSAE_BLAS: MKL on an Intel CPU (where installed), OpenBLAS on others (MKL's sgemm ran
+    ~20% slower than OpenBLAS' on an AMD EPYC, bench/RESULTS.md); JSAE_BLAS overrides either way."""
+    import glob
+    import sys
+
+    if not glob.glob(f"{sys.prefix}/lib/libmkl_rt.so*"):
+        pytest.skip("mkl is not installed here")
+    monkeypatch.delenv("JSAE_BLAS", raising=False)
+    for vendor, library in [("GenuineIntel", "libmkl_rt"), ("AuthenticAMD", "scipy_openblas"), ("", "scipy_openblas")]:
+        monkeypatch.setattr(kernels, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert library in kernels._blas_library()[0], vendor
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setenv("JSAE_BLAS", "mkl")
+    assert "libmkl_rt" in kernels._blas_library()[0]
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setenv("JSAE_BLAS", "openblas")
+    assert "scipy_openblas" in kernels._blas_library()[0]
 
 
 # ------------------------------------------------------------------ the fused Adam update

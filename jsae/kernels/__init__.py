@@ -14,8 +14,8 @@ candidates, which get float32 dot products (768 -> 16384, 4096 tokens: 172-180 m
 405-441 ms for XLA's product and `top_k_affine`).
 
 `dense_encode` and `dense_backward` (`dense_kernels.cc`) run a standard or JumpReLU SAE's dense
-training step: its five products on a BLAS sgemm (MKL where installed, else OpenBLAS from
-scipy-openblas32; `_blas_library`), one single-threaded call per block on each of XLA's threads,
+training step: its five products on a BLAS sgemm (MKL on Intel CPUs where installed, else
+OpenBLAS from scipy-openblas32; `_blas_library`), one single-threaded call per block on each of XLA's threads,
 with the elementwise work between the products done on each block (see jsae.saes._dense_fused).
 
 It is C++ against the XLA FFI headers jaxlib ships, compiled once per machine with the system's
@@ -212,18 +212,33 @@ def encoder_top_k(x: jax.Array, W: jax.Array, bias: jax.Array, scale: jax.Array 
 BLAS_LIBRARIES = ("mkl", "openblas")
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string ('GenuineIntel', 'AuthenticAMD', ...) from /proc/cpuinfo, '' where unknown."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _blas_library() -> tuple[str, str, str]:
     """(path, sgemm symbol, single-thread setter) of the BLAS the dense kernels call.
 
-    $JSAE_BLAS picks one of BLAS_LIBRARIES; unset: Intel MKL where the `mkl` package is installed
-    (`pip install "jsae[mkl]"`: ~5-10% faster products on Intel CPUs), else OpenBLAS from the
-    scipy-openblas32 package (the build NumPy and SciPy ship). Either is a library of its own in
-    this process, made single-threaded: the kernels share work over XLA's threads.
+    $JSAE_BLAS picks one of BLAS_LIBRARIES; unset: Intel MKL on an Intel CPU where the `mkl`
+    package is installed (`pip install "jsae[mkl]"`), else OpenBLAS from the scipy-openblas32
+    package (the build NumPy and SciPy ship). Measured on 2 cores (bench/RESULTS.md): on an Intel
+    Xeon (AVX-512) MKL's products ran ~5-10% faster than OpenBLAS', on an AMD EPYC (AVX2) ~20%
+    slower (128-135 against 164-171 GFLOP/s at 2048³), so MKL is taken on Intel only. Either is a
+    library of its own in this process, made single-threaded: the kernels share work over XLA's
+    threads.
     """
     choice = os.environ.get("JSAE_BLAS", "")
     if choice not in ("", *BLAS_LIBRARIES):
         raise OSError(f"JSAE_BLAS must be one of {list(BLAS_LIBRARIES)}, got {choice!r}")
-    if choice in ("", "mkl"):
+    if choice == "mkl" or (choice == "" and cpu_vendor() == "GenuineIntel"):
         found = sorted(Path(sys.prefix, "lib").glob("libmkl_rt.so*"))
         if found:  # MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL = 1): no OpenMP threads
             return str(found[-1]), "cblas_sgemm", "MKL_Set_Threading_Layer"
@@ -245,7 +260,8 @@ _blas_tried = False
 
 def dense_available() -> bool:
     """Whether `dense_encode` and `dense_backward` can run here: the kernels are available and
-    their BLAS (`_blas_library`: MKL where installed, else OpenBLAS from scipy-openblas32) loads.
+    their BLAS (`_blas_library`: MKL on Intel CPUs where installed, else OpenBLAS from
+    scipy-openblas32) loads.
 
     JSAE_DENSE_KERNELS=0 makes it false (the dense steps then run XLA's products and fusions).
     """
