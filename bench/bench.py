@@ -13,7 +13,10 @@ the ceiling counts the products it performs. On CPU in float32 jsae's dense stan
 steps run those products on jsae's dense kernels (a BLAS sgemm, jsae.kernels.dense_encode /
 dense_backward; rows "dense, BLAS kernels"); `--xla` also times them on XLA's products.
 The ceiling of a dtype is the best n³ rate measured here of JAX, PyTorch and (CPU) the sgemm of
-jsae's dense kernels called as they call it; every share is of that best rate. Rows on the dense
+jsae's dense kernels called as they call it. The machine's rate drifts by 20% and more over minutes
+on a shared VM (OpenBLAS at 2048³ on a 2-core AMD EPYC: 168-171 GFLOP/s, then 137-146 half an hour
+later), so the ceiling's products are timed again among each case's steps, in the same rotation,
+and a row's shares are of the best median rate reached there ("ceiling alongside"). Rows on the dense
 kernels also time the kernels' products alone (dense_encode then dense_backward on the step's
 operands: the same 10 products and the elementwise work between them, without the losses, the
 clipping and Adam), alternated with the steps, and show that share too.
@@ -90,50 +93,40 @@ def sparse_topk_flops(tokens: int, d_in: int, d_sae: int, k: int) -> float:
 
 
 # ---------------------------------------------------------------------- ceilings
-def jax_matmul_rate(dtype: str, n: int | None = None, reps: int = 5, inner: int = 10) -> float:
-    """Best-of-`reps` rate of `inner` back-to-back n³ products (one host sync per rep)."""
+# A product the machine has no fast kernel for (bf16 on a CPU without AVX-512 BF16 or AMX: torch
+# ~1 GFLOP/s on an AVX2 EPYC) would take minutes at n = 2048; the ceilings halve n until one
+# product takes at most this long, and say which n they used.
+SLOW_PRODUCT_S = 0.5
+
+
+def jax_product(dtype: str, n: int):
+    """A callable that runs one n³ product in JAX and waits for it."""
     import jax
     import jax.numpy as jnp
 
-    n = n or (8192 if jax.default_backend() == "gpu" else 2048)
+    f = jax.jit(lambda a, b: a @ b)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        outs = [f(a, b) for _ in range(inner)]
-        jax.block_until_ready(outs)
-        best = min(best, (time.perf_counter() - t) / inner)
-        del outs
-    return 2 * n**3 / best
+    return lambda: f(a, b).block_until_ready()
 
 
-def torch_matmul_rate(dtype: str, device: str, n: int | None = None, reps: int = 5, inner: int = 10) -> float:
+def torch_product(dtype: str, device: str, n: int):
     import torch
 
-    n = n or (8192 if device != "cpu" else 2048)
     dt = getattr(torch, dtype)
     a = torch.randn(n, n, device=device).to(dt)
     b = torch.randn(n, n, device=device).to(dt)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
+
+    def product():
+        a @ b
         if device != "cpu":
             torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(inner):
-            a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / inner)
-    return 2 * n**3 / best
+    return product
 
 
-def blas_matmul_rate(n: int = 2048, reps: int = 5, inner: int = 10) -> float | None:
-    """The n³ float32 rate of the sgemm jsae's dense CPU kernels call (OpenBLAS from
-    scipy-openblas32), as they call it: single-threaded, one share of the output per core."""
+def blas_product(n: int):
+    """One n³ float32 product on the sgemm jsae's dense CPU kernels call, as they call it:
+    single-threaded, one share of the output per core (None where the kernels do not run)."""
     import ctypes
     import threading
 
@@ -165,14 +158,46 @@ def blas_matmul_rate(n: int = 2048, reps: int = 5, inner: int = 10) -> float | N
             w.join()
 
     product()
+    np.testing.assert_allclose(c[:4], a[:4] @ b, rtol=1e-3, atol=1e-2)
+    return product
+
+
+def sized_product(make, n: int):
+    """(make(n), n), n halved (down to 256) while one product takes longer than SLOW_PRODUCT_S."""
+    while True:
+        product = make(n)
+        if product is None:
+            return None, n
+        product()
+        t = time.perf_counter()
+        product()
+        if time.perf_counter() - t <= SLOW_PRODUCT_S or n <= 256:
+            return product, n
+        n //= 2
+
+
+def best_rate(product, n: int, reps: int = 5, inner: int = 10) -> float:
+    """The best-of-`reps` n³ rate of `inner` back-to-back products."""
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         for _ in range(inner):
             product()
         best = min(best, (time.perf_counter() - t) / inner)
-    np.testing.assert_allclose(c[:4], a[:4] @ b, rtol=1e-3, atol=1e-2)
     return 2 * n**3 / best
+
+
+class CeilingProducts:
+    """`inner` n³ products of one library, timed among a case's steps (time_steps) so that the
+    ceiling of that case's shares is measured over the same minutes as its steps."""
+
+    def __init__(self, product, n: int, inner: int = 3):
+        self.product, self.inner = product, inner
+        self.flops = inner * 2.0 * n**3
+
+    def __call__(self):
+        for _ in range(self.inner):
+            self.product()
 
 
 # ---------------------------------------------------------------------- one step, each library
@@ -415,14 +440,22 @@ def main() -> None:
     torch_device = "cuda" if gpu else "cpu"
     info = machine()
     print(json.dumps(info))
-    ceilings = {}
+    n = 8192 if gpu else 2048
+    makers = {}
     for dtype in ("float32", "bfloat16"):
-        ceilings[f"jax_{dtype}"] = jax_matmul_rate(dtype)
+        makers[f"jax_{dtype}"] = lambda n, dtype=dtype: jax_product(dtype, n)
         if "saelens" in libs:
-            ceilings[f"torch_{dtype}"] = torch_matmul_rate(dtype, torch_device)
-    if not gpu and "jsae" in libs and (rate := blas_matmul_rate()) is not None:
-        ceilings["blas_float32"] = rate
-    print("matmul ceilings (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()), flush=True)
+            makers[f"torch_{dtype}"] = lambda n, dtype=dtype: torch_product(dtype, torch_device, n)
+    if not gpu and "jsae" in libs:
+        makers["blas_float32"] = blas_product
+    products, ceilings, sizes = {}, {}, {}  # sizes: the n of each ceiling's products
+    for name, make in makers.items():
+        product, size = sized_product(make, n)
+        if product is not None:
+            products[name], sizes[name] = product, size
+            ceilings[name] = best_rate(product, size)
+    info["ceiling_n"] = sizes
+    print("matmul ceilings (TFLOP/s): " + ceiling_list(ceilings, sizes, 8192 if gpu else 2048), flush=True)
 
     if args.dense_topk and "jsae" in libs:
         for arch, _, d_sae, tokens, extra in CASES[args.cases]:
@@ -446,10 +479,19 @@ def main() -> None:
                                                dtype)
             if "saelens" in libs:
                 fns["sae_lens"] = SaelensStep(arch, d_in, d_sae, tokens, extra, dtype, torch_device)
+            # the ceiling's products too, among the steps: the machine's rate over the same minutes
+            for name, product in products.items():
+                if name.endswith(f"_{dtype}"):
+                    fns[f"ceiling_{name}"] = CeilingProducts(product, sizes[name])
             secs = time_steps(fns, args.warmup, args.reps, args.settle)
-            # the best rate any library measured here: the machine's ceiling, not one library's
-            ceiling = max(v for k, v in ceilings.items() if k.endswith(f"_{dtype}"))
             row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens, "dtype": dtype}
+            alongside = {name: fns[name].flops / secs.pop(name) for name in list(secs) if name.startswith("ceiling_")}
+            row |= {f"{name}_tflops": rate / 1e12 for name, rate in alongside.items()}
+            # the best median rate any library's products reached among this case's steps (the
+            # machine's ceiling, not one library's), else the best rate measured at the start
+            ceiling = max(alongside.values(), default=None) or max(
+                v for k, v in ceilings.items() if k.endswith(f"_{dtype}"))
+            row["ceiling_tflops"] = ceiling / 1e12
             if "jsae" in fns:
                 row["jsae_path"] = "sparse, screened" if fns["jsae"].screened else \
                     "sparse" if fns["jsae"].sparse else "dense, BLAS kernels" if fns["jsae"].kernels else "dense"
@@ -478,6 +520,12 @@ def main() -> None:
             f.write(table + "\n")
 
 
+def ceiling_list(ceilings: dict, sizes: dict, default_n: int) -> str:
+    """"jax_float32 0.279, ..." in TFLOP/s, with the n of any ceiling measured at another n."""
+    return ", ".join(f"{k} {v / 1e12:.3f}" + (f" (n = {sizes[k]})" if sizes.get(k, default_n) != default_n else "")
+                     for k, v in ceilings.items())
+
+
 def format_table(rows, ceilings, info) -> str:
     date = datetime.date.today().isoformat()
     dense_column = any("jsae_dense_tok_s" in r for r in rows)
@@ -490,15 +538,19 @@ def format_table(rows, ceilings, info) -> str:
         + (f", jsae's dense kernels on {info['blas']}" if "blas" in info else "")
         + (f"; both libraries under GLIBC_TUNABLES={info['GLIBC_TUNABLES']}" if "GLIBC_TUNABLES" in info else ""),
         "",
-        "Matmul ceiling (best n³ product rate, n = 8192 on GPU / 2048 on CPU, TFLOP/s; JAX's default "
-        "float32 precision on GPU uses TF32; blas: the sgemm of jsae's dense CPU kernels; shares are of "
-        "the best rate of the dtype): " + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in ceilings.items()),
+        "Matmul ceiling at the start (best n³ product rate, n = 8192 on GPU / 2048 on CPU, TFLOP/s; JAX's "
+        "default float32 precision on GPU uses TF32; blas: the sgemm of jsae's dense CPU kernels): "
+        + ceiling_list(ceilings, info.get("ceiling_n", {}),
+                                                       8192 if info["backend"] == "gpu" else 2048)
+        + ". The same products are timed again among each case's steps, in the same rotation; a row's "
+        "shares are of the best median rate any library's products reached there (\"ceiling alongside\").",
         "",
-        "| arch | d_in → d_sae | tokens | dtype | jsae tok/s | sae_lens tok/s | speed-up | jsae share of ceiling |"
+        "| arch | d_in → d_sae | tokens | dtype | ceiling alongside TFLOP/s | jsae tok/s | sae_lens tok/s | speed-up "
+        "| jsae share of ceiling |"
         + (" jsae dense tok/s | jsae vs dense |" if dense_column else "")
         + (" jsae on XLA tok/s | kernels vs XLA |" if xla_column else "")
         + (" kernels' products alone: share of ceiling |" if products_column else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else "") + ("---|---|" if xla_column else "")
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else "") + ("---|---|" if xla_column else "")
         + ("---|" if products_column else ""),
     ]
     for r in rows:
@@ -507,7 +559,8 @@ def format_table(rows, ceilings, info) -> str:
         sl_tok = f"{r['sae_lens_tok_s']:,.0f}" if "sae_lens_tok_s" in r else "—"
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "—"
         share = f"{100 * r['jsae_ceiling_share']:.0f}%" if "jsae_ceiling_share" in r else "—"
-        line = f"| {arch} | {r['d_in']} → {r['d_sae']} | {r['tokens']} | {r['dtype']} | {jsae_tok} | {sl_tok} | {speed} | {share} |"
+        ceiling = f"{r['ceiling_tflops']:.3f}" if "ceiling_tflops" in r else "—"
+        line = f"| {arch} | {r['d_in']} → {r['d_sae']} | {r['tokens']} | {r['dtype']} | {ceiling} | {jsae_tok} | {sl_tok} | {speed} | {share} |"
         if dense_column:
             dense_tok = f"{r['jsae_dense_tok_s']:,.0f}" if "jsae_dense_tok_s" in r else "—"
             over = f"{r['speedup_over_dense']:.2f}x" if "speedup_over_dense" in r else "—"

@@ -340,3 +340,46 @@ def test_adam_kernel_is_one_pass_of_optax_formulas():
         step = (mu / c[7]) / (np.sqrt(nu / c[8]) + c[9])
         for value, want in zip(got, (p + c[10] * step, mu, nu), strict=True):
             np.testing.assert_allclose(value, want, rtol=2e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ the product alone
+@pytest.mark.parametrize("n,d,m", [(N, D_IN, D_SAE), (1, 3, 5), (7, 0, 4), (0, 5, 3)])
+def test_matmul_matches_float64(n, d, m):
+    """kernels.matmul against float64 numpy: row blocks with a tail (300 rows: 256 + 44), one row,
+    an empty inner axis (zeros) and no rows."""
+    r = np.random.default_rng(1)
+    a = r.standard_normal((n, d)).astype(np.float32)
+    b = r.standard_normal((d, m)).astype(np.float32)
+    got = jax.jit(kernels.matmul)(a, b)
+    assert got.shape == (n, m) and got.dtype == jnp.float32
+    want = a.astype(np.float64) @ b
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0))))
+
+
+def test_matmul_under_vmap_and_bad_operands():
+    r = np.random.default_rng(2)
+    a = r.standard_normal((3, 40, 16)).astype(np.float32)
+    b = r.standard_normal((3, 16, 24)).astype(np.float32)
+    mapped = jax.jit(jax.vmap(kernels.matmul))(a, b)
+    for i in range(3):
+        np.testing.assert_array_equal(mapped[i], kernels.matmul(a[i], b[i]))  # each member on its own
+    with pytest.raises(ValueError, match="matmul"):
+        kernels.matmul(a[0], b[0, :-1])
+    with pytest.raises(TypeError, match="float32"):
+        kernels.matmul(a[0].astype(np.float16), b[0])
+
+
+def test_sparse_topk_takes_its_encoder_product_from_the_blas():
+    """The sparse TopK step's encoder product is kernels.matmul on CPU (float32), XLA's dot
+    otherwise; tests/test_sparse_topk.py checks that the sparse and dense paths agree."""
+    from jsae.saes import TRAINING_ARCHITECTURES
+    from jsae.saes._sparse_topk import encoder_matmul
+
+    sae = TRAINING_ARCHITECTURES["topk"].config_cls(d_in=D_IN, d_sae=D_SAE, k=8)
+    assert sae.uses_sparse_topk()
+    cfg = jsae.TrainConfig(sae=sae, total_training_tokens=10**6, train_batch_size_tokens=N)
+    state = jsae.init_train_state(cfg)
+    text = jax.jit(jsae.make_train_step(cfg)).lower(state, jnp.zeros((N, D_IN))).as_text()
+    assert "jsae_matmul_f32" in text
+    x, W_enc = operands()[:2]
+    assert "jsae_matmul_f32" not in jax.jit(encoder_matmul).lower(x.astype(np.float16), W_enc.astype(np.float16)).as_text()

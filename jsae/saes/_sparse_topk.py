@@ -238,7 +238,7 @@ def _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
         values, pre_at, indices = kernels.encoder_top_k(sae_in, W_enc, b_enc, norms, k)
         product = None
     else:
-        product = sae_in @ W_enc
+        product = encoder_matmul(sae_in, W_enc)
         values, indices = top_k_hidden_pre(product, b_enc, norms, k)
         pre_at = (pre_activations(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None)
                   if rescale else None)
@@ -323,7 +323,16 @@ def encoder_product(product: Array | None, x: Array, b_dec: Array, W_enc: Array,
     if product is not None:
         return product if columns is None else product[:, columns]
     sae_in = x - b_dec if apply_b_dec else x
-    return sae_in @ (W_enc if columns is None else W_enc[:, columns])
+    return encoder_matmul(sae_in, W_enc if columns is None else W_enc[:, columns])
+
+
+def encoder_matmul(sae_in: Array, W_enc: Array) -> Array:
+    """sae_in @ W_enc, on the dense kernels' BLAS where they run (CPU, float32, 2-D operands:
+    `jsae.kernels.matmul`), else XLA's product. No gradient flows through it: the sparse step's
+    and the aux-k loss' custom VJPs form W_enc's gradient themselves."""
+    if sae_in.ndim == 2 and kernels.usable(sae_in, W_enc) and kernels.dense_available():
+        return kernels.matmul(sae_in, W_enc)
+    return sae_in @ W_enc
 
 
 def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient):
