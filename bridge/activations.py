@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from bridge.dlpack import torch_to_jax
+from bridge import attention
 from bridge.model import check_hook, model_lock, stop_layer
 from jsae import ConfigError, InputError
 
@@ -84,6 +85,8 @@ class ActivationSource:
         seed: shuffle seed.
         prefetch: ready batches the background thread may hold.
         as_jax: yield jax.Arrays (DLPack, zero copy); False yields the torch tensors.
+        fused_attention: run the model's attention as one fused kernel where nothing reads the
+            scores or pattern (see bridge.attention); False runs TransformerLens' attention as written.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class ActivationSource:
         prefetch: int = 4,
         as_jax: bool = True,
         device: str | None = None,
+        fused_attention: bool = True,
     ):
         self.single = isinstance(hook_names, str)
         self.hook_names = [hook_names] if self.single else list(hook_names)
@@ -116,6 +120,7 @@ class ActivationSource:
         self.seqpos = slice(*seqpos_slice)
         self.exclude = None if not exclude_token_ids else torch.tensor(list(exclude_token_ids), dtype=torch.long)
         self.hook_head_index = hook_head_index
+        self.fused_attention = fused_attention
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         context = len(range(context_size or model.cfg.n_ctx)[self.seqpos])
         capacity = max(n_batches_in_buffer * store_batch_size_prompts * context, 2 * batch_size)
@@ -146,7 +151,8 @@ class ActivationSource:
             if len(captured) == len(wanted):
                 raise _AllHooksFired
 
-        with model_lock(self.model):  # an eval may run the same model in another thread
+        # an eval may run the same model in another thread
+        with model_lock(self.model), attention.fused_attention(self.model, self.fused_attention):
             try:
                 self.model.run_with_hooks(
                     tokens.to(self.device), fwd_hooks=[(name, capture) for name in sorted(wanted)],
