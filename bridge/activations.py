@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bridge.dlpack import torch_to_jax
 from bridge import attention
+from bridge.dlpack import torch_to_jax
 from bridge.model import check_hook, model_lock, stop_layer
 from jsae import ConfigError, InputError
 

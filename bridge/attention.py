@@ -21,7 +21,6 @@ import contextlib
 import types
 from collections.abc import Iterator
 
-import torch
 import torch.nn.functional as F
 
 _COVERED_POSITIONS = ("standard", "shortformer", "rotary")
