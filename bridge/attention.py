@@ -26,23 +26,23 @@ import torch.nn.functional as F
 _COVERED_POSITIONS = ("standard", "shortformer", "rotary")
 
 
-def covered(attn) -> bool:
-    """Whether `attn`'s configuration is one the fused forward reproduces exactly."""
+def covered(module) -> bool:
+    """Whether `module` is an attention module whose configuration the fused forward reproduces exactly."""
     from transformer_lens.components import Attention, GroupedQueryAttention
     from transformer_lens.utilities.activation_functions import softcap_enabled
 
-    cfg = attn.cfg
+    if type(module) not in (Attention, GroupedQueryAttention):
+        return False
+    cfg = module.cfg
     return (
-        type(attn) in (Attention, GroupedQueryAttention)
-        and cfg.positional_embedding_type in _COVERED_POSITIONS
-        and getattr(attn, "attn_type", "global") == "global"
-        and (attn._attention_dir_override or cfg.attention_dir) == "causal"
+        cfg.positional_embedding_type in _COVERED_POSITIONS
+        and module.attn_type == "global"
+        and (module._attention_dir_override or cfg.attention_dir) == "causal"
         and not softcap_enabled(cfg.attn_scores_soft_cap)
         and not getattr(cfg, "use_attention_sinks", False)
         and not getattr(cfg, "use_logn_attn", False)
-        and not getattr(cfg, "use_qk_norm", False)
         and getattr(cfg, "clip_qkv", None) is None
-        and getattr(attn, "q_norm", None) is None
+        and getattr(module, "q_norm", None) is None  # QK-norm, in either of its places
         and not cfg.load_in_4bit
         and not cfg.use_attn_result
     )
@@ -80,7 +80,7 @@ def fused_attention(model, enabled: bool = True) -> Iterator[int]:
     switched = []
     if enabled:
         for module in model.modules():
-            if "forward" not in vars(module) and _is_attention(module) and covered(module):
+            if "forward" not in vars(module) and covered(module):
                 module.forward = types.MethodType(_fused_forward, module)
                 switched.append(module)
     try:
@@ -88,9 +88,3 @@ def fused_attention(model, enabled: bool = True) -> Iterator[int]:
     finally:
         for module in switched:
             del module.forward
-
-
-def _is_attention(module) -> bool:
-    from transformer_lens.components.abstract_attention import AbstractAttention
-
-    return isinstance(module, AbstractAttention)
