@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bridge import attention
+from bridge import fused_forward
 from bridge.dlpack import torch_to_jax
 from bridge.model import check_hook, model_lock, stop_layer
 from jsae import ConfigError, InputError
@@ -35,6 +35,10 @@ class ShuffleBuffer:
     them as batches; the kept tokens stay to be mixed with the next refill (SAELens' mixing
     buffer). A batch is a contiguous slice of a newly allocated permuted tensor, so handing it
     to JAX by DLPack shares memory and nothing later writes to it.
+
+    Incoming activations are copied into one of two preallocated stores, and each refill
+    gathers (`index_select`) the served tokens into a new tensor and the kept ones into the
+    other store: no concatenation, and the only fresh memory is what gets served.
     """
 
     def __init__(self, capacity: int, batch_size: int, *, keep_fraction: float = 0.5, seed: int = 0):
@@ -49,22 +53,44 @@ class ShuffleBuffer:
         self.batch_size = batch_size
         self.keep = int(capacity * keep_fraction)
         self.generator = torch.Generator().manual_seed(seed)
-        self.pending: list[torch.Tensor] = []
-        self.pending_tokens = 0
+        self.pending_tokens = 0  # tokens in the store, waiting to be served
+        self._store: torch.Tensor | None = None
+        self._spare: torch.Tensor | None = None
+
+    def _make_room(self, activations: torch.Tensor) -> None:
+        needed = self.pending_tokens + activations.shape[0]
+        store = self._store
+        if store is not None and (store.shape[1:] != activations.shape[1:] or store.dtype != activations.dtype
+                                  or store.device != activations.device):
+            raise InputError(
+                f"shuffle buffer: activations of shape {tuple(activations.shape[1:])} and dtype "
+                f"{activations.dtype} after ones of {tuple(store.shape[1:])} and {store.dtype}."
+            )
+        if store is not None and store.shape[0] >= needed:
+            return
+        rows = max(needed, self.capacity + activations.shape[0])
+        grown = activations.new_empty((rows, *activations.shape[1:]))
+        if store is not None:
+            grown[: self.pending_tokens] = store[: self.pending_tokens]
+        self._store, self._spare = grown, activations.new_empty(grown.shape)
 
     def add(self, activations: torch.Tensor) -> Iterator[torch.Tensor]:
         """Add (tokens, width) activations; yield the batches that became ready."""
-        self.pending.append(activations)
-        self.pending_tokens += activations.shape[0]
-        if self.pending_tokens < self.capacity:
+        self._make_room(activations)
+        start = self.pending_tokens
+        self._store[start : start + activations.shape[0]] = activations
+        self.pending_tokens = n = start + activations.shape[0]
+        if n < self.capacity:
             return
-        stored = torch.cat(self.pending) if len(self.pending) > 1 else self.pending[0]
-        stored = stored[torch.randperm(stored.shape[0], generator=self.generator)]
-        n_serve = ((stored.shape[0] - self.keep) // self.batch_size) * self.batch_size
-        kept = stored[n_serve:]
-        self.pending, self.pending_tokens = [kept], kept.shape[0]
+        order = torch.randperm(n, generator=self.generator).to(self._store.device)
+        n_serve = ((n - self.keep) // self.batch_size) * self.batch_size
+        stored = self._store[:n]
+        served = torch.index_select(stored, 0, order[:n_serve])
+        torch.index_select(stored, 0, order[n_serve:], out=self._spare[: n - n_serve])
+        self._store, self._spare = self._spare, self._store
+        self.pending_tokens = n - n_serve
         for start in range(0, n_serve, self.batch_size):
-            yield stored[start : start + self.batch_size]
+            yield served[start : start + self.batch_size]
 
 
 class ActivationSource:
@@ -85,8 +111,9 @@ class ActivationSource:
         seed: shuffle seed.
         prefetch: ready batches the background thread may hold.
         as_jax: yield jax.Arrays (DLPack, zero copy); False yields the torch tensors.
-        fused_attention: run the model's attention as one fused kernel where nothing reads the
-            scores or pattern (see bridge.attention); False runs TransformerLens' attention as written.
+        fused_forward: run the model's blocks, attention and MLPs as fused forwards where nothing
+            reads what they skip (see bridge.fused_forward); False runs TransformerLens' forward
+            as written.
     """
 
     def __init__(
@@ -107,7 +134,7 @@ class ActivationSource:
         prefetch: int = 4,
         as_jax: bool = True,
         device: str | None = None,
-        fused_attention: bool = True,
+        fused_forward: bool = True,
     ):
         self.single = isinstance(hook_names, str)
         self.hook_names = [hook_names] if self.single else list(hook_names)
@@ -120,7 +147,7 @@ class ActivationSource:
         self.seqpos = slice(*seqpos_slice)
         self.exclude = None if not exclude_token_ids else torch.tensor(list(exclude_token_ids), dtype=torch.long)
         self.hook_head_index = hook_head_index
-        self.fused_attention = fused_attention
+        self.fused_forward = fused_forward
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         context = len(range(context_size or model.cfg.n_ctx)[self.seqpos])
         capacity = max(n_batches_in_buffer * store_batch_size_prompts * context, 2 * batch_size)
@@ -152,7 +179,7 @@ class ActivationSource:
                 raise _AllHooksFired
 
         # an eval may run the same model in another thread
-        with model_lock(self.model), attention.fused_attention(self.model, self.fused_attention):
+        with model_lock(self.model), fused_forward.fused_forward(self.model, self.fused_forward):
             try:
                 self.model.run_with_hooks(
                     tokens.to(self.device), fwd_hooks=[(name, capture) for name in sorted(wanted)],

@@ -2,8 +2,8 @@
 
 Everything else in bridge/ talks to the model through `run_with_cache`, `to_tokens`, `cfg`,
 `tokenizer` and `hook_dict`, so another model class (TransformerLens 4's TransformerBridge)
-only needs a branch here, and bridge/attention.py (a fused forward for TransformerLens'
-attention modules) a check of which of its modules it covers.
+only needs a branch here, and bridge/fused_forward.py (fused forwards for TransformerLens'
+blocks, attention and MLPs) a check of which of its modules it covers.
 """
 
 from __future__ import annotations

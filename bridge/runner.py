@@ -54,9 +54,10 @@ class RunConfig:
         n_eval_batches: held-out batches the evals (during training and at the end) run on; 0 turns evals off.
         eval_batch_size_prompts: rows per eval batch (None: store_batch_size_prompts).
         device: torch device of the model.
-        fused_attention: the forwards that feed training run the model's attention as one fused kernel
-            (torch's scaled_dot_product_attention) where nothing reads its scores or pattern; the
-            activations equal TransformerLens' within float error. false: TransformerLens' attention as written.
+        fused_forward: the forwards that feed training run fused attention (torch's
+            scaled_dot_product_attention), one LayerNorm and one product for q, k and v, and oneDNN
+            products on CPU, wherever nothing reads what they skip (see bridge/fused_forward.py); the
+            activations equal TransformerLens' within float error. false: TransformerLens' forward as written.
         activation_cache_path: train from a cache written by `jsae cache` instead of the model.
         train: the SAE and training settings (None for a config that only evaluates).
     """
@@ -82,7 +83,7 @@ class RunConfig:
     n_eval_batches: int = 10
     eval_batch_size_prompts: int | None = None
     device: str = "cpu"
-    fused_attention: bool = True
+    fused_forward: bool = True
     activation_cache_path: str | None = None
     train: TrainConfig | None = None
 
@@ -92,8 +93,8 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.fused_attention, bool):
-            raise ConfigError(f"fused_attention must be true or false, got {self.fused_attention!r}.")
+        if not isinstance(self.fused_forward, bool):
+            raise ConfigError(f"fused_forward must be true or false, got {self.fused_forward!r}.")
         if isinstance(self.n_eval_batches, bool) or not isinstance(self.n_eval_batches, int) or self.n_eval_batches < 0:
             raise ConfigError(f"n_eval_batches must be an integer >= 0 (0: no evals), got {self.n_eval_batches!r}.")
         if self.eval_batch_size_prompts is not None and (
@@ -302,7 +303,7 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
         store_batch_size_prompts=cfg.store_batch_size_prompts, n_batches_in_buffer=cfg.n_batches_in_buffer,
         seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
         hook_head_index=cfg.hook_head_index, dtype="float32", seed=cfg.train.seed if seed is None else seed,
-        fused_attention=cfg.fused_attention,
+        fused_forward=cfg.fused_forward,
     )
 
 

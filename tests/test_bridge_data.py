@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bridge.data import pack_token_sequences
+from jsae import InputError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -127,6 +128,37 @@ def test_shuffle_mixes_rows_and_serves_each_token_once(model):
         rows = b // ctx
         assert torch.bincount(rows).max().item() <= 0.1 * batch  # no row holds more than 10% of a batch
         assert len(torch.unique(rows)) >= 16  # each batch draws on many rows
+
+
+def test_shuffle_serves_what_a_permuted_concatenation_would(model):
+    """The stores and gathers give exactly the batches of the plain recipe: concatenate what is
+    pending, permute, serve the front, keep the rest; with uneven chunks and one larger than
+    the buffer (it grows)."""
+    from bridge.activations import ShuffleBuffer
+
+    generator = torch.Generator().manual_seed(5)
+    sizes = [700, 1000, 333, 5000, 64, 999, 1024, 2048, 17, 1500, 800]
+    chunks = [torch.randn(n, 6, generator=generator) for n in sizes]
+    capacity, batch = 2048, 256
+    buffer = ShuffleBuffer(capacity, batch, seed=9)
+    got = [b.clone() for chunk in chunks for b in buffer.add(chunk)]
+
+    permutations, keep, pending, want = torch.Generator().manual_seed(9), capacity // 2, [], []
+    for chunk in chunks:
+        pending.append(chunk)
+        stored = torch.cat(pending)
+        if stored.shape[0] < capacity:
+            continue
+        stored = stored[torch.randperm(stored.shape[0], generator=permutations)]
+        n_serve = (stored.shape[0] - keep) // batch * batch
+        want += list(stored[:n_serve].split(batch))
+        pending = [stored[n_serve:]]
+    assert len(got) == len(want) > 10
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert buffer.pending_tokens == sum(p.shape[0] for p in pending)
+    with pytest.raises(InputError, match="shape"):
+        list(buffer.add(torch.zeros(4, 7)))
 
 
 def test_zero_copy_hand_off(model):

@@ -1,4 +1,4 @@
-"""The fused attention forward equals TransformerLens' own, hooks included, and steps aside when it must."""
+"""The fused forwards (blocks, attention, MLPs) equal TransformerLens' own, hooks included, and step aside when they must."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bridge.attention import covered, fused_attention
+from bridge import fused_forward as ff
+from bridge.fused_forward import covered, fused_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -20,6 +21,10 @@ COVERED = {
                               ungroup_grouped_query_attention=True),
     "no attention scale": dict(use_attn_scale=False),
     "split qkv input": dict(use_split_qkv_input=True),
+    "attention only, no normalisation": dict(attn_only=True, normalization_type=None),
+    "parallel attention and MLP, hook_mlp_in": dict(parallel_attn_mlp=True, use_hook_mlp_in=True),
+    "norm after attention and MLP, SoLU": dict(use_normalization_before_and_after=True, normalization_type="RMS",
+                                                 act_fn="solu_ln"),
 }
 NOT_COVERED = {
     "alibi": dict(positional_embedding_type="alibi"),
@@ -28,17 +33,21 @@ NOT_COVERED = {
     "bidirectional": dict(attention_dir="bidirectional"),
     "per-head results": dict(use_attn_result=True),
 }
-CACHED = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_resid_post", "hook_attn_out")
+CACHED = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_resid_post", "hook_attn_out",
+          "hook_resid_pre", "hook_resid_mid", "hook_mlp_in", "hook_mlp_out", "hook_pre", "hook_mid", "hook_post",
+          "ln2.hook_scale", "ln2.hook_normalized", "ln_final.hook_scale")
 
 
 def make_model(**overrides):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     model = HookedTransformer(HookedTransformerConfig(**(BASE | overrides)))
-    with torch.no_grad():  # visible biases, so a wrongly placed one shows
+    with torch.no_grad():  # visible biases and norm weights, so a wrongly placed one shows
         for name, param in model.named_parameters():
-            if name.endswith(("b_Q", "b_K", "b_V", "b_O", "_b_K", "_b_V")):
+            if name.endswith(("b_Q", "b_K", "b_V", "b_O", "_b_K", "_b_V", "b_in", "b_out", ".b")):
                 param.normal_(0.0, 0.5)
+            elif name.endswith(".w"):
+                param.normal_(1.0, 0.5)
     return model.eval()
 
 
@@ -71,9 +80,9 @@ def test_fused_forward_equals_transformer_lens_hooks_included(overrides, fused_c
     toks = tokens(model)
     want_logits, want = run(model, toks)
     assert not fused_calls
-    with fused_attention(model) as switched:
+    with fused_forward(model) as switched:
         got_logits, got = run(model, toks)
-    assert switched == model.cfg.n_layers
+    assert switched == sum(covered(m) for m in model.modules()) >= 2 * model.cfg.n_layers
     assert len(fused_calls) == model.cfg.n_layers  # the fused kernel did the work
     assert set(got.keys()) == set(want.keys()) and any("hook_z" in k for k in want.keys())
     for name in want.keys():
@@ -87,10 +96,13 @@ def test_configurations_it_does_not_cover_keep_transformer_lens_attention(overri
     assert not any(covered(block.attn) for block in model.blocks)
     toks = tokens(model)
     want, _ = run(model, toks)
-    with fused_attention(model) as switched:
+    with fused_forward(model, enabled=False):  # MLPs and blocks stay covered: compare attention alone
+        plain, _ = run(model, toks)
+    with fused_forward(model) as switched:
         got, _ = run(model, toks)
-    assert switched == 0 and not fused_calls
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert switched == 2 * model.cfg.n_layers and not fused_calls  # blocks and MLPs, no attention
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("hook", ["hook_pattern", "hook_attn_scores"])
@@ -103,7 +115,7 @@ def test_a_hook_on_scores_or_pattern_gets_transformer_lens_forward(hook, fused_c
         seen.append(value.clone())
 
     want = model.run_with_hooks(toks, fwd_hooks=[(f"blocks.1.attn.{hook}", record)])
-    with fused_attention(model):
+    with fused_forward(model):
         got = model.run_with_hooks(toks, fwd_hooks=[(f"blocks.1.attn.{hook}", record)])
     assert len(fused_calls) == 1  # block 0 fused; block 1, whose pattern is read, not
     assert len(seen) == 2 and seen[1].shape == (3, 4, 24, 24)
@@ -118,7 +130,7 @@ def test_a_padding_mask_gets_transformer_lens_forward(fused_calls):
     mask = torch.ones_like(toks)
     mask[0, :5] = 0  # left padding in the first row
     want = model(toks, attention_mask=mask)
-    with fused_attention(model):
+    with fused_forward(model):
         got = model(toks, attention_mask=mask)
     assert not fused_calls
     torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -126,13 +138,13 @@ def test_a_padding_mask_gets_transformer_lens_forward(fused_calls):
 
 def test_forward_is_restored_on_exit_and_after_an_error():
     model = make_model()
-    with fused_attention(model, enabled=False) as switched:
+    with fused_forward(model, enabled=False) as switched:
         assert switched == 0 and "forward" not in vars(model.blocks[0].attn)
     with pytest.raises(RuntimeError, match="inside"):
-        with fused_attention(model) as switched:
-            assert switched == 2 and "forward" in vars(model.blocks[0].attn)
+        with fused_forward(model) as switched:
+            assert switched == 6 and "forward" in vars(model.blocks[0].attn)
             raise RuntimeError("inside")
-    assert not any("forward" in vars(block.attn) for block in model.blocks)
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_activation_source_fused_and_plain_agree_on_the_embedded_model(fused_calls):
@@ -144,19 +156,71 @@ def test_activation_source_fused_and_plain_agree_on_the_embedded_model(fused_cal
     got = {}
     for fused in (False, True):
         source = ActivationSource(model, ["blocks.1.attn.hook_z", "blocks.2.hook_resid_pre"], iter([]),
-                                  batch_size=64, context_size=64, fused_attention=fused)
+                                  batch_size=64, context_size=64, fused_forward=fused)
         got[fused] = source.model_activations(toks)
     assert len(fused_calls) == 2  # blocks 0 and 1 of the fused forward
     assert got[True].shape == (4 * 64, 128 + 128)
     torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-5)
 
 
-def test_run_config_passes_fused_attention_on_and_rejects_non_booleans():
+def test_run_config_passes_fused_forward_on_and_rejects_non_booleans():
     from bridge.runner import RunConfig
     from jsae import ConfigError
 
     base = {"sae": {"architecture": "standard", "d_in": 128, "d_sae": 256}, "total_training_tokens": 4096}
-    assert RunConfig.from_dict(base).fused_attention is True
-    assert RunConfig.from_dict(base | {"fused_attention": False}).fused_attention is False
-    with pytest.raises(ConfigError, match="fused_attention"):
-        RunConfig.from_dict(base | {"fused_attention": "yes"})
+    assert RunConfig.from_dict(base).fused_forward is True
+    assert RunConfig.from_dict(base | {"fused_forward": False}).fused_forward is False
+    with pytest.raises(ConfigError, match="fused_forward"):
+        RunConfig.from_dict(base | {"fused_forward": "yes"})
+
+
+def test_a_block_normalises_once_and_projects_q_k_v_with_one_product(monkeypatch):
+    from transformer_lens.components import Attention
+
+    model = make_model()
+    toks = tokens(model)
+    ln_calls, separate = [], []
+    for block in model.blocks:
+        block.ln1.register_forward_hook(lambda module, args, out: ln_calls.append(module))
+    plain_qkv = Attention.calculate_qkv_matrices
+    monkeypatch.setattr(Attention, "calculate_qkv_matrices", lambda self, *a: separate.append(1) or plain_qkv(self, *a))
+    with torch.no_grad():
+        want = model(toks)
+    assert len(ln_calls) == 3 * model.cfg.n_layers and len(separate) == model.cfg.n_layers
+    ln_calls.clear(), separate.clear()
+    with torch.no_grad(), fused_forward(model):
+        got = model(toks)
+    assert len(ln_calls) == model.cfg.n_layers and not separate
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_inside_the_first_layernorm_gets_transformer_lens_block():
+    model = make_model()
+    toks = tokens(model)
+    seen = []
+
+    def record(value, hook):
+        seen.append(value.clone())
+
+    hooks = [("blocks.0.ln1.hook_scale", record)]
+    with torch.no_grad():
+        want = model.run_with_hooks(toks, fwd_hooks=hooks)
+        with fused_forward(model):
+            got = model.run_with_hooks(toks, fwd_hooks=hooks)
+    assert len(seen) == 6  # three calls in each forward, as TransformerLens makes them
+    torch.testing.assert_close(seen[3], seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 7, 64), (33, 64)])
+def test_linear_equals_torch_and_keeps_gradients(shape):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=generator)
+    weight = torch.randn(48, 64, generator=generator)
+    bias = torch.randn(48, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(ff.linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ff.linear(x, weight.T.contiguous().T, None), x @ weight.T, rtol=1e-5, atol=1e-5)
+    weight.requires_grad_(True)
+    ff.linear(x, weight, bias).sum().backward()  # with gradients on, torch's product
+    torch.testing.assert_close(weight.grad, x.reshape(-1, 64).sum(0).expand(48, 64), rtol=1e-5, atol=1e-4)
