@@ -63,8 +63,8 @@ class ShuffleBuffer:
         if store is not None and (store.shape[1:] != activations.shape[1:] or store.dtype != activations.dtype
                                   or store.device != activations.device):
             raise InputError(
-                f"shuffle buffer: activations of shape {tuple(activations.shape[1:])} and dtype "
-                f"{activations.dtype} after ones of {tuple(store.shape[1:])} and {store.dtype}."
+                f"shuffle buffer: activations of shape {tuple(activations.shape[1:])}, {activations.dtype} on "
+                f"{activations.device} after ones of {tuple(store.shape[1:])}, {store.dtype} on {store.device}."
             )
         if store is not None and store.shape[0] >= needed:
             return
