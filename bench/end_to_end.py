@@ -14,6 +14,12 @@ jsae's runs get the environment `jsae train` reruns itself in (GLIBC_TUNABLES=gl
 where glibc and the kernel support it, see bridge/cli.py); sae_lens' runs the plain one, unless
 `--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both.
 
+`jsae train` keeps its compiled programs on disk (jsae.enable_compilation_cache), so how long its
+first batch takes depends on whether the same shapes ran before. `--compilation-cache` picks:
+cold (the default: each jsae run starts from an empty cache, as the first `jsae train` of a run
+config on a machine), warm (one untimed jsae run fills the cache first, as every later one) or
+off (no cache).
+
 The script orchestrates: every training run is its own subprocess (so its peak RSS is its own),
 the libraries alternate (the order flips every repeat) and medians are reported. A last
 subprocess times the pipeline's pieces one at a time (tokenize + pack, model forward, shuffle
@@ -29,6 +35,7 @@ Rates (tokens/s):
     python bench/end_to_end.py                          # 204,800 tokens a run, 2 repeats
     python bench/end_to_end.py --tokens 409600 --repeats 3 --write
     python bench/end_to_end.py --set sae.d_sae=8192 --libs jsae,sae_lens
+    python bench/end_to_end.py --compilation-cache warm     # jsae's programs loaded from its cache
 """
 
 from __future__ import annotations
@@ -239,9 +246,12 @@ def timing_result(lib: str, flat: dict, timed: TimedBatches, t_start: float, t_f
     }
 
 
-def jsae_worker(flat: dict, skip: int) -> dict:
+def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
     t_start = time.perf_counter()
     import jsae
+
+    if compilation_cache is not None:
+        jsae.enable_compilation_cache(compilation_cache)
     from bridge.runner import RunConfig, activation_source, prepare
 
     model, cfg = prepare(RunConfig.from_dict(flat))
@@ -419,10 +429,12 @@ def jsae_environment(env: dict) -> dict:
     return rerun_environment(env) or env
 
 
-def run_worker(args, kind: str, spec: Path) -> dict:
+def run_worker(args, kind: str, spec: Path, compilation_cache: Path | None = None) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", str(spec),
                "--skip-steps", str(args.skip_steps), "--profile-forwards", str(args.profile_forwards),
                "--sae-lens-prefetch", str(args.sae_lens_prefetch), "--libs", args.libs]
+    if compilation_cache is not None:
+        command += ["--compilation-cache-dir", str(compilation_cache)]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     env |= dict(item.partition("=")[::2] for item in args.env)
     if kind == "jsae":  # the environment `jsae train` reruns itself in
@@ -469,6 +481,8 @@ def command_line(args, flat: dict) -> str:
     parts += [f"--set {item}" for item in args.set] + [f"--env {item}" for item in args.env]
     if args.sae_lens_prefetch:
         parts.append(f"--sae-lens-prefetch {args.sae_lens_prefetch}")
+    if args.compilation_cache != "cold":
+        parts.append(f"--compilation-cache {args.compilation_cache}")
     return " ".join(parts)
 
 
@@ -495,6 +509,10 @@ def format_report(flat: dict, summary: dict, profile: dict | None, info: dict, a
         + ("its default synchronous runner." if not args.sae_lens_prefetch
            else f"prefetch_llm_batches={args.sae_lens_prefetch}.")
         + (f" Environment of every run: {' '.join(args.env)}." if args.env else "")
+        + {"cold": " jsae's compilation cache: empty at the start of each run (as a first `jsae train`).",
+           "warm": " jsae's compilation cache: filled by an untimed run first (as a later `jsae train` of the "
+                   "same shapes).",
+           "off": " jsae's compilation cache: off."}[args.compilation_cache]
         + (f" jsae runs as `jsae train` does, under GLIBC_TUNABLES={jsae_environment({})['GLIBC_TUNABLES']}"
            + ("" if any(e.startswith("GLIBC_TUNABLES=") for e in args.env) else "; sae_lens in the plain environment")
            + "." if jsae_environment({}) else ""),
@@ -562,17 +580,21 @@ def main() -> None:
     parser.add_argument("--profile-forwards", type=int, default=0,
                         help="model forwards in the per-piece profile (at least two shuffle-buffer fills)")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-piece profile")
+    parser.add_argument("--compilation-cache", choices=("cold", "warm", "off"), default="cold",
+                        help="jsae's compilation cache: empty at each run (cold, as a first `jsae train`), filled "
+                             "by an untimed run first (warm, as a later one), or none (off)")
     parser.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
     parser.add_argument("--json", type=Path, default=None, help="also write every run as JSON")
     parser.add_argument("--worker", choices=("jsae", "sae_lens", "profile"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--compilation-cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     libs = args.libs.split(",")
 
     if args.worker:
         flat = json.loads(args.spec.read_text())
         if args.worker == "jsae":
-            result = jsae_worker(flat, args.skip_steps)
+            result = jsae_worker(flat, args.skip_steps, args.compilation_cache_dir)
         elif args.worker == "sae_lens":
             result = saelens_worker(flat, args.skip_steps, args.sae_lens_prefetch)
         else:
@@ -592,9 +614,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "run.json"
         spec.write_text(json.dumps(flat))
+        caches = Path(tmp) / "xla"
+        if "jsae" in libs and args.compilation_cache == "warm":
+            run_worker(args, "jsae", spec, caches / "warm")  # untimed: fills the cache
         for repeat in range(args.repeats):
             for lib in (libs if repeat % 2 == 0 else libs[::-1]):
-                result = run_worker(args, lib, spec)
+                cache = {"off": None, "warm": caches / "warm", "cold": caches / f"cold-{repeat}"}[args.compilation_cache]
+                result = run_worker(args, lib, spec, cache if lib == "jsae" else None)
                 runs.append(result)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}),
                       flush=True)

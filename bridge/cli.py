@@ -243,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if argv is None:
         _rerun_with_hugepages()
-    from jsae import JsaeError
+    from jsae import JsaeError, enable_compilation_cache
+
+    if argv is None:  # at a real command line: programs compiled by an earlier run of the same shapes load from disk
+        enable_compilation_cache()
 
     try:
         return args.func(args)

@@ -4,6 +4,7 @@
 hand-off) lives in the separate `bridge` package.
 """
 
+from jsae._compilation_cache import enable_compilation_cache
 from jsae._errors import ConfigError, FormatError, InputError, JsaeError, MissingFileError
 from jsae.config import Metadata, SAEConfig
 from jsae.sae import SAE
@@ -39,6 +40,7 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainingInterrupted",
+    "enable_compilation_cache",
     "init_train_state",
     "make_sweep_step",
     "make_train_step",
