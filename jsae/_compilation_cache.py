@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import jax
@@ -45,7 +46,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     Returns:
         The folder in use; None where the cache stays as the user set it: JAX's own cache folder
         already configured (`JAX_COMPILATION_CACHE_DIR` or `jax.config`), JSAE_COMPILATION_CACHE=0,
-        or JAX's cache switched off (`jax_enable_compilation_cache`).
+        or JAX's cache switched off (`jax_enable_compilation_cache`); also None, after a warning,
+        where the folder cannot be created or written.
 
     Entries are written for programs that took at least `MIN_COMPILE_SECONDS` to compile, and the
     least recently used are dropped beyond `MAX_SIZE_BYTES`; processes share the folder safely. A
@@ -55,6 +57,14 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
             or not jax.config.jax_enable_compilation_cache):
         return None
     folder = Path(path) if path is not None else default_cache_path()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError as error:
+        warnings.warn(f"jsae: compiled programs are not kept on disk ({error}); JSAE_COMPILATION_CACHE=0 silences "
+                      "this.", RuntimeWarning, stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)  # evicts under a `filelock` lock

@@ -94,6 +94,22 @@ def test_off_where_the_user_says_so(tmp_path):
     assert _entries(own) and not (tmp_path / "ignored").exists()
 
 
+def test_a_folder_that_cannot_be_written_leaves_the_cache_off(tmp_path, monkeypatch):
+    import jax
+    import pytest
+
+    import jsae
+
+    if jax.config.jax_compilation_cache_dir:
+        pytest.skip("JAX's cache folder is set in this environment (JAX_COMPILATION_CACHE_DIR)")
+    monkeypatch.setenv("JSAE_COMPILATION_CACHE", "1")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.warns(RuntimeWarning, match="not kept on disk"):
+        assert jsae.enable_compilation_cache(blocker / "xla") is None
+    assert jax.config.jax_compilation_cache_dir is None  # JAX's settings untouched
+
+
 def test_the_command_line_caches_in_the_jsae_cache_folder(tmp_path):
     # (without the CPU kernels, which would otherwise be built anew in this JSAE_CACHE_DIR)
     env = _environment(JSAE_CACHE_DIR=str(tmp_path), JSAE_HUGEPAGES="0", JSAE_CPU_KERNELS="0")
