@@ -62,3 +62,31 @@ def test_an_option_this_jaxlib_lacks_is_left_out(monkeypatch):
         monkeypatch.undo()
         step_module.step_compiler_options.cache_clear()
     assert step_module.step_compiler_options("cpu") is not None
+
+
+@pytest.mark.parametrize("implementation", ["dense", "sparse"])
+def test_the_step_branched_on_dead_latents_trains_the_same_sae(implementation):
+    """make_train_step branches once on whether any latent is dead (the none-dead program without
+    the aux-k loss's branches); through both regimes it trains what the one-program step trains."""
+    sae = jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, topk_implementation=implementation)
+    cfg = train_cfg(sae).replace(dead_feature_window=2)
+    assert step_module.get_training_architecture("topk").dead_latent_loss
+    one_program = step_module.build_step(cfg, step_module.hyperparameters(cfg))
+    steps = {"branched": jax.jit(jsae.make_train_step(cfg)),
+             "one program": jax.jit(lambda state, batch: one_program(state, batch, None))}
+    # Few, narrow batches: many latents never fire, so they are dead from step 3 on.
+    batches = activation_batches(STEPS, 16, D_IN, seed=5)
+    states = {name: jsae.init_train_state(cfg.replace(train_batch_size_tokens=16)) for name in steps}
+    regimes = set()
+    for batch in batches:
+        regimes.add(bool(np.any(np.asarray(states["branched"].steps_since_fired) > cfg.dead_feature_window)))
+        losses = {}
+        for name, step in steps.items():
+            states[name], metrics = step(states[name], batch)
+            losses[name] = float(metrics["losses/auxiliary_reconstruction_loss"])
+        assert losses["branched"] == pytest.approx(losses["one program"], rel=1e-5, abs=1e-7)
+    assert regimes == {False, True}  # both programs ran
+    for name, ref in states["one program"].params.items():
+        assert relative(states["branched"].params[name], ref) <= 1e-5, name
+    np.testing.assert_array_equal(np.asarray(states["branched"].steps_since_fired),
+                                  np.asarray(states["one program"].steps_since_fired))

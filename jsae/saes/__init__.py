@@ -71,6 +71,8 @@ class TrainingArchitecture:
         init_extra: cfg -> parameters that do not start at zero / in the SAE dtype.
         project: (params, cfg) -> params, applied before each step (e.g. thresholds >= 0).
         batch_threshold: keeps a BatchTopK running threshold (saved as a JumpReLU threshold).
+        dead_latent_loss: has a loss on dead latents behind a `lax.cond` (aux-k); the step then
+            branches once on whether any latent is dead (`jsae.training.step.make_train_step`).
         fold_for_inference: (params, cfg) -> params as SAELens saves the trained SAE.
     """
 
@@ -80,6 +82,7 @@ class TrainingArchitecture:
     init_extra: Callable[[SAEConfig], dict] = lambda cfg: {}
     project: Callable[[dict, SAEConfig], dict] | None = None
     batch_threshold: bool = False
+    dead_latent_loss: bool = False
     fold_for_inference: Callable[[dict, SAEConfig], dict] = lambda params, cfg: params
 
 
@@ -96,16 +99,19 @@ TRAINING_ARCHITECTURES: dict[str, TrainingArchitecture] = {
             project=jumprelu.project_params,
         ),
         TrainingArchitecture(
-            "topk", topk.TopKTrainingSAEConfig, topk.training_forward, fold_for_inference=topk.to_inference_params
+            "topk", topk.TopKTrainingSAEConfig, topk.training_forward, dead_latent_loss=True,
+            fold_for_inference=topk.to_inference_params
         ),
         TrainingArchitecture(
-            "batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward, batch_threshold=True
+            "batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward, batch_threshold=True,
+            dead_latent_loss=True
         ),
         TrainingArchitecture(
             "matryoshka_batchtopk",
             matryoshka.MatryoshkaBatchTopKTrainingSAEConfig,
             matryoshka.training_forward,
             batch_threshold=True,
+            dead_latent_loss=True,
         ),
     )
 }

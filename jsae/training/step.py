@@ -211,8 +211,22 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
     Returns:
         step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard.
     """
-    step = build_step(cfg, hyperparameters(cfg), axis_name)
-    return lambda state, batch: step(state, batch, None)
+    hyper = hyperparameters(cfg)
+    step = build_step(cfg, hyper, axis_name)
+    if not get_training_architecture(cfg.sae.architecture).dead_latent_loss:
+        return lambda state, batch: step(state, batch, None)
+    # One branch on whether any latent is dead. In the none-dead program the dead mask is a constant
+    # and XLA drops the aux-k loss's branches; otherwise, while nothing is dead, they still fill
+    # zero residuals and zero W_enc / W_dec gradients every step (TopK 768 -> 16384 on 2 cores:
+    # ~57 ms of a ~1 s step; the step's median 1.22 -> 0.93 s, 128 -> 1024: 33.8 -> 29.5 ms, for
+    # ~0.5-0.7 s more compile). Same numbers either way.
+    none_dead = build_step(cfg, hyper, axis_name, none_dead=True)
+
+    def branched(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
+        any_dead = jnp.any(state.steps_since_fired > cfg.dead_feature_window)
+        return jax.lax.cond(any_dead, lambda s, b: step(s, b, None), lambda s, b: none_dead(s, b, None), state, batch)
+
+    return branched
 
 
 def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None = None, *,
