@@ -209,7 +209,9 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
         axis_name: the collective axis to average gradients and metrics over (pmap / shard_map), or None.
 
     Returns:
-        step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard.
+        step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard. For
+        architectures with an aux-k loss it is a `lax.cond` on whether any latent is dead
+        (`state.steps_since_fired`, the same on every device) between two programs.
     """
     hyper = hyperparameters(cfg)
     step = build_step(cfg, hyper, axis_name)
