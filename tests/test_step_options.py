@@ -65,12 +65,17 @@ def test_an_option_this_jaxlib_lacks_is_left_out(monkeypatch):
 
 
 @pytest.mark.parametrize("implementation", ["dense", "sparse"])
-def test_the_step_branched_on_dead_latents_trains_the_same_sae(implementation):
+def test_the_step_branched_on_dead_latents_trains_the_same_sae(implementation, monkeypatch):
     """make_train_step branches once on whether any latent is dead (the none-dead program without
     the aux-k loss's branches); through both regimes it trains what the one-program step trains."""
     sae = jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, topk_implementation=implementation)
     cfg = train_cfg(sae).replace(dead_feature_window=2)
-    assert step_module.get_training_architecture("topk").dead_latent_loss
+    assert not step_module.branches_on_dead_latents(cfg)  # too narrow to pay for two programs
+    assert step_module.branches_on_dead_latents(cfg.replace(sae=sae.replace(d_in=768, d_sae=4096)))
+    assert not step_module.branches_on_dead_latents(
+        cfg.replace(sae=jsae.StandardTrainingSAEConfig(d_in=768, d_sae=4096, l1_coefficient=1.0)))
+    monkeypatch.setattr(step_module, "DEAD_BRANCH_MIN_WEIGHTS", 0)
+    assert step_module.branches_on_dead_latents(cfg)
     one_program = step_module.build_step(cfg, step_module.hyperparameters(cfg))
     steps = {"branched": jax.jit(jsae.make_train_step(cfg)),
              "one program": jax.jit(lambda state, batch: one_program(state, batch, None))}

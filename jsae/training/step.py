@@ -209,19 +209,14 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
         axis_name: the collective axis to average gradients and metrics over (pmap / shard_map), or None.
 
     Returns:
-        step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard. For
-        architectures with an aux-k loss it is a `lax.cond` on whether any latent is dead
+        step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard. Where
+        `branches_on_dead_latents(cfg)` it is a `lax.cond` on whether any latent is dead
         (`state.steps_since_fired`, the same on every device) between two programs.
     """
     hyper = hyperparameters(cfg)
     step = build_step(cfg, hyper, axis_name)
-    if not get_training_architecture(cfg.sae.architecture).dead_latent_loss:
+    if not branches_on_dead_latents(cfg):
         return lambda state, batch: step(state, batch, None)
-    # One branch on whether any latent is dead. In the none-dead program the dead mask is a constant
-    # and XLA drops the aux-k loss's branches; otherwise, while nothing is dead, they still fill
-    # zero residuals and zero W_enc / W_dec gradients every step (TopK 768 -> 16384 on 2 cores:
-    # ~57 ms of a ~1 s step; the step's median 1.22 -> 0.93 s, 128 -> 1024: 33.8 -> 29.5 ms, for
-    # ~0.5-0.7 s more compile). Same numbers either way.
     none_dead = build_step(cfg, hyper, axis_name, none_dead=True)
 
     def branched(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
@@ -229,6 +224,22 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
         return jax.lax.cond(any_dead, lambda s, b: step(s, b, None), lambda s, b: none_dead(s, b, None), state, batch)
 
     return branched
+
+
+# From this many weights per matrix (d_in * d_sae) the step branches on dead latents. In the
+# none-dead program the dead mask is a constant and XLA drops the aux-k loss's branches, which
+# otherwise fill zero residuals and zero W_enc / W_dec gradients every step while nothing is dead:
+# on 2 cores, TopK 768 -> 16384 ~57 ms of a ~1 s step (the step's median 1.22 -> 0.93 s). Two
+# programs compile ~0.5-0.7 s longer (up to ~2 s beside the first buffer fill), which narrower
+# SAEs do not win back (128 -> 1024: ~1-4 ms of a ~30 ms step).
+DEAD_BRANCH_MIN_WEIGHTS = 1 << 21
+
+
+def branches_on_dead_latents(cfg: TrainConfig) -> bool:
+    """Whether `make_train_step(cfg)` is a `lax.cond` on any latent being dead: an architecture with an
+    aux-k loss (`TrainingArchitecture.dead_latent_loss`) and at least DEAD_BRANCH_MIN_WEIGHTS weights per matrix."""
+    return (get_training_architecture(cfg.sae.architecture).dead_latent_loss
+            and cfg.sae.d_in * cfg.sae.d_sae >= DEAD_BRANCH_MIN_WEIGHTS)
 
 
 def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None = None, *,
