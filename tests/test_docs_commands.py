@@ -88,6 +88,7 @@ def make_sae_folder(path: Path) -> None:
     jsae.SAE.from_config(cfg, seed=0).save_model(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[where for where, _ in COMMANDS])
 def test_jsae_commands_dry_run(where, argv, tmp_path, monkeypatch):
     from bridge.cli import main
