@@ -39,7 +39,7 @@ def write_cache(cfg, model, path: str | os.PathLike, *, n_tokens: int, shard_tok
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from bridge.runner import activation_source
+    from bridge.sources import activation_source
 
     path = Path(path)
     if path.exists():

@@ -8,7 +8,16 @@ BOS when `prepend_bos`, a separator token goes between documents, and with
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jsae import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from bridge.run_config import RunConfig
 
 
 def _add_tokens(row, tokens, offset, context_size, is_start, bos, sequence_start, separator):
@@ -55,8 +64,6 @@ def pack_token_sequences(
     """
     prefix = (bos_token_id is not None) + (sequence_start_token_id is not None)
     if context_size <= prefix:
-        from jsae import ConfigError
-
         raise ConfigError(f"context_size={context_size} leaves no room for tokens after the {prefix} prefix token(s).")
     if disable_concat_sequences:
         start = sequence_start_token_id if sequence_start_token_id is not None else bos_token_id
@@ -95,8 +102,6 @@ def resolve_special_token(spec, tokenizer) -> int | None:
         return spec
     names = {"bos": "bos_token_id", "eos": "eos_token_id", "sep": "sep_token_id"}
     if spec not in names:
-        from jsae import ConfigError
-
         raise ConfigError(f"sequence_separator_token must be an int, 'bos', 'eos', 'sep' or null, got {spec!r}.")
     return getattr(tokenizer, names[spec], None)
 
@@ -104,3 +109,105 @@ def resolve_special_token(spec, tokenizer) -> int | None:
 def iterate_texts(dataset) -> Iterable:
     """Rows of a text source: a list of strings, or a datasets.Dataset/IterableDataset."""
     yield from dataset
+
+
+# ------------------------------------------------------------- a run's dataset
+def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
+    """Documents of the dataset: strings, or token-id sequences for pretokenized data."""
+    path = cfg.dataset_path
+    if path in ("stdlib", "embedded"):
+        from bridge.corpus import stdlib_documents
+
+        yield from (text for _, text in stdlib_documents(split or cfg.dataset_split))
+        return
+    local = Path(path).expanduser()
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".py", ".rst"))
+        if not files:
+            raise InputError(f"dataset_path: folder {local} holds no .txt/.md/.py/.rst files.")
+        for f in files:
+            yield f.read_text(encoding="utf-8", errors="replace")
+        return
+    if local.suffix == ".npy":
+        yield from (list(map(int, row)) for row in _load_npy(local))
+        return
+    if local.suffix == ".txt":
+        yield local.read_text(encoding="utf-8", errors="replace")
+        return
+    import datasets
+
+    if local.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
+        if kind is None:
+            raise InputError(f"dataset_path: cannot read {local.suffix!r} files (use .txt .jsonl .json .parquet .csv .npy).")
+        dataset = datasets.load_dataset(kind, data_files=str(local), split="train")
+    else:
+        dataset = datasets.load_dataset(path, split=split or cfg.dataset_split, streaming=cfg.streaming)
+    column = next((c for c in ("tokens", "input_ids", "text") if c in (dataset.column_names or [])), None)
+    if column is None:
+        raise InputError(f"dataset_path: {path} has no 'tokens', 'input_ids' or 'text' column "
+                         f"(columns: {dataset.column_names}).")
+    for row in dataset:
+        yield row[column]
+
+
+def _load_npy(path: Path):
+    import numpy as np
+
+    rows = np.load(path, mmap_mode="r")
+    if rows.ndim != 2:
+        raise InputError(f"dataset_path: {path} must hold a 2-D array of token rows, found shape {rows.shape}.")
+    return rows
+
+
+def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool = True) -> Iterator[list[int]]:
+    """Rows of `context_size` token ids, packed as SAELens packs them; epochs repeat with a warning."""
+    tokenizer = model.tokenizer
+    if cfg.prepend_bos and (tokenizer is None or tokenizer.bos_token_id is None):
+        raise ConfigError("prepend_bos is true, but the model's tokenizer has no BOS token; set prepend_bos: false.")
+    separator = resolve_special_token(cfg.sequence_separator_token, tokenizer) if tokenizer is not None else None
+    bos = tokenizer.bos_token_id if cfg.prepend_bos else None
+
+    def one_epoch() -> Iterator[list[int]]:
+        documents = text_documents(cfg, split)
+        first = next(documents, None)
+        if first is None:
+            raise InputError(f"dataset_path: {cfg.dataset_path!r} is empty.")
+        documents = itertools.chain([first], documents)
+        if not isinstance(first, str):  # pretokenized rows are used as they are
+            for row in documents:
+                row = list(row)[: cfg.context_size]
+                if len(row) < cfg.context_size:
+                    raise InputError(f"dataset_path: pretokenized rows have {len(row)} tokens, fewer than "
+                                     f"context_size={cfg.context_size}.")
+                yield row
+            return
+        tokens = (model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False)[0].tolist()
+                  for text in documents)
+        yield from pack_token_sequences(tokens, cfg.context_size, bos_token_id=bos, separator_token_id=separator,
+                                        disable_concat_sequences=cfg.disable_concat_sequences)
+
+    epoch = 0
+    while True:
+        produced = False
+        for row in one_epoch():
+            produced = True
+            yield row
+        if not produced:
+            raise InputError(f"dataset_path: {cfg.dataset_path!r} gave no row of context_size={cfg.context_size} tokens.")
+        if not cycle:
+            return
+        epoch += 1
+        warnings.warn(f"dataset exhausted: starting epoch {epoch + 1} (tokens will be seen again).", stacklevel=2)
+
+
+def excluded_token_ids(cfg: RunConfig, model) -> list[int] | None:
+    if cfg.exclude_special_tokens is True:
+        return special_token_ids(model.tokenizer)
+    if cfg.exclude_special_tokens:
+        return [int(t) for t in cfg.exclude_special_tokens]
+    return None
+
+
+def heldout_split(cfg: RunConfig) -> str:
+    return "heldout" if cfg.dataset_path in ("stdlib", "embedded") else cfg.dataset_split

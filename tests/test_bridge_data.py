@@ -49,15 +49,15 @@ def our_rows(model, n, context_size=32, prepend_bos=True, separator="bos", disab
                                "sequence_separator_token": separator, "disable_concat_sequences": disable_concat,
                                "sae": {"architecture": "standard", "d_in": 128, "d_sae": 256},
                                "total_training_tokens": 10**6})
-    import bridge.runner as runner
+    import bridge.data
 
-    original = runner.text_documents
-    runner.text_documents = lambda cfg, split=None: iter(DOCS)
+    original = bridge.data.text_documents  # token_rows reads its documents through this module's name
+    bridge.data.text_documents = lambda cfg, split=None: iter(DOCS)
     try:
         rows = token_rows(cfg, model, cycle=False)
         return [next(rows) for _ in range(n)]
     finally:
-        runner.text_documents = original
+        bridge.data.text_documents = original
 
 
 @pytest.mark.parametrize(("prepend_bos", "separator", "disable_concat"), [

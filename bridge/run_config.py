@@ -1,0 +1,162 @@
+"""A `jsae train` run config: the model / hook / dataset fields (SAELens' runner names), the
+training fields of `jsae.TrainConfig` and an `sae:` section, read from YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jsae import ConfigError, MissingFileError, TrainConfig
+from jsae._errors import close_names
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where the activations come from (SAELens' runner field names).
+
+    Attributes:
+        model_name: "embedded" (shipped), an official TransformerLens name, or a local folder.
+        model_class_name: "HookedTransformer".
+        model_from_pretrained_kwargs: passed to HookedTransformer.from_pretrained.
+        hook_name: the hook point the SAE reads, e.g. "blocks.2.hook_resid_pre".
+        hook_head_index: keep one attention head of a hook_z-style hook.
+        hook_names: several hook points (same width) read in one model forward, each training its own
+            SAE (or sweep); replaces hook_name. Folders: <output_path>/<hook>[/<sweep member>].
+        sweep: zipped sweep axes, e.g. {"sae.k": [16, 32], "lr": [1e-3, 3e-4]}: one SAE per position,
+            all trained in one compiled step on the same activations (see jsae.training.sweep).
+        dataset_path: "stdlib" (the embedded corpus), a Hugging Face dataset name, a local data
+            file (.txt / .jsonl / .json / .parquet / .csv / .npy of token rows) or a folder of text files.
+        dataset_split: split of a Hugging Face dataset.
+        streaming: stream a Hub dataset instead of downloading it.
+        context_size: tokens per row.
+        prepend_bos: put BOS at position 0 of every row.
+        sequence_separator_token: between concatenated documents: "bos", "eos", "sep", a token id or null.
+        exclude_special_tokens: drop activations of BOS/EOS/PAD/SEP tokens (true), or of the listed ids.
+        seqpos_slice: [start, stop(, step)] positions of each row that are kept.
+        disable_concat_sequences: one row per document; shorter documents are dropped.
+        store_batch_size_prompts: rows per model forward.
+        n_batches_in_buffer: shuffle-buffer size, in model forwards.
+        n_eval_batches: held-out batches the evals (during training and at the end) run on; 0 turns evals off.
+        eval_batch_size_prompts: rows per eval batch (None: store_batch_size_prompts).
+        device: torch device of the model.
+        fused_forward: the forwards that feed training run fused attention (torch's
+            scaled_dot_product_attention), one LayerNorm and one product for q, k and v, and oneDNN
+            products on CPU, wherever nothing reads what they skip (see bridge/fused_forward.py); the
+            activations equal TransformerLens' within float error. false: TransformerLens' forward as written.
+        activation_cache_path: train from a cache written by `jsae cache` instead of the model.
+        train: the SAE and training settings (None for a config that only evaluates).
+    """
+
+    model_name: str = "embedded"
+    model_class_name: str = "HookedTransformer"
+    model_from_pretrained_kwargs: dict = dataclasses.field(default_factory=dict)
+    hook_name: str = "blocks.2.hook_resid_pre"
+    hook_head_index: int | None = None
+    hook_names: list | None = None
+    sweep: dict = dataclasses.field(default_factory=dict)
+    dataset_path: str = "stdlib"
+    dataset_split: str = "train"
+    streaming: bool = False
+    context_size: int = 128
+    prepend_bos: bool = True
+    sequence_separator_token: int | str | None = "bos"
+    exclude_special_tokens: bool | list = False
+    seqpos_slice: tuple = (None,)
+    disable_concat_sequences: bool = False
+    store_batch_size_prompts: int = 16
+    n_batches_in_buffer: int = 32
+    n_eval_batches: int = 10
+    eval_batch_size_prompts: int | None = None
+    device: str = "cpu"
+    fused_forward: bool = True
+    activation_cache_path: str | None = None
+    train: TrainConfig | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seqpos_slice", tuple(self.seqpos_slice))
+        for name in ("context_size", "store_batch_size_prompts", "n_batches_in_buffer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.fused_forward, bool):
+            raise ConfigError(f"fused_forward must be true or false, got {self.fused_forward!r}.")
+        if isinstance(self.n_eval_batches, bool) or not isinstance(self.n_eval_batches, int) or self.n_eval_batches < 0:
+            raise ConfigError(f"n_eval_batches must be an integer >= 0 (0: no evals), got {self.n_eval_batches!r}.")
+        if self.eval_batch_size_prompts is not None and (
+                isinstance(self.eval_batch_size_prompts, bool) or not isinstance(self.eval_batch_size_prompts, int)
+                or self.eval_batch_size_prompts <= 0):
+            raise ConfigError(f"eval_batch_size_prompts must be a positive integer or null, got "
+                              f"{self.eval_batch_size_prompts!r}.")
+        if self.hook_names is not None:
+            names = self.hook_names
+            if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"hook_names must be a non-empty list of hook point names, got {names!r}.")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"hook_names lists a hook twice: {names}.")
+            object.__setattr__(self, "hook_names", list(names))
+        if not isinstance(self.sweep, Mapping):
+            raise ConfigError(f"sweep must map fields to lists of values, got {self.sweep!r}.")
+        if not 1 <= len(self.seqpos_slice) <= 3:
+            raise ConfigError(f"seqpos_slice must have 1 to 3 entries, got {list(self.seqpos_slice)}.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "config") -> RunConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {type(data).__name__}.")
+        run_fields = {f.name for f in dataclasses.fields(cls)} - {"train"}
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key in data:
+            if key not in run_fields | train_fields:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}." + close_names(str(key), run_fields | train_fields)
+                )
+        run = {k: v for k, v in data.items() if k in run_fields}
+        train = TrainConfig.from_dict({k: v for k, v in data.items() if k in train_fields}, where=where)
+        return cls(**run, train=train)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"{path}: config file not found.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+        data = dict(data)
+        for key, value in (overrides or {}).items():
+            if isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
+                data[key] = dict(data[key]) | dict(value)
+            else:
+                data[key] = value
+        return cls.from_dict(data, where=str(path))
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hook points this run trains SAEs on."""
+        return list(self.hook_names) if self.hook_names else [self.hook_name]
+
+    def metadata(self) -> dict[str, Any]:
+        """What SAELens records in an SAE's metadata about where its activations came from."""
+        return {
+            "model_name": self.model_name,
+            "model_class_name": self.model_class_name,
+            "hook_name": self.hook_name,
+            "hook_head_index": self.hook_head_index,
+            "dataset_path": self.dataset_path,
+            "context_size": self.context_size,
+            "prepend_bos": self.prepend_bos,
+            "seqpos_slice": list(self.seqpos_slice),
+            "exclude_special_tokens": self.exclude_special_tokens,
+            "sequence_separator_token": self.sequence_separator_token,
+            "disable_concat_sequences": self.disable_concat_sequences,
+            "model_from_pretrained_kwargs": dict(self.model_from_pretrained_kwargs),
+        }
+

@@ -1,0 +1,63 @@
+"""Where a run's training batches come from: the model running live, or an activation cache.
+
+`training_batches` is the one place that chooses: every kind of run (one hook point or several,
+one SAE or a sweep, live or cached) gets its batches from it, so a run from the cache sees the
+batches the live run sees with the same seed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bridge.data import excluded_token_ids, token_rows
+
+if TYPE_CHECKING:
+    from bridge.run_config import RunConfig
+
+
+def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: int | None = None,
+                      batch_size: int | None = None, cycle: bool = True):
+    """The live source: `model` run over the dataset's token rows, its hook activations shuffled.
+
+    One forward serves every hook of `cfg.hooks`; with several hooks each batch is a dict {hook: array}.
+    """
+    from bridge.activations import ActivationSource
+
+    return ActivationSource(
+        model, cfg.hook_names or cfg.hook_name, token_rows(cfg, model, split=split, cycle=cycle),
+        batch_size=batch_size or cfg.train.train_batch_size_tokens, context_size=cfg.context_size,
+        store_batch_size_prompts=cfg.store_batch_size_prompts, n_batches_in_buffer=cfg.n_batches_in_buffer,
+        seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
+        hook_head_index=cfg.hook_head_index, dtype="float32", seed=cfg.train.seed if seed is None else seed,
+        fused_forward=cfg.fused_forward,
+    )
+
+
+def cached_source(cfg: RunConfig):
+    """Batches read from `cfg.activation_cache_path`, shaped as `activation_source`'s."""
+    from bridge.cache import CachedActivations
+
+    per_hook = {hook: CachedActivations(cfg.activation_cache_path, hook, cfg.train.train_batch_size_tokens,
+                                        seed=cfg.train.seed) for hook in cfg.hooks}
+    if not cfg.hook_names:
+        return per_hook[cfg.hook_name]
+    # same seed, same shuffle: the hooks' batches stay aligned token by token
+    return (dict(zip(per_hook, parts, strict=True)) for parts in zip(*per_hook.values(), strict=False))
+
+
+def stacked_hooks(source, hooks: list[str]):
+    """Dict batches {hook: (tokens, d_in)} from one forward -> one (n_hooks, tokens, d_in) array each."""
+    import jax.numpy as jnp
+
+    batches = iter(source)  # starts the source's producer thread now, not at the first batch
+    return (jnp.stack([jnp.asarray(batch[h]) for h in hooks]) for batch in batches)
+
+
+def training_batches(cfg: RunConfig, model):
+    """The batches `jsae.Trainer.fit` trains on for `cfg`: (tokens, d_in) arrays for one hook point,
+    (n_hooks, tokens, d_in) for `hook_names` (the stream axis of a sweep over hooks).
+
+    From `cfg.activation_cache_path` when set (the model is not run), else from `model`.
+    """
+    source = cached_source(cfg) if cfg.activation_cache_path is not None else activation_source(cfg, model)
+    return stacked_hooks(source, cfg.hooks) if cfg.hook_names else source
