@@ -11,6 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from bridge.hugepages import HUGEPAGE_TUNABLE, hugepage_environment, hugepage_hint, jsae_environment
+
+__all__ = ["HUGEPAGE_TUNABLE", "hugepage_environment", "jsae_environment", "main"]
+
 
 def _overrides(pairs: list[str]) -> dict:
     """--set KEY=VALUE pairs as a nested dict; "sae.k=16" sets k in the sae section."""
@@ -46,6 +50,7 @@ def train(args: argparse.Namespace) -> int:
         what = f"sweep of {len(next(iter(cfg.sweep.values())))} {what}s over {', '.join(cfg.sweep)}"
     print(f"jsae train: {what} on {cfg.model_name} {', '.join(cfg.hooks)}, {cfg.train.total_training_tokens:,} "
           "tokens", flush=True)
+    _hugepage_hint()
     sae, summary = run(cfg)
     where = cfg.train.output_path or "(not saved: no output_path)"
     if isinstance(sae, list):
@@ -155,55 +160,16 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if same and max_diff == 0.0 else 1
 
 
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+def _hugepage_hint() -> None:
+    """One line on stderr where huge pages would speed training on CPU and the environment has them off
+    (bridge.hugepages): glibc reads its tunables at start-up, so only the user's environment can turn them on."""
+    hint = hugepage_hint(dict(os.environ))
+    if hint is None:
+        return
+    import jax
 
-
-def _glibc_version() -> tuple[int, int] | None:
-    try:
-        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
-        major, minor = version.split(".")[:2]
-        return (int(major), int(minor)) if name == "glibc" else None
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _thp_mode() -> str | None:
-    """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), None if unknown."""
-    try:
-        text = THP_ENABLED.read_text()
-    except OSError:
-        return None
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
-
-
-def hugepage_environment(environ: dict[str, str], glibc: tuple[int, int] | None,
-                         thp_mode: str | None) -> dict[str, str] | None:
-    """The environment to run `jsae` in so glibc's malloc backs large blocks with huge pages; None to keep it.
-
-    XLA:CPU allocates each step's temporaries afresh; with 4 KiB pages the kernel zero-fills
-    them one page fault at a time (~140k faults, ~15% of a 768 -> 6144 step on 2 cores). The
-    glibc tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) madvises those blocks into 2 MiB
-    transparent huge pages. Only where the kernel allows them, the tunable is not already set,
-    and JSAE_HUGEPAGES is not "0".
-    """
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if (environ.get("JSAE_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables or glibc is None
-            or glibc < (2, 35) or thp_mode not in ("always", "madvise")):
-        return None
-    return dict(environ) | {"GLIBC_TUNABLES": f"{tunables}:{HUGEPAGE_TUNABLE}" if tunables else HUGEPAGE_TUNABLE}
-
-
-def jsae_environment(environ: dict[str, str]) -> dict[str, str] | None:
-    """`hugepage_environment` of `environ` on this machine (None: `jsae` runs in `environ` as it is)."""
-    return hugepage_environment(environ, _glibc_version(), _thp_mode())
-
-
-def _rerun_with_hugepages() -> None:
-    """Replace this process by the same command under `jsae_environment` (only at a real command line)."""
-    env = jsae_environment(dict(os.environ))
-    if env is not None:
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    if jax.default_backend() == "cpu":
+        print(hint, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo)
 
     args = parser.parse_args(argv)
-    if argv is None:
-        _rerun_with_hugepages()
     from jsae import JsaeError, enable_compilation_cache
 
     if argv is None:  # at a real command line: programs compiled by an earlier run of the same shapes load from disk
