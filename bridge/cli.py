@@ -9,15 +9,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from bridge.hugepages import HUGEPAGE_TUNABLE, hugepage_environment, hugepage_hint, jsae_environment
 
-__all__ = ["HUGEPAGE_TUNABLE", "hugepage_environment", "jsae_environment", "main"]
+__all__ = ["HUGEPAGE_TUNABLE", "hugepage_environment", "jsae_environment", "build_parser", "load_config", "main"]
 
 
 def _overrides(pairs: list[str]) -> dict:
-    """--set KEY=VALUE pairs as a nested dict; "sae.k=16" sets k in the sae section."""
+    """--set KEY=VALUE pairs as a nested dict; "sae.k=16" sets k in the sae section. Values are read
+    as the config file is (bridge.run_config.load_yaml), so `lr=3e-4` is the float it reads as there."""
+    import yaml
+
+    from bridge.run_config import load_yaml
+
     out: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -27,12 +30,17 @@ def _overrides(pairs: list[str]) -> dict:
         target = out
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(value)
+        try:
+            target[leaf] = load_yaml(value)
+        except yaml.YAMLError as err:
+            raise SystemExit(f"--set {key}: not a YAML value: {value!r} ({err})") from None
     return out
 
 
-def _load_config(args: argparse.Namespace):
-    from bridge.runner import DEFAULT_CONFIG, RunConfig
+def load_config(args: argparse.Namespace):
+    """The run config of a `train` / `cache` command line: the config file (default: configs/default.yaml),
+    --set overrides and --output-path on top."""
+    from bridge.run_config import DEFAULT_CONFIG, RunConfig
 
     overrides = _overrides(args.set)
     if getattr(args, "output_path", None):
@@ -44,7 +52,7 @@ def train(args: argparse.Namespace) -> int:
     """Train an SAE on a language model's activations and write an SAELens folder."""
     from bridge.runner import run
 
-    cfg = _load_config(args)
+    cfg = load_config(args)
     what = f"{cfg.train.sae.architecture} SAE {cfg.train.sae.d_in} -> {cfg.train.sae.d_sae}"
     if cfg.sweep:
         what = f"sweep of {len(next(iter(cfg.sweep.values())))} {what}s over {', '.join(cfg.sweep)}"
@@ -108,7 +116,7 @@ def cache(args: argparse.Namespace) -> int:
     from bridge.cache import write_cache
     from bridge.runner import prepare
 
-    cfg = _load_config(args)
+    cfg = load_config(args)
     if args.cache_path:
         path = args.cache_path
     elif cfg.activation_cache_path:
@@ -172,7 +180,8 @@ def _hugepage_hint() -> None:
         print(hint, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `jsae` command line's parser; each command's function is `args.func`."""
     parser = argparse.ArgumentParser(prog="jsae", description="Sparse autoencoders in JAX, SAELens-compatible.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -199,14 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("--cache-path", default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens to cache (default: total_training_tokens)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.set_defaults(func=cache)
 
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
     p.add_argument("--output-path", default=None, help="where to write the demo SAE folder")
     p.set_defaults(func=demo)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from jsae import JsaeError, enable_compilation_cache
 
     if argv is None:  # at a real command line: programs compiled by an earlier run of the same shapes load from disk

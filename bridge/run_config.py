@@ -1,10 +1,14 @@
 """A `jsae train` run config: the model / hook / dataset fields (SAELens' runner names), the
 training fields of `jsae.TrainConfig` and an `sae:` section, read from YAML.
+
+YAML is read with `load_yaml` everywhere (config files and `--set` values alike), so a value
+means the same thing wherever it is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,48 @@ from jsae._errors import close_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2's floats (what users write: 3e-4, 1e5, .5, -2E-3) plus YAML 1.1's (1_000.5, 1:30.5,
+# .inf, .nan). Every alternative needs a '.', an exponent or a name, so integers stay integers.
+FLOAT_PATTERN = re.compile(r"""^(?:
+    [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+  | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+  | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+  | [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+  | [-+]?\.(?:inf|Inf|INF)
+  | \.(?:nan|NaN|NAN)
+)$""", re.VERBOSE)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with YAML 1.2's float syntax (PyYAML reads 3e-4 as the string "3e-4")."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "-+0123456789.":
+    # first in the list: a float is tried before int and timestamp, as in SafeLoader
+    ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, (FLOAT_TAG, FLOAT_PATTERN))
+
+
+def load_yaml(text: str) -> Any:
+    """One YAML document (a config file's text or a `--set` value) with `ConfigLoader`."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (ConfigLoader is a SafeLoader)
+
+
+
+def _check_numbers(data: Mapping[str, Any], types: Mapping[str, Any], where: str) -> None:
+    """A string where a number field goes is the user's typo (or YAML they expected to be a number):
+    say so by name, before a comparison deep in the config's checks fails on the string."""
+    for key, value in data.items():
+        kind = str(types.get(key, "")).split(" ")[0]
+        if kind in ("int", "float") and isinstance(value, str):
+            raise ConfigError(f"{where}: {key} must be a number, got the string {value!r}"
+                              + (" (write floats as 0.001, 1e-3 or 3e-4)." if kind == "float" else "."))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
@@ -117,6 +163,7 @@ class RunConfig:
                 raise ConfigError(
                     f"{where}: unknown key {key!r}." + close_names(str(key), run_fields | train_fields)
                 )
+        _check_numbers(data, {f.name: f.type for f in dataclasses.fields(TrainConfig)}, where)
         run = {k: v for k, v in data.items() if k in run_fields}
         train = TrainConfig.from_dict({k: v for k, v in data.items() if k in train_fields}, where=where)
         return cls(**run, train=train)
@@ -127,9 +174,11 @@ class RunConfig:
         if not path.is_file():
             raise MissingFileError(f"{path}: config file not found.")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}.")
         data = dict(data)
         for key, value in (overrides or {}).items():
             if isinstance(value, Mapping) and isinstance(data.get(key), Mapping):
