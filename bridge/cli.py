@@ -48,9 +48,30 @@ def load_config(args: argparse.Namespace):
     return RunConfig.from_yaml(args.config or DEFAULT_CONFIG, overrides)
 
 
+def _plan_line(cfg) -> str | None:
+    """"plan: ..." — how the run's training step executes (devices, kernels), None where the installed
+    jsae cannot say."""
+    try:
+        from jsae.backends import resolve_plan
+    except ImportError:
+        return None
+    from bridge.run import run_members
+
+    return f"plan: {resolve_plan(cfg.train, n_members=len(run_members(cfg)[0])).describe()}"
+
+
+def _print_report(command: str, lines: list[str], plan: str | None) -> None:
+    print(f"jsae {command} --dry-run:")
+    for line in lines:
+        print(f"  {line}")
+    if plan is not None:
+        print(plan)
+    print("dry run: every check passed; nothing was trained or written.")
+
+
 def train(args: argparse.Namespace) -> int:
     """Train an SAE on a language model's activations and write an SAELens folder."""
-    from bridge.runner import run
+    from bridge.run import run
 
     cfg = load_config(args)
     what = f"{cfg.train.sae.architecture} SAE {cfg.train.sae.d_in} -> {cfg.train.sae.d_sae}"
@@ -58,11 +79,19 @@ def train(args: argparse.Namespace) -> int:
         what = f"sweep of {len(next(iter(cfg.sweep.values())))} {what}s over {', '.join(cfg.sweep)}"
     print(f"jsae train: {what} on {cfg.model_name} {', '.join(cfg.hooks)}, {cfg.train.total_training_tokens:,} "
           "tokens", flush=True)
+    if args.dry_run:
+        from bridge.dry_run import dry_run_train
+
+        _print_report("train", dry_run_train(cfg), _plan_line(cfg))
+        return 0
+    plan = _plan_line(cfg)
+    if plan is not None:
+        print(plan, flush=True)
     _hugepage_hint()
     sae, summary = run(cfg)
     where = cfg.train.output_path or "(not saved: no output_path)"
     if isinstance(sae, list):
-        from bridge.runner import summary_table
+        from bridge.summaries import summary_table
 
         print(f"\n{len(sae)} SAEs written to {where}/<name>\n")
         print(summary_table(summary["saes"], list(cfg.sweep)))
@@ -91,12 +120,18 @@ def train(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """Evaluate a SAELens-format SAE folder with it spliced into its model (SAELens' run_evals metrics)."""
     import jsae
-    from bridge.runner import eval_run_config, evaluate_sae
+    from bridge.eval_run import eval_run_config, evaluate_sae
 
     sae = jsae.SAE.load_from_disk(args.sae_dir)
     cfg = eval_run_config(sae, model_name=args.model, dataset_path=args.dataset, hook_name=args.hook,
                           n_eval_batches=args.batches, eval_batch_size_prompts=args.batch_size,
                           context_size=args.context_size, device=args.device)
+    if args.dry_run:
+        from bridge.dry_run import dry_run_eval
+
+        lines = [f"SAE: {args.sae_dir} ({sae.cfg.architecture} {sae.cfg.d_in} -> {sae.cfg.d_sae})"]
+        _print_report("eval", lines + dry_run_eval(sae, cfg), None)
+        return 0
     if not args.json:
         print(f"jsae eval: {sae.cfg.architecture} SAE {sae.cfg.d_in} -> {sae.cfg.d_sae} on {cfg.model_name} "
               f"{cfg.hook_name}, data {cfg.dataset_path}", flush=True)
@@ -114,7 +149,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def cache(args: argparse.Namespace) -> int:
     """Write the configured run's activations to disk once, for repeated training."""
     from bridge.cache import write_cache
-    from bridge.runner import prepare
+    from bridge.run import prepare
 
     cfg = load_config(args)
     if args.cache_path:
@@ -123,6 +158,11 @@ def cache(args: argparse.Namespace) -> int:
         path = cfg.activation_cache_path
     else:
         raise SystemExit("jsae cache: give --cache-path or set activation_cache_path in the config.")
+    if args.dry_run:
+        from bridge.dry_run import dry_run_train
+
+        _print_report("cache", dry_run_train(cfg, cache_path=path), None)
+        return 0
     model, cfg = prepare(cfg)
     info = write_cache(cfg, model, path, n_tokens=args.tokens or cfg.train.total_training_tokens)
     print(f"cache written to {path}: {info['n_tokens']:,} tokens in {info['n_shards']} shards")
@@ -180,6 +220,10 @@ def _hugepage_hint() -> None:
         print(hint, file=sys.stderr, flush=True)
 
 
+DRY_RUN_HELP = ("check the config, model, hook, data and output paths, print the plan, and exit without "
+                "training or writing anything")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `jsae` command line's parser; each command's function is `args.func`."""
     parser = argparse.ArgumentParser(prog="jsae", description="Sparse autoencoders in JAX, SAELens-compatible.")
@@ -190,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-path", default=None, help="where the SAE folder is written")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     p.set_defaults(func=train)
 
     p = sub.add_parser("eval", help="evaluate an SAE folder (jsae or sae_lens) spliced into its model")
@@ -202,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the SAE's metadata)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
+    p.add_argument("--dry-run", action="store_true", help="check the SAE folder, model, hook and data; evaluate nothing")
     p.set_defaults(func=evaluate)
 
     p = sub.add_parser("cache", help="write a run's activations to disk")
@@ -209,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-path", default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens to cache (default: total_training_tokens)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
+    p.add_argument("--dry-run", action="store_true", help="check the config, model, hook, data and cache path; "
+                   "write nothing")
     p.set_defaults(func=cache)
 
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
@@ -222,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jsae import JsaeError, enable_compilation_cache
 
-    if argv is None:  # at a real command line: programs compiled by an earlier run of the same shapes load from disk
+    # at a real command line: programs compiled by an earlier run of the same shapes load from disk (a dry
+    # run compiles nothing and leaves nothing behind, the cache folder included)
+    if argv is None and not getattr(args, "dry_run", False):
         enable_compilation_cache()
 
     try:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jsae import ConfigError, InputError
+from jsae import ConfigError, InputError, MissingFileError
 
 if TYPE_CHECKING:
     from bridge.run_config import RunConfig
@@ -112,6 +112,9 @@ def iterate_texts(dataset) -> Iterable:
 
 
 # ------------------------------------------------------------- a run's dataset
+LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet", ".csv", ".npy")
+
+
 def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
     """Documents of the dataset: strings, or token-id sequences for pretokenized data."""
     path = cfg.dataset_path
@@ -121,6 +124,8 @@ def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
         yield from (text for _, text in stdlib_documents(split or cfg.dataset_split))
         return
     local = Path(path).expanduser()
+    if not local.exists() and looks_local(path):
+        raise MissingFileError(f"dataset_path: {path} does not exist (a local path: it is not read from the Hub).")
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".py", ".rst"))
         if not files:
@@ -149,6 +154,12 @@ def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
                          f"(columns: {dataset.column_names}).")
     for row in dataset:
         yield row[column]
+
+
+def looks_local(path: str) -> bool:
+    """Whether `dataset_path` names a local file or folder: a Hub dataset name never starts with
+    '/', '.' or '~', nor ends with a data file's suffix."""
+    return path.startswith(("/", ".", "~")) or Path(path).suffix in LOCAL_SUFFIXES
 
 
 def _load_npy(path: Path):
