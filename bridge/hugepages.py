@@ -63,5 +63,5 @@ def hugepage_hint(environ: dict[str, str]) -> str | None:
     env = jsae_environment(environ)
     if env is None:
         return None
-    return (f"hint: glibc's malloc can back XLA's buffers with huge pages on this machine, which speeds up "
-            f"training on CPU: export GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (JSAE_HUGEPAGES=0 hides this line)")
+    return (f"hint: huge pages for glibc's malloc may speed up XLA on CPU (most for wide SAEs): "
+            f"export GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (JSAE_HUGEPAGES=0 hides this line)")
