@@ -10,26 +10,28 @@ performs all 12; jsae's dense step performs 10: the encoder's backward needs onl
 gradient, because b_dec's gradient through the input is taken as (sum over tokens of dh) W_enc^T
 (jsae.saes._base.training_hidden_pre) instead of a per-token product; each library's share of
 the ceiling counts the products it performs. On CPU in float32 jsae's dense standard and JumpReLU
-steps run those products on jsae's dense kernels (a BLAS sgemm, jsae.kernels.dense_encode /
-dense_backward; rows "dense, BLAS kernels"); `--xla` also times them on XLA's products.
+steps run those products on jsae's dense kernels (a BLAS sgemm, jsae.backends.cpu.kernels.dense_encode
+/ dense_backward: the execution plan's dense_step "cpu_fused"; rows "dense, BLAS kernels"); `--xla`
+also times them on XLA's products.
 The ceiling of a dtype is the best n³ rate measured here of JAX, PyTorch and (CPU) the sgemm of
-jsae's dense kernels called as they call it. The machine's rate drifts by 20% and more over minutes
-on a shared VM (OpenBLAS at 2048³ on a 2-core AMD EPYC: 168-171 GFLOP/s, then 137-146 half an hour
-later), so the ceiling's products are timed again among each case's steps, in the same rotation,
-and a row's shares are of the best median rate reached there ("ceiling alongside"). Rows on the dense
-kernels also time the kernels' products alone (dense_encode then dense_backward on the step's
-operands: the same 10 products and the elementwise work between them, without the losses, the
-clipping and Adam), alternated with the steps, and show that share too.
+jsae's dense kernels called as they call it. The machine's rate drifts over minutes on a shared
+VM (bench/RESULTS.md), so the ceiling's products are timed again among each case's steps, in the
+same rotation, and a row's shares are of the best median rate reached there ("ceiling
+alongside"). Rows on the dense kernels also time the kernels' products alone (dense_encode then
+dense_backward on the step's operands: the same 10 products and the elementwise work between
+them, without the losses, the clipping and Adam), alternated with the steps, and show that share too.
 jsae's sparse TopK step (TopKTrainingSAEConfig.topk_implementation; "auto" takes it on CPU when
-d_sae >= 32 k) is counted as its one dense product, the encoder forward (2 * tokens * d_in * d_sae),
-plus 2 * tokens * k * d_in for each of its four products over the k active latents per token
-(decoder forward; backward: the activations' gradient, the W_dec and the W_enc gradients):
-2 * tokens * d_in * d_sae + 8 * tokens * k * d_in. Its share of the ceiling uses that count.
+d_sae / k is large enough, see jsae.resolve_plan: the plan's topk "sparse") is counted as its one
+dense product, the encoder forward (2 * tokens * d_in * d_sae), plus 2 * tokens * k * d_in for
+each of its four products over the k active latents per token (decoder forward; backward: the
+activations' gradient, the W_dec and the W_enc gradients): 2 * tokens * d_in * d_sae +
+8 * tokens * k * d_in. Its share of the ceiling uses that count.
 On a CPU with AMX tiles, float32, the sparse step has no dense float32 product at all: its top-k
 is screened by a bf16 encoder product on the tiles, with a rigorous bound on that product's
-error, and only the candidates (about 3-4 k a token at 768 -> 16384) get float32 dot products
-(jsae.kernels.encoder_top_k; from d_sae 4096 on). Those rows read "sparse, screened" and show no share of the float32
-ceiling, which would mean nothing for bf16 tile work.
+error, and only the candidates (a few k a token) get float32 dot products
+(jsae.backends.cpu.kernels.encoder_top_k, from d_sae 4096 on: the plan's encoder_screen). Those
+rows read "sparse, screened" and show no share of the float32 ceiling, which would mean nothing
+for bf16 tile work.
 
     python bench/bench.py                       # CPU, the default cases, both libraries
     python bench/bench.py --xla                 # ... and jsae's dense steps on XLA's products too
@@ -93,9 +95,9 @@ def sparse_topk_flops(tokens: int, d_in: int, d_sae: int, k: int) -> float:
 
 
 # ---------------------------------------------------------------------- ceilings
-# A product the machine has no fast kernel for (bf16 on a CPU without AVX-512 BF16 or AMX: torch
-# ~1 GFLOP/s on an AVX2 EPYC) would take minutes at n = 2048; the ceilings halve n until one
-# product takes at most this long, and say which n they used.
+# A product the machine has no fast kernel for (bf16 on a CPU without AVX-512 BF16 or AMX) can
+# take minutes at n = 2048; the ceilings halve n until one product takes at most this long, and
+# say which n they used.
 SLOW_PRODUCT_S = 0.5
 
 
@@ -132,7 +134,7 @@ def blas_product(n: int):
 
     import numpy as np
 
-    from jsae import kernels
+    from jsae.backends.cpu import kernels
 
     if not kernels.dense_available():
         return None
@@ -208,20 +210,18 @@ class JsaeStep:
 
         import jsae
         from jsae.saes import TRAINING_ARCHITECTURES
-        from jsae.saes._sparse_topk import screens_encoder
 
         sae_cfg = TRAINING_ARCHITECTURES[arch].config_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, **extra)
-        self.sparse = getattr(sae_cfg, "uses_sparse_topk", lambda: False)()
-        operand = jax.ShapeDtypeStruct
-        self.screened = self.sparse and screens_encoder(operand((tokens, d_in), sae_cfg.jnp_dtype),
-                                                        operand((d_in, d_sae), sae_cfg.jnp_dtype),
-                                                        operand((d_sae,), sae_cfg.jnp_dtype))
-        self.kernels = getattr(sae_cfg, "uses_dense_kernels", lambda: False)()
-        self.flops = (sparse_topk_flops(tokens, d_in, d_sae, sae_cfg.k) if self.sparse
-                      else jsae_dense_flops(tokens, d_in, d_sae))
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
                                dead_feature_window=10**6)
-        self.step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0, compiler_options=jsae.step_compiler_options())
+        self.plan = jsae.resolve_plan(cfg)
+        self.sparse = self.plan.topk == "sparse"
+        self.screened = self.sparse and self.plan.encoder_screen
+        self.kernels = self.plan.dense_step == "cpu_fused"
+        self.flops = (sparse_topk_flops(tokens, d_in, d_sae, sae_cfg.k) if self.sparse
+                      else jsae_dense_flops(tokens, d_in, d_sae))
+        self.step = jax.jit(jsae.make_train_step(cfg, plan=self.plan), donate_argnums=0,
+                            compiler_options=self.plan.jit_compiler_options)
         self.state = jsae.init_train_state(cfg)
         rng = np.random.default_rng(0)
         self.batch = jax.device_put(rng.normal(size=(tokens, d_in)).astype(np.float32).astype(sae_cfg.jnp_dtype))
@@ -241,7 +241,7 @@ class KernelProducts:
         import jax
         import jax.numpy as jnp
 
-        from jsae import kernels
+        from jsae.backends.cpu import kernels
 
         params = jax.tree.map(jnp.copy, step.state.params)  # the step donates its state
         threshold = params.get("threshold")
@@ -295,17 +295,23 @@ class SaelensStep:
             torch.cuda.synchronize()
 
 
-def top_k_timings(tokens: int, d_sae: int, k: int, reps: int = 5) -> dict[str, float]:
+def top_k_timings(tokens: int, d_in: int, d_sae: int, k: int, reps: int = 5) -> dict[str, float]:
     """Milliseconds (best of `reps`) of the TopK selection alone, as the two jsae paths do it.
 
     dense: the pre-activations (x̃ W_enc + b_enc) · norms written out, then lax.top_k (XLA's CPU
-    top-k is one partial sort per row, on one core); sparse: jsae's blockwise top-k from the
-    encoder product, which never writes the pre-activations out.
+    top-k is one partial sort per row, on one core); sparse: the top-k from the encoder product
+    that the sparse path's execution plan runs (`plan.ops().top_k_affine`: jsae's CPU kernel, or
+    the blockwise reference), which never writes the pre-activations out.
     """
     import jax
     import jax.numpy as jnp
 
-    from jsae.saes._sparse_topk import pre_activations, top_k_hidden_pre
+    import jsae
+    from jsae.saes._ops import pre_activations
+
+    cfg = jsae.TrainConfig(sae=jsae.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, topk_implementation="sparse"),
+                           total_training_tokens=10**9, train_batch_size_tokens=tokens)
+    top_k_affine = jsae.resolve_plan(cfg).ops().top_k_affine
 
     keys = jax.random.split(jax.random.key(0), 3)
     product = jax.random.normal(keys[0], (tokens, d_sae), jnp.float32)
@@ -315,7 +321,7 @@ def top_k_timings(tokens: int, d_sae: int, k: int, reps: int = 5) -> dict[str, f
         "hidden_pre_ms": jax.jit(pre_activations),
         "lax_top_k_ms": jax.jit(lambda h: jax.lax.top_k(h, k)),
         "dense_path_ms": jax.jit(lambda p, b, n: jax.lax.top_k(pre_activations(p, b, n), k)),
-        "sparse_path_ms": jax.jit(lambda p, b, n: top_k_hidden_pre(p, b, n, k)),
+        "sparse_path_ms": jax.jit(lambda p, b, n: top_k_affine(p, b, n, k)),
     }
     h = fns["hidden_pre_ms"](product, b_enc, norms)
     args = {"lax_top_k_ms": (h,)}
@@ -337,9 +343,8 @@ def time_steps(fns: dict, warmup: int, reps: int, settle: float = 0.0) -> dict[s
 
     settle: seconds to pause before each timed call, so the previous library's worker threads
     (OpenMP's and XLA's spin-wait after their work) have gone idle. The order of the calls rotates
-    every repeat, so no callable always runs after the same one (on the 2-core VM of RESULTS.md, in
-    some runs, the step timed right after sae_lens' — which faults in gigabytes of pages a step —
-    ran 10-40% slower than alone).
+    every repeat, so no callable always runs after the same one (a step timed right after sae_lens'
+    — which faults in gigabytes of pages a step — can run slower than alone; bench/RESULTS.md).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -390,7 +395,7 @@ def machine() -> dict:
             "device": str(jax.devices()[0].device_kind), "cpus": os.cpu_count(), "machine": platform.machine()}
     info |= cpu_model()
     if info["backend"] == "cpu":
-        from jsae import kernels
+        from jsae.backends.cpu import kernels
 
         blas = kernels.blas_library()
         info["blas"] = "none" if blas is None else "MKL" if "libmkl" in blas else "OpenBLAS"
@@ -458,9 +463,9 @@ def main() -> None:
     print("matmul ceilings (TFLOP/s): " + ceiling_list(ceilings, sizes, 8192 if gpu else 2048), flush=True)
 
     if args.dense_topk and "jsae" in libs:
-        for arch, _, d_sae, tokens, extra in CASES[args.cases]:
+        for arch, d_in, d_sae, tokens, extra in CASES[args.cases]:
             if arch == "topk":
-                timings = top_k_timings(tokens, d_sae, extra["k"])
+                timings = top_k_timings(tokens, d_in, d_sae, extra["k"])
                 print(json.dumps({"top_k": f"({tokens}, {d_sae}) k={extra['k']} float32"} | timings), flush=True)
 
     rows = []
@@ -495,6 +500,7 @@ def main() -> None:
             if "jsae" in fns:
                 row["jsae_path"] = "sparse, screened" if fns["jsae"].screened else \
                     "sparse" if fns["jsae"].sparse else "dense, BLAS kernels" if fns["jsae"].kernels else "dense"
+                row["jsae_plan"] = fns["jsae"].plan.describe()
             for name, s in secs.items():
                 flops = fns[name].flops if name.startswith("jsae") else dense_flops(tokens, d_in, d_sae)
                 row[f"{name}_s"] = s

@@ -3,16 +3,16 @@
 Both train the same SAE on the same model, hook and text, with the same batch sizes and the
 same shuffle-buffer size in tokens:
 
-- jsae: bridge.runner's `prepare` and `activation_source`, then `jsae.Trainer(cfg.train).fit` —
-  what `jsae train` runs, minus its closing held-out evaluation.
+- jsae: bridge.run's `prepare` and bridge.sources' `activation_source`, then
+  `jsae.Trainer(cfg.train).fit` — what `jsae train` runs, minus its held-out evaluations.
 - sae_lens: `LanguageModelSAETrainingRunner(cfg, override_model=..., override_dataset=...).run()`
   with wandb (and so its in-training evals), checkpoints and the output folder off. The model is
   the same HookedTransformer; the dataset streams the same documents, which sae_lens tokenizes
   and packs itself (bridge.data packs exactly as sae_lens does, so the rows are the same).
 
-jsae's runs get the environment `jsae train` reruns itself in (GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-where glibc and the kernel support it, see bridge/cli.py); sae_lens' runs the plain one, unless
-`--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both.
+jsae's runs get the environment `jsae train`'s hint asks for (GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+where glibc and the kernel support it, see bridge/hugepages.py); sae_lens' runs the plain one,
+unless `--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both.
 
 `jsae train` keeps its compiled programs on disk (jsae.enable_compilation_cache), so how long its
 first batch takes depends on whether the same shapes ran before. `--compilation-cache` picks:
@@ -67,13 +67,13 @@ RESULT_PREFIX = "RESULT "
 def resolved_config(config: Path, tokens: int, sets: list[str]) -> dict:
     """The run config as one plain mapping with every field filled in, for both workers.
 
-    Built and validated by bridge.runner.RunConfig; benchmark overrides: `tokens` (rounded down
+    Built and validated by bridge.run_config.RunConfig; benchmark overrides: `tokens` (rounded down
     to whole batches), no checkpoints, no output folder, no logs, no progress bar, and lr
     warm-up / decay clamped to a fifth of the shorter run each.
     """
     import yaml
 
-    from bridge.runner import RunConfig
+    from bridge.run_config import RunConfig
     from jsae import TrainConfig
 
     data = dict(yaml.safe_load(config.read_text()) or {})
@@ -173,7 +173,7 @@ def load_model_for_saelens(flat: dict):
 
 
 def saelens_dataset(flat: dict):
-    """The documents bridge.runner.text_documents gives jsae, as a streaming `datasets` text dataset."""
+    """The documents bridge.data.text_documents gives jsae, as a streaming `datasets` text dataset."""
     import datasets
 
     if flat["dataset_path"] in STDLIB_NAMES:
@@ -184,7 +184,8 @@ def saelens_dataset(flat: dict):
             for _, text in corpus.stdlib_documents(split):
                 yield {"text": text}
     else:
-        from bridge.runner import RunConfig, text_documents
+        from bridge.data import text_documents
+        from bridge.run_config import RunConfig
 
         cfg = RunConfig.from_dict(flat)
 
@@ -252,7 +253,9 @@ def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
 
     if compilation_cache is not None:
         jsae.enable_compilation_cache(compilation_cache)
-    from bridge.runner import RunConfig, activation_source, prepare
+    from bridge.run import prepare
+    from bridge.run_config import RunConfig
+    from bridge.sources import activation_source
 
     model, cfg = prepare(RunConfig.from_dict(flat))
     source = activation_source(cfg, model)
@@ -260,13 +263,12 @@ def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
     timed = TimedBatches(source)
     rss_before = rss_mb()
     t_fit = time.perf_counter()
-    trainer.fit(timed, batch_dtype="float32")  # as bridge.runner.run: compiles while the first buffer fills
+    trainer.fit(timed, batch_dtype="float32")  # as bridge.run.run: compiles while the first buffer fills
     t_end = time.perf_counter()
     source.close()
     result = timing_result("jsae", flat, timed, t_start, t_fit, t_end, rss_before, skip)
-    sparse = getattr(cfg.train.sae, "uses_sparse_topk", None)
-    if sparse is not None:
-        result["topk_path"] = "sparse" if sparse() else "dense"
+    if trainer.plan.topk is not None:
+        result["topk_path"] = trainer.plan.topk
     return result
 
 
@@ -328,8 +330,11 @@ def profile_worker(flat: dict, n_forwards: int, libs: list[str]) -> dict:
 
     import jsae
     from bridge.activations import ShuffleBuffer
+    from bridge.data import token_rows
     from bridge.dlpack import torch_to_jax
-    from bridge.runner import RunConfig, activation_source, prepare, token_rows
+    from bridge.run import prepare
+    from bridge.run_config import RunConfig
+    from bridge.sources import activation_source
 
     both = "sae_lens" in libs
     model, cfg = prepare(RunConfig.from_dict(flat))
@@ -424,9 +429,9 @@ def wait_for_idle(fraction: float, timeout: float) -> float:
 
 
 def jsae_environment(env: dict) -> dict:
-    from bridge.cli import jsae_environment as rerun_environment
+    from bridge.hugepages import jsae_environment as hugepage_environment
 
-    return rerun_environment(env) or env
+    return hugepage_environment(env) or env
 
 
 def run_worker(args, kind: str, spec: Path, compilation_cache: Path | None = None) -> dict:
@@ -437,7 +442,7 @@ def run_worker(args, kind: str, spec: Path, compilation_cache: Path | None = Non
         command += ["--compilation-cache-dir", str(compilation_cache)]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     env |= dict(item.partition("=")[::2] for item in args.env)
-    if kind == "jsae":  # the environment `jsae train` reruns itself in
+    if kind == "jsae":  # the environment `jsae train`'s hint asks for (bridge.hugepages)
         env = jsae_environment(env)
     waited = wait_for_idle(args.wait_idle, args.wait_timeout) if args.wait_idle else 0.0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -513,7 +518,7 @@ def format_report(flat: dict, summary: dict, profile: dict | None, info: dict, a
            "warm": " jsae's compilation cache: filled by an untimed run first (as a later `jsae train` of the "
                    "same shapes).",
            "off": " jsae's compilation cache: off."}[args.compilation_cache]
-        + (f" jsae runs as `jsae train` does, under GLIBC_TUNABLES={jsae_environment({})['GLIBC_TUNABLES']}"
+        + (f" jsae runs under GLIBC_TUNABLES={jsae_environment({})['GLIBC_TUNABLES']} (`jsae train`'s hint)"
            + ("" if any(e.startswith("GLIBC_TUNABLES=") for e in args.env) else "; sae_lens in the plain environment")
            + "." if jsae_environment({}) else ""),
     ]

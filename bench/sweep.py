@@ -1,6 +1,6 @@
 """An N-SAE sweep in one run vs N separate runs, on the embedded model: wall time of each.
 
-Both sides run `bridge.runner.run` (what `jsae train` runs) on configs/default.yaml with the same
+Both sides run `bridge.run.run` (what `jsae train` runs) on configs/default.yaml with the same
 overrides; the sweep run varies lr and seed over N members, the separate runs train each member
 on its own (model load, data pipeline and compilation included every time, as N separate
 `jsae train` commands would pay them; evals off on both sides so only training is compared).
@@ -33,8 +33,8 @@ def overrides(out: Path, tokens: int) -> dict:
 
 
 def process_once() -> None:
-    """What a process pays once, whichever side runs first: imports (TransformerLens ~6 s on 2
-    cores; bridge.model imports it on the first model load), JAX's backend and jsae's CPU kernel.
+    """What a process pays once, whichever side runs first: imports (TransformerLens, which
+    bridge.model imports on the first model load), JAX's backend and jsae's CPU kernels.
 
     Paid before timing either side, so neither the sweep (timed first) nor the separate runs carry
     it; N separate `jsae train` commands would each pay it again.
@@ -42,7 +42,7 @@ def process_once() -> None:
     import jax
     import transformer_lens  # noqa: F401
 
-    from jsae import kernels
+    from jsae.backends.cpu import kernels
 
     jax.block_until_ready(jax.numpy.zeros(1))
     kernels.available()
@@ -57,7 +57,8 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from bridge.runner import DEFAULT_CONFIG, RunConfig, run
+    from bridge.run import run
+    from bridge.run_config import DEFAULT_CONFIG, RunConfig
 
     process_once()
     lrs = [round(1e-3 * 1.25**i, 6) for i in range(args.n)]

@@ -4,8 +4,8 @@
 hand-off) lives in the separate `bridge` package.
 """
 
-from jsae._compilation_cache import enable_compilation_cache
 from jsae._errors import ConfigError, FormatError, InputError, JsaeError, MissingFileError
+from jsae.backends import ExecutionPlan, enable_compilation_cache, resolve_plan, step_compiler_options
 from jsae.config import Metadata, SAEConfig
 from jsae.sae import SAE
 from jsae.saes import ARCHITECTURES, ForwardOutput, InputState, init_params
@@ -22,13 +22,15 @@ from jsae.saes.transcoder import (
     TranscoderConfig,
 )
 from jsae.training.config import TrainConfig
-from jsae.training.step import TrainState, init_train_state, make_train_step, step_compiler_options
+from jsae.training.step import TrainState, init_train_state, make_train_step
 from jsae.training.sweep import Sweep, make_sweep_step, sweep_configs
 from jsae.training.trainer import Trainer, TrainingInterrupted, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExecutionPlan",
+    "resolve_plan",
     "BatchTopKTrainingSAEConfig",
     "GatedTrainingSAEConfig",
     "JumpReLUTrainingSAEConfig",

@@ -73,7 +73,8 @@ def test_a_later_process_loads_the_steps_and_trains_the_same_numbers(tmp_path):
 
 
 def test_the_default_folder_is_per_cpu_and_under_the_jsae_cache_folder(tmp_path, monkeypatch):
-    from jsae import _compilation_cache, kernels
+    from jsae.backends import compilation_cache as _compilation_cache
+    from jsae.backends.cpu import kernels
 
     monkeypatch.setenv("JSAE_CACHE_DIR", str(tmp_path))
     here = _compilation_cache.default_cache_path()

@@ -11,9 +11,9 @@ import pytest
 from saelens_helpers import rel_err
 
 import jsae
-from jsae import kernels
 from jsae._errors import ConfigError
-from jsae.saes import _dense_fused, jumprelu, standard
+from jsae.backends.cpu import dense, kernels
+from jsae.saes import jumprelu, standard
 from jsae.saes._training import init_training_params
 
 pytestmark = pytest.mark.skipif(not kernels.dense_available(), reason="the dense CPU kernels are not available")
@@ -129,11 +129,17 @@ def random_params(cfg, seed=0):
     return noisy
 
 
+def plan_of(sae_cfg):
+    return jsae.resolve_plan(jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**6, train_batch_size_tokens=N))
+
+
 def loss_and_grads(module, cfg, params, x):
     coefficients = {name: jnp.float32(value) for name, (value, _) in cfg.coefficients().items()}
+    ops = plan_of(cfg).ops()
 
     def loss_fn(p):
-        out = module.training_forward(p, x, cfg=cfg, coefficients=coefficients, dead_mask=jnp.zeros(D_SAE, bool))
+        out = module.training_forward(p, x, cfg=cfg, coefficients=coefficients, dead_mask=jnp.zeros(D_SAE, bool),
+                                      ops=ops)
         return out.loss, out
 
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
@@ -143,7 +149,7 @@ def loss_and_grads(module, cfg, params, x):
 def test_losses_and_gradients_match_xla(case):
     module, kw = CASES[case]
     xla_cfg, kernel_cfg = configs(module, **kw)
-    assert kernel_cfg.uses_dense_kernels() and not xla_cfg.uses_dense_kernels()
+    assert plan_of(kernel_cfg).dense_step == "cpu_fused" and plan_of(xla_cfg).dense_step == "xla"
     params = random_params(xla_cfg)
     x = jax.random.normal(jax.random.key(3), (N, D_IN)) * 1.5 + 0.2
     (loss_x, out_x), grads_x = loss_and_grads(module, xla_cfg, params, x)
@@ -192,10 +198,11 @@ def test_vmapped_forward_is_one_call_per_member():
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
     x = jax.random.normal(jax.random.key(4), (N, D_IN))
     coefficients = {"l0": jnp.float32(0.3)}
+    ops = plan_of(cfg).ops()
 
     def loss(p):
         return module.training_forward(p, x, cfg=cfg, coefficients=coefficients,
-                                       dead_mask=jnp.zeros(D_SAE, bool)).loss
+                                       dead_mask=jnp.zeros(D_SAE, bool), ops=ops).loss
 
     losses, grads = jax.jit(jax.vmap(jax.value_and_grad(loss)))(stacked)
     for i, p in enumerate(members):
@@ -210,24 +217,29 @@ def test_activations_are_not_differentiable():
     shift = jnp.zeros(D_IN)
 
     def through_h(W):
-        return jnp.sum(_dense_fused.dense_forward(x, shift, W, b_enc, W_dec).h)
+        return jnp.sum(dense.dense_forward(x, shift, W, b_enc, W_dec).h)
 
     with pytest.raises(TypeError, match="not differentiable"):
         jax.grad(through_h)(W_enc)
     # the differentiable outputs are differentiated exactly
-    lin_grad = jax.grad(lambda W: jnp.sum(_dense_fused.dense_forward(x, shift, W, b_enc, W_dec).lin))(W_enc)
+    lin_grad = jax.grad(lambda W: jnp.sum(dense.dense_forward(x, shift, W, b_enc, W_dec).lin))(W_enc)
     pre = x @ W_enc + b_enc
     want = x.T @ jnp.where(pre > 0, jnp.sum(W_dec, axis=1), 0.0)
     assert rel_err(lin_grad, want) <= 1e-5
 
 
 def test_configs_that_keep_xla():
-    assert not standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, lp_norm=2.0).uses_dense_kernels()
-    assert not standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, dtype="bfloat16").uses_dense_kernels()
-    assert not jumprelu.JumpReLUTrainingSAEConfig(
-        d_in=8, d_sae=16, jumprelu_sparsity_loss_mode="tanh").uses_dense_kernels()
-    assert not jumprelu.JumpReLUTrainingSAEConfig(d_in=8, d_sae=16, pre_act_loss_coefficient=0.1).uses_dense_kernels()
-    assert standard.StandardTrainingSAEConfig(d_in=8, d_sae=16).uses_dense_kernels()
+    def fused(sae_cfg, **train):
+        cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**4, train_batch_size_tokens=8, **train)
+        return jsae.resolve_plan(cfg).dense_step == "cpu_fused"
+
+    assert not fused(standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, lp_norm=2.0))
+    assert not fused(standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, dtype="bfloat16"))
+    assert not fused(jumprelu.JumpReLUTrainingSAEConfig(d_in=8, d_sae=16, jumprelu_sparsity_loss_mode="tanh"))
+    assert not fused(jumprelu.JumpReLUTrainingSAEConfig(d_in=8, d_sae=16, pre_act_loss_coefficient=0.1))
+    assert not fused(standard.StandardTrainingSAEConfig(d_in=8, d_sae=16), model_axis_size=2)  # XLA partitions
+    assert fused(standard.StandardTrainingSAEConfig(d_in=8, d_sae=16))
+    assert fused(jumprelu.JumpReLUTrainingSAEConfig(d_in=8, d_sae=16))
     with pytest.raises(ConfigError, match="dense_implementation"):
         standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, dense_implementation="blas")
 
@@ -252,7 +264,7 @@ def test_each_blas_gives_the_same_numbers():
         pytest.skip("no BLAS for the dense kernels here")
     other, name = (("openblas", "scipy_openblas") if "libmkl_rt" in kernels.blas_library() else ("mkl", "libmkl_rt"))
     env = os.environ | {"JSAE_BLAS": other}
-    probe = subprocess.run([sys.executable, "-c", "from jsae import kernels; print(kernels.blas_library())"],
+    probe = subprocess.run([sys.executable, "-c", "from jsae.backends.cpu import kernels; print(kernels.blas_library())"],
                            env=env, capture_output=True, text=True, check=True)
     assert name in probe.stdout
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
@@ -288,7 +300,6 @@ def test_fused_adam_trains_as_optax(arch, max_grad_norm):
     """kernels.adam against optax's clip + Adam + apply_updates over six steps: the clip taken (a
     small max_grad_norm) and not, the same moments, count and parameters within float rounding."""
     from jsae.saes import TRAINING_ARCHITECTURES
-    from jsae.training.step import uses_fused_adam
 
     extra = {"topk": {"k": 8}}.get(arch, {})
     sae = TRAINING_ARCHITECTURES[arch].config_cls(d_in=D_IN, d_sae=256, **extra)
@@ -297,7 +308,7 @@ def test_fused_adam_trains_as_optax(arch, max_grad_norm):
         cfg = jsae.TrainConfig(sae=sae, total_training_tokens=10**6, train_batch_size_tokens=128, lr=1e-3,
                                max_grad_norm=max_grad_norm, adam_implementation=implementation)
         state = jsae.init_train_state(cfg)
-        assert uses_fused_adam(cfg, state.params) == (implementation == "auto")
+        assert (jsae.resolve_plan(cfg).optimizer == "fused_adam") == (implementation == "auto")
         step = jax.jit(jsae.make_train_step(cfg), donate_argnums=0)
         for i in range(6):
             state, m = step(state, jax.random.normal(jax.random.key(i), (128, D_IN)))
@@ -315,14 +326,14 @@ def test_fused_adam_trains_as_optax(arch, max_grad_norm):
 
 
 def test_fused_adam_is_not_taken_for_bfloat16_or_when_asked():
-    from jsae.training.step import uses_fused_adam
-
     sae = standard.StandardTrainingSAEConfig(d_in=8, d_sae=16, dtype="bfloat16")
     cfg = jsae.TrainConfig(sae=sae, total_training_tokens=10**4, train_batch_size_tokens=8)
-    assert not uses_fused_adam(cfg, jsae.init_train_state(cfg).params)
+    assert jsae.resolve_plan(cfg).optimizer == "optax"
     cfg = jsae.TrainConfig(sae=standard.StandardTrainingSAEConfig(d_in=8, d_sae=16), total_training_tokens=10**4,
                            train_batch_size_tokens=8, adam_implementation="optax")
-    assert not uses_fused_adam(cfg, jsae.init_train_state(cfg).params)
+    assert jsae.resolve_plan(cfg).optimizer == "optax"
+    assert jsae.resolve_plan(cfg.replace(adam_implementation="auto")).optimizer == "fused_adam"
+    assert jsae.resolve_plan(cfg.replace(adam_implementation="auto"), platform="gpu").optimizer == "optax"
     with pytest.raises(ConfigError, match="adam_implementation"):
         cfg.replace(adam_implementation="fused")
 
@@ -373,11 +384,12 @@ def test_sparse_topk_takes_its_encoder_product_from_the_blas():
     """The sparse TopK step's encoder product is kernels.matmul on CPU (float32), XLA's dot
     otherwise; tests/test_sparse_topk.py checks that the sparse and dense paths agree."""
     from jsae.saes import TRAINING_ARCHITECTURES
-    from jsae.saes._sparse_topk import encoder_matmul
 
     sae = TRAINING_ARCHITECTURES["topk"].config_cls(d_in=D_IN, d_sae=D_SAE, k=8)
-    assert sae.uses_sparse_topk()
     cfg = jsae.TrainConfig(sae=sae, total_training_tokens=10**6, train_batch_size_tokens=N)
+    plan = jsae.resolve_plan(cfg)
+    assert plan.topk == "sparse" and plan.encoder_product == "blas"
+    encoder_matmul = plan.ops().matmul
     state = jsae.init_train_state(cfg)
     text = jax.jit(jsae.make_train_step(cfg)).lower(state, jnp.zeros((N, D_IN))).as_text()
     assert "jsae_matmul_f32" in text

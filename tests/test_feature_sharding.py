@@ -60,9 +60,9 @@ def test_sharded_training_matches_one_device(arch, tmp_path):
     assert dict(sharded.mesh.shape) == {"data": N_DEV // MODEL, "model": MODEL}
     if hasattr(cfg.sae, "dense_implementation"):
         # split latents keep XLA's products (which XLA partitions); one device may take the dense kernels
-        assert sharded._step_config(sharded.cfg).sae.dense_implementation == "xla"
-        assert sharded._step_config(sharded.cfg).adam_implementation == "optax"
-        assert single._step_config(single.cfg).sae.dense_implementation == cfg.sae.dense_implementation
+        assert sharded.plan.dense_step == "xla" and sharded.plan.optimizer == "optax"
+        assert single.plan.dense_step == "cpu_fused" and single.plan.optimizer == "fused_adam"
+        assert sharded.cfg.sae.dense_implementation == cfg.sae.dense_implementation  # the config is not rewritten
     sharded.fit(iter(data))
 
     assert_close_states(sharded.state, single.state)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jsae import kernels
-from jsae.saes import _base
+from jsae.backends import cpu
+from jsae.backends.cpu import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the CPU kernels could not be built here")
 
@@ -113,9 +113,9 @@ def test_under_vmap_equals_lax_top_k():
     np.testing.assert_array_equal(np.asarray(got), lax_indices(x, 8))
 
 
-def test_row_top_k_takes_the_kernel_with_lax_top_k_values_and_gradient():
+def test_the_cpu_top_k_takes_the_kernel_with_lax_top_k_values_and_gradient():
     x = jnp.asarray(np.random.default_rng(4).normal(size=(600, 96)).astype(np.float32))
-    jitted = jax.jit(lambda a: _base.row_top_k(a, 8))
+    jitted = jax.jit(lambda a: cpu.kernel_top_k(a, 8))
     text = jitted.lower(x).compile().as_text()
     assert kernels.TOP_K_TARGET in text and 'custom_call_target="TopK"' not in text
     values, indices = jitted(x)
@@ -123,7 +123,7 @@ def test_row_top_k_takes_the_kernel_with_lax_top_k_values_and_gradient():
     np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
     np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
     cotangent = jnp.asarray(np.random.default_rng(5).normal(size=(600, 8)).astype(np.float32))
-    grad = jax.grad(lambda a: jnp.sum(_base.row_top_k(a, 8)[0] * cotangent))(x)
+    grad = jax.grad(lambda a: jnp.sum(cpu.kernel_top_k(a, 8)[0] * cotangent))(x)
     want_grad = jax.grad(lambda a: jnp.sum(jax.lax.top_k(a, 8)[0] * cotangent))(x)
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(want_grad))
 
@@ -148,15 +148,18 @@ def test_the_built_library_is_cached_and_reused(tmp_path, monkeypatch):
 PROBE = textwrap.dedent("""
     import warnings
     import jax, jax.numpy as jnp, numpy as np
-    from jsae import kernels
-    from jsae.saes import _base
+    import jsae
+    from jsae.backends.cpu import kernels
     x = jnp.asarray(np.random.default_rng(0).normal(size=(600, 96)).astype(np.float32))
+    cfg = jsae.TrainConfig(sae=jsae.TopKTrainingSAEConfig(d_in=96, d_sae=96, k=8), total_training_tokens=600,
+                           train_batch_size_tokens=600)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        values, indices = jax.jit(lambda a: _base.row_top_k(a, 8))(x)
+        plan = jsae.resolve_plan(cfg)
+        values, indices = jax.jit(lambda a: plan.ops().top_k(a, 8))(x)
     want_values, want_indices = jax.lax.top_k(x, 8)
     assert (np.asarray(indices) == np.asarray(want_indices)).all() and (np.asarray(values) == np.asarray(want_values)).all()
-    print("available", kernels.available())
+    print("available", kernels.available(), "top_k", plan.top_k)
     print("warnings", [str(w.message) for w in caught if "jsae" in str(w.message)])
 """)
 
@@ -170,7 +173,7 @@ def probe(env_update: dict) -> str:
 
 def test_without_a_compiler_jsae_warns_once_and_uses_lax_top_k(tmp_path):
     out = probe({"JSAE_CACHE_DIR": str(tmp_path), "CXX": "/bin/false"})
-    assert "available False" in out
+    assert "available False" in out and "top_k xla" in out
     assert "could not compile" in out and "JSAE_CPU_KERNELS=0" in out
     assert out.count("using jax.lax.top_k") == 1
 
@@ -183,7 +186,7 @@ def test_jsae_cpu_kernels_0_turns_the_kernel_off_silently(tmp_path):
 
 DIRECT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from jsae import kernels
+    from jsae.backends.cpu import kernels
     x = jnp.asarray(np.random.default_rng(0).normal(size=(300, 64)).astype(np.float32))
     try:
         got = kernels.top_k(x, 5)[1]  # the first call in the process: registers the kernels itself

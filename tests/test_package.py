@@ -53,8 +53,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_cpu_kernels_build_wherever_a_compiler_is_found():
     # tests/test_kernels.py skips where the kernels cannot be built; a C++ compiler on the path
-    # means they must build (a compile error in jsae/kernels/cpu_kernels.cc fails here).
-    from jsae import kernels
+    # means they must build (a compile error in jsae/backends/cpu/cpu_kernels.cc fails here).
+    from jsae.backends.cpu import kernels
 
     if kernels._compiler() is None or os.environ.get("JSAE_CPU_KERNELS") == "0":
         pytest.skip("no C++ compiler here (or JSAE_CPU_KERNELS=0)")

@@ -9,8 +9,9 @@ import pytest
 from saelens_helpers import rel_err
 
 import jsae
+from jsae import backends
 from jsae._errors import ConfigError
-from jsae.saes import _sparse_topk, topk
+from jsae.saes import _ops, _sparse_topk, topk
 from jsae.saes._training import init_training_params
 
 D_IN, N = 16, 40  # 40 tokens: two full backward blocks of 16 and a tail of 8
@@ -38,9 +39,15 @@ def dead_mask(d_sae, n_dead, seed=2):
     return jnp.asarray(mask)
 
 
-def loss_and_grads(cfg, params, x, dead):
+def plan_of(sae_cfg, **kw):
+    return jsae.resolve_plan(jsae.TrainConfig(sae=sae_cfg, total_training_tokens=N, train_batch_size_tokens=N), **kw)
+
+
+def loss_and_grads(cfg, params, x, dead, ops=None):
+    ops = ops or plan_of(cfg).ops()
+
     def loss_fn(p):
-        out = topk.training_forward(p, x, cfg=cfg, coefficients={}, dead_mask=dead)
+        out = topk.training_forward(p, x, cfg=cfg, coefficients={}, dead_mask=dead, ops=ops)
         return out.loss, out
 
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
@@ -54,7 +61,7 @@ def test_losses_and_gradients_match_dense(rescale, apply_b_dec, dead, shape):
     kw = (BLOCKWISE if shape == "blockwise" else SINGLE) | {
         "rescale_acts_by_decoder_norm": rescale, "apply_b_dec_to_input": apply_b_dec, "aux_loss_coefficient": 0.7}
     dense_cfg, sparse_cfg = configs(**kw)
-    assert sparse_cfg.uses_sparse_topk() and not dense_cfg.uses_sparse_topk()
+    assert plan_of(sparse_cfg).ops().sparse_topk and not plan_of(dense_cfg).ops().sparse_topk
     params = random_params(dense_cfg)
     x = jax.random.normal(jax.random.key(3), (N, D_IN)) * 1.5 + 0.2
     mask = dead_mask(kw["d_sae"], DEAD[dead])
@@ -78,24 +85,32 @@ def test_losses_and_gradients_match_dense(rescale, apply_b_dec, dead, shape):
     assert out_d.top_indices is None and out_s.top_indices.shape == (N, kw["k"])
 
 
-@pytest.mark.skipif(not jsae.kernels.encoder_top_k_available(), reason="encoder_top_k needs a CPU with AMX")
+def amx() -> bool:
+    from jsae.backends.cpu import kernels
+
+    return kernels.encoder_top_k_available()
+
+
+@pytest.mark.skipif(not amx(), reason="encoder_top_k needs a CPU with AMX")
 @pytest.mark.parametrize("dead", ["none", "few", "many"])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_screened_encoder_top_k_matches_the_dense_product(rescale, dead, monkeypatch):
-    # With AMX the sparse forward screens its top-k (jsae.kernels.encoder_top_k) and never forms
-    # the encoder product; the aux-k loss forms what it needs. Same numbers as with the product.
-    monkeypatch.setattr(_sparse_topk, "SCREEN_MIN_D_SAE", 0)  # screened at any width, as from 4096 latents on
+    # With AMX the sparse forward screens its top-k (ops.encoder_top_k) and never forms the
+    # encoder product; the aux-k loss forms what it needs. Same numbers as with the product.
+    monkeypatch.setattr(backends, "SCREEN_MIN_D_SAE", 0)  # screened at any width, as from 4096 latents on
     kw = BLOCKWISE | {"rescale_acts_by_decoder_norm": rescale, "aux_loss_coefficient": 0.7}
     _, sparse_cfg = configs(**kw)
     params = random_params(sparse_cfg)
     x = jax.random.normal(jax.random.key(4), (N, D_IN)) * 1.5 + 0.2
     mask = dead_mask(kw["d_sae"], DEAD[dead])
+    plan = plan_of(sparse_cfg)
+    assert plan.encoder_screen
     forward = _sparse_topk.sparse_topk_forward(x, params["b_dec"], params["W_enc"], params["b_enc"], params["W_dec"],
-                                               k=kw["k"], rescale=rescale, apply_b_dec=True)
+                                               k=kw["k"], rescale=rescale, apply_b_dec=True, ops=plan.ops())
     assert forward.product is None
     (loss_s, out_s), grads_s = loss_and_grads(sparse_cfg, params, x, mask)
     monkeypatch.setenv("JSAE_ENCODER_TOP_K", "0")
-    assert not _sparse_topk.screens_encoder(x, params["W_enc"], params["b_enc"])
+    assert not plan_of(sparse_cfg).encoder_screen
     (loss_p, out_p), grads_p = loss_and_grads(sparse_cfg, params, x, mask)
     np.testing.assert_array_equal(np.asarray(out_s.top_indices), np.asarray(out_p.top_indices))
     assert rel_err(loss_s, loss_p) <= 1e-6
@@ -104,13 +119,12 @@ def test_screened_encoder_top_k_matches_the_dense_product(rescale, dead, monkeyp
         assert rel_err(grads_s[name], g) <= 1e-6, f"gradient of {name}"
 
 
-@pytest.mark.skipif(not jsae.kernels.encoder_top_k_available(), reason="encoder_top_k needs a CPU with AMX")
+@pytest.mark.skipif(not amx(), reason="encoder_top_k needs a CPU with AMX")
 def test_the_top_k_is_screened_from_screen_min_d_sae_latents():
-    x, b = jnp.zeros((8, 16)), jnp.zeros(_sparse_topk.SCREEN_MIN_D_SAE)
-    assert _sparse_topk.screens_encoder(x, jnp.zeros((16, _sparse_topk.SCREEN_MIN_D_SAE)), b)
-    assert not _sparse_topk.screens_encoder(x, jnp.zeros((16, _sparse_topk.SCREEN_MIN_D_SAE - 1)), b[1:])
-    assert not _sparse_topk.screens_encoder(x.astype(jnp.bfloat16), jnp.zeros((16, _sparse_topk.SCREEN_MIN_D_SAE),
-                                                                                jnp.bfloat16), b)
+    width = backends.SCREEN_MIN_D_SAE
+    assert plan_of(topk.TopKTrainingSAEConfig(d_in=16, d_sae=width, k=4)).encoder_screen
+    assert not plan_of(topk.TopKTrainingSAEConfig(d_in=16, d_sae=width - 4, k=4)).encoder_screen
+    assert not plan_of(topk.TopKTrainingSAEConfig(d_in=16, d_sae=width, k=4, dtype="bfloat16")).encoder_screen
 
 
 @pytest.mark.parametrize("dead", ["none", "many"])
@@ -122,8 +136,10 @@ def test_fewer_active_ranks_match_dense(dead):
     mask = dead_mask(BLOCKWISE["d_sae"], DEAD[dead])
 
     def run(cfg, k):
+        ops = plan_of(cfg).ops()
+
         def loss_fn(p):
-            out = topk.training_forward(p, x, cfg=cfg, coefficients={}, dead_mask=mask, k=k)
+            out = topk.training_forward(p, x, cfg=cfg, coefficients={}, dead_mask=mask, ops=ops, k=k)
             return out.loss, out
 
         return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
@@ -159,18 +175,19 @@ def test_input_gradient_matches_dense():
 
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("kind", ["distinct", "ties", "all_equal"])
-def test_blockwise_top_k_is_lax_top_k(kind, kernel, monkeypatch):
-    # On CPU the pre-activations' top-k is jsae's kernel (kernels.top_k_affine); without it, blockwise.
-    if not kernel:
-        monkeypatch.setattr(_sparse_topk.kernels, "available", lambda: False)
+def test_blockwise_top_k_is_lax_top_k(kind, kernel):
+    # On CPU the pre-activations' top-k is jsae's kernel (kernels.top_k_affine); the reference is blockwise.
+    from jsae.backends import cpu
+
+    top_k_affine = cpu.kernel_top_k_affine if kernel else _ops.top_k_affine
     n, m, k = 64, 2048, 16
     rng = np.random.default_rng(0)
     product = {"distinct": rng.normal(size=(n, m)), "ties": rng.integers(0, 6, size=(n, m)),
                "all_equal": np.zeros((n, m))}[kind].astype(np.float32)
     b_enc = np.zeros(m, np.float32) if kind != "distinct" else rng.normal(size=m).astype(np.float32)
     norms = rng.uniform(0.5, 2, size=m).astype(np.float32) if kind == "distinct" else np.ones(m, np.float32)
-    assert 2 * k * _sparse_topk.TOPK_BLOCK <= m
-    values, indices = jax.jit(_sparse_topk.top_k_hidden_pre, static_argnums=3)(product, b_enc, norms, k)
+    assert 2 * k * _ops.TOPK_BLOCK <= m
+    values, indices = jax.jit(top_k_affine, static_argnums=3)(product, b_enc, norms, k)
     want_values, want_indices = jax.lax.top_k((product + b_enc) * norms, k)
     np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
     got = np.take_along_axis((product + b_enc) * norms, np.asarray(indices), axis=-1)
@@ -181,13 +198,12 @@ def test_blockwise_top_k_is_lax_top_k(kind, kernel, monkeypatch):
 
 @pytest.mark.parametrize("cores", [2, 3])
 def test_row_blocks_top_k_is_lax_top_k(cores, monkeypatch):
-    from jsae.saes import _base
+    from jsae.backends import cpu
 
-    monkeypatch.setattr(_base, "_cpu_cores", lambda: cores)
-    monkeypatch.setattr(_base.kernels, "available", lambda: False)  # the row blocks are the kernel's fallback
+    monkeypatch.setattr(cpu, "cpu_cores", lambda: cores)
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 50, size=(_base.ROW_TOP_K_MIN_ROWS + 7, 96)).astype(np.float32)  # ties in every row
-    jitted = jax.jit(lambda a: _base.row_top_k(a, 8))  # a fresh function: no trace cached under other cores
+    x = rng.integers(0, 50, size=(cpu.SPLIT_TOP_K_MIN_ROWS + 7, 96)).astype(np.float32)  # ties in every row
+    jitted = jax.jit(lambda a: cpu.split_top_k(a, 8))  # a fresh function: no trace cached under other cores
     text = jitted.lower(x).compile().as_text()
     assert text.count('custom_call_target="TopK"') == cores  # one top-k per block of rows
     values, indices = jitted(x)
@@ -196,16 +212,16 @@ def test_row_blocks_top_k_is_lax_top_k(cores, monkeypatch):
     np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
     # Under vmap (sweeps) as well.
     stacked = np.stack([x, x[::-1]])
-    values, indices = jax.jit(jax.vmap(lambda a: _base.row_top_k(a, 8)))(stacked)
+    values, indices = jax.jit(jax.vmap(lambda a: cpu.split_top_k(a, 8)))(stacked)
     want_values, want_indices = jax.vmap(lambda a: jax.lax.top_k(a, 8))(stacked)
     np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
     np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
 
 
-def run_steps(sae_cfg, batches, **kw):
+def run_steps(sae_cfg, batches, platform=None, **kw):
     cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=len(batches) * N, train_batch_size_tokens=N, lr=3e-3,
                            dead_feature_window=2, progress_bar=False, **kw)
-    step = jax.jit(jsae.make_train_step(cfg))
+    step = jax.jit(jsae.make_train_step(cfg, plan=jsae.resolve_plan(cfg, platform=platform)))
     state = jsae.init_train_state(cfg)
     history = []
     for batch in batches:
@@ -214,13 +230,15 @@ def run_steps(sae_cfg, batches, **kw):
     return state, history
 
 
+@pytest.mark.parametrize("platform", [None, "gpu"])
 @pytest.mark.parametrize("rescale", [True, False])
-def test_training_steps_match_dense(rescale):
+def test_training_steps_match_dense(rescale, platform):
+    # platform "gpu": the plan an accelerator gets (XLA's gathers and scatters, no CPU kernels), run here.
     dense_cfg, sparse_cfg = configs(**BLOCKWISE, rescale_acts_by_decoder_norm=rescale)
     rng = np.random.default_rng(0)
     batches = [(rng.normal(size=(N, D_IN)) * rng.uniform(0.5, 2, D_IN) + 0.3).astype(np.float32) for _ in range(6)]
     dense, dense_metrics = run_steps(dense_cfg, batches)
-    sparse, sparse_metrics = run_steps(sparse_cfg, batches)
+    sparse, sparse_metrics = run_steps(sparse_cfg, batches, platform=platform)
 
     for name, ref in dense.params.items():
         assert rel_err(sparse.params[name], ref) <= 1e-5, name
@@ -255,24 +273,29 @@ def test_sparse_path_under_pmap_matches_one_device():
     np.testing.assert_array_equal(np.asarray(replicated.act_freq[0]), np.asarray(single.act_freq))
 
 
+def sparse_in_plan(sae_cfg, platform=None) -> bool:
+    return plan_of(sae_cfg, platform=platform).topk == "sparse"
+
+
 def test_choice_of_implementation():
     assert topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=32).topk_implementation == "auto"
     wide = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=32)
-    assert wide.uses_sparse_topk("cpu") and not wide.uses_sparse_topk("gpu")
-    narrow = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // topk.SPARSE_MIN_D_SAE_PER_K + 1)
-    assert not narrow.uses_sparse_topk("cpu")
-    assert topk.TopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, topk_implementation="sparse").uses_sparse_topk("gpu")
-    assert not topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=32,
-                                          topk_implementation="dense").uses_sparse_topk("cpu")
+    assert sparse_in_plan(wide) and not sparse_in_plan(wide, "gpu")
+    narrow = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // backends.SPARSE_MIN_D_SAE_PER_K + 1)
+    assert not sparse_in_plan(narrow)
+    assert sparse_in_plan(topk.TopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, topk_implementation="sparse"), "gpu")
+    assert not sparse_in_plan(topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=32, topk_implementation="dense"))
 
 
 @pytest.mark.parametrize("kernels_there", [True, False])
 def test_auto_goes_sparse_at_narrower_saes_with_the_cpu_kernels(kernels_there, monkeypatch):
-    monkeypatch.setattr(topk.kernels, "available", lambda: kernels_there)
-    middle = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // topk.SPARSE_MIN_D_SAE_PER_K_XLA + 1)
-    assert middle.uses_sparse_topk("cpu") == kernels_there
-    wide = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // topk.SPARSE_MIN_D_SAE_PER_K_XLA)
-    assert wide.uses_sparse_topk("cpu")
+    from jsae.backends.cpu import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: kernels_there)
+    middle = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // backends.SPARSE_MIN_D_SAE_PER_K_XLA + 1)
+    assert sparse_in_plan(middle) == kernels_there
+    wide = topk.TopKTrainingSAEConfig(d_in=768, d_sae=16384, k=16384 // backends.SPARSE_MIN_D_SAE_PER_K_XLA)
+    assert sparse_in_plan(wide)
 
 
 def test_unknown_implementation_is_a_config_error():

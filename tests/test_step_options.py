@@ -8,6 +8,7 @@ import pytest
 from train_helpers import activation_batches, relative
 
 import jsae
+from jsae import backends
 from jsae.training import step as step_module
 
 D_IN, D_SAE, BATCH, STEPS = 32, 256, 256, 20
@@ -54,14 +55,14 @@ def test_step_with_options_trains_the_same_sae(arch):
 
 
 def test_an_option_this_jaxlib_lacks_is_left_out(monkeypatch):
-    monkeypatch.setitem(step_module.STEP_COMPILER_OPTIONS, "cpu", {"xla_cpu_no_such_option": "1"})
-    step_module.step_compiler_options.cache_clear()
+    monkeypatch.setitem(backends.STEP_COMPILER_OPTIONS, "cpu", {"xla_cpu_no_such_option": "1"})
+    backends.step_compiler_options.cache_clear()
     try:
-        assert step_module.step_compiler_options("cpu") is None
+        assert backends.step_compiler_options("cpu") is None
     finally:
         monkeypatch.undo()
-        step_module.step_compiler_options.cache_clear()
-    assert step_module.step_compiler_options("cpu") is not None
+        backends.step_compiler_options.cache_clear()
+    assert backends.step_compiler_options("cpu") is not None
 
 
 @pytest.mark.parametrize("implementation", ["dense", "sparse"])
@@ -70,14 +71,17 @@ def test_the_step_branched_on_dead_latents_trains_the_same_sae(implementation, m
     the aux-k loss's branches); through both regimes it trains what the one-program step trains."""
     sae = jsae.TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, topk_implementation=implementation)
     cfg = train_cfg(sae).replace(dead_feature_window=2)
-    assert not step_module.branches_on_dead_latents(cfg)  # too narrow to pay for two programs
-    assert step_module.branches_on_dead_latents(cfg.replace(sae=sae.replace(d_in=768, d_sae=4096)))
-    assert not step_module.branches_on_dead_latents(
-        cfg.replace(sae=jsae.StandardTrainingSAEConfig(d_in=768, d_sae=4096, l1_coefficient=1.0)))
-    monkeypatch.setattr(step_module, "DEAD_BRANCH_MIN_WEIGHTS", 0)
-    assert step_module.branches_on_dead_latents(cfg)
-    one_program = step_module.build_step(cfg, step_module.hyperparameters(cfg))
-    steps = {"branched": jax.jit(jsae.make_train_step(cfg)),
+    def branches(cfg):
+        return jsae.resolve_plan(cfg).dead_latent_branch
+
+    assert not branches(cfg)  # too narrow to pay for two programs
+    assert branches(cfg.replace(sae=sae.replace(d_in=768, d_sae=4096)))
+    assert not branches(cfg.replace(sae=jsae.StandardTrainingSAEConfig(d_in=768, d_sae=4096, l1_coefficient=1.0)))
+    monkeypatch.setattr(backends, "DEAD_BRANCH_MIN_WEIGHTS", 0)
+    plan = jsae.resolve_plan(cfg)
+    assert plan.dead_latent_branch
+    one_program = step_module.build_step(cfg, step_module.hyperparameters(cfg), plan=plan)
+    steps = {"branched": jax.jit(jsae.make_train_step(cfg, plan=plan)),
              "one program": jax.jit(lambda state, batch: one_program(state, batch, None))}
     # Few, narrow batches: many latents never fire, so they are dead from step 3 on.
     batches = activation_batches(STEPS, 16, D_IN, seed=5)

@@ -27,9 +27,10 @@ def test_inference_save_matches_saelens(tmp_path, case, scaled):
     cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=64, train_batch_size_tokens=64, n_devices=1)
     trainer = jsae.Trainer(cfg)
     state = trainer.init_state(params=params, scaling_factor=1.7 if scaled else 1.0)
-    if arch.batch_threshold:
+    if "threshold" in state.extra:  # BatchTopK's running threshold
         ref.topk_threshold = torch.tensor(0.123456789012345, dtype=torch.float64)
-        state = state.replace(batch_threshold=jnp.array([0.12345679, 0.123456789012345 - 0.12345679], jnp.float32))
+        pair = jnp.array([0.12345679, 0.123456789012345 - 0.12345679], jnp.float32)
+        state = state.replace(extra=state.extra | {"threshold": pair})
     if scaled:
         ref.fold_activation_norm_scaling_factor(1.7)
     ref.save_inference_model(tmp_path / "ref")

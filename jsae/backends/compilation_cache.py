@@ -29,7 +29,7 @@ def default_cache_path() -> Path:
     """
     import jaxlib
 
-    from jsae.kernels import _cpu_fingerprint, cache_dir
+    from jsae.backends.cpu.kernels import _cpu_fingerprint, cache_dir
 
     key = "\0".join([jaxlib.__version__, platform.machine(), _cpu_fingerprint()])
     return cache_dir() / "xla" / hashlib.sha256(key.encode()).hexdigest()[:16]

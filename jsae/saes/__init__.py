@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from jsae._errors import ConfigError, close_names
 from jsae.config import SAEConfig
 from jsae.saes import batchtopk, gated, jumprelu, matryoshka, standard, topk, transcoder
 from jsae.saes._base import BaseSAEModule, ForwardOutput, InputState
-from jsae.saes._training import TrainOutput
+from jsae.saes._training import COMMON_LATENT_AXES, TrainOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +63,46 @@ def get_architecture(name: str, *, where: str = "architecture") -> Architecture:
     return ARCHITECTURES[name]
 
 
+def _no_state(cfg: SAEConfig) -> dict:
+    return {}
+
+
+def _same_state(state: dict, out: TrainOutput, cfg: SAEConfig, axis_name: str | None) -> dict:
+    return state
+
+
+def _no_metrics(state: dict, cfg: SAEConfig) -> dict:
+    return {}
+
+
+def _as_saved(params: dict, state: dict, cfg: SAEConfig, input_scale: float) -> dict:
+    return params
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingArchitecture:
-    """What the trainer needs of one trainable architecture.
+    """Everything generic training code (step, trainer, sharding, saving) asks of one trainable
+    architecture; it never names one. Register a new one with `register_training_architecture`.
 
     Attributes:
-        forward: (params, x, *, cfg, coefficients, dead_mask) -> TrainOutput.
+        name: the config's `architecture`.
+        config_cls: its training config class (a `TrainingFields` subclass).
+        forward: (params, x, *, cfg, coefficients, dead_mask, ops, **forward_kwargs) -> TrainOutput;
+            `ops` (`jsae.saes._ops.Ops`) are the primitives the execution plan chose.
         init_extra: cfg -> parameters that do not start at zero / in the SAE dtype.
         project: (params, cfg) -> params, applied before each step (e.g. thresholds >= 0).
-        batch_threshold: keeps a BatchTopK running threshold (saved as a JumpReLU threshold).
-        dead_latent_loss: has a loss on dead latents behind a `lax.cond` (aux-k); the step then
-            branches once on whether any latent is dead (`jsae.training.step.make_train_step`).
-        fold_for_inference: (params, cfg) -> params as SAELens saves the trained SAE.
+        init_state: cfg -> the architecture's own training state (a pytree; {} for none), kept in
+            `TrainState.extra`, checkpointed with the rest.
+        update_state: (state, out, cfg, axis_name) -> state after a step (`out` its TrainOutput;
+            reduce over `axis_name` where not None).
+        state_metrics: (state, cfg) -> metrics to log from that state.
+        dead_latent_loss: has a loss on dead latents behind a `lax.cond` (aux-k); the step may then
+            branch once on whether any latent is dead (`ExecutionPlan.dead_latent_branch`).
+        latent_axes: parameter name -> its d_sae axis (negative), for feature sharding; parameters
+            not named are replicated.
+        to_inference: (params, state, cfg, input_scale) -> params as SAELens saves the trained SAE,
+            given parameters with the input scaling `input_scale` already folded into W_enc, W_dec
+            and b_dec.
     """
 
     name: str
@@ -81,40 +110,55 @@ class TrainingArchitecture:
     forward: Callable[..., TrainOutput]
     init_extra: Callable[[SAEConfig], dict] = lambda cfg: {}
     project: Callable[[dict, SAEConfig], dict] | None = None
-    batch_threshold: bool = False
+    init_state: Callable[[SAEConfig], Any] = _no_state
+    update_state: Callable[..., Any] = _same_state
+    state_metrics: Callable[[Any, SAEConfig], dict] = _no_metrics
     dead_latent_loss: bool = False
-    fold_for_inference: Callable[[dict, SAEConfig], dict] = lambda params, cfg: params
+    latent_axes: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(COMMON_LATENT_AXES))
+    to_inference: Callable[[dict, Any, SAEConfig, float], dict] = _as_saved
 
 
 TRAINING_ARCHITECTURES: dict[str, TrainingArchitecture] = {
     arch.name: arch
     for arch in (
         TrainingArchitecture("standard", standard.StandardTrainingSAEConfig, standard.training_forward),
-        TrainingArchitecture("gated", gated.GatedTrainingSAEConfig, gated.training_forward),
+        TrainingArchitecture("gated", gated.GatedTrainingSAEConfig, gated.training_forward,
+                             latent_axes=gated.LATENT_AXES),
         TrainingArchitecture(
             "jumprelu",
             jumprelu.JumpReLUTrainingSAEConfig,
             jumprelu.training_forward,
             init_extra=jumprelu.init_training_extra,
             project=jumprelu.project_params,
+            latent_axes=jumprelu.LATENT_AXES,
         ),
         TrainingArchitecture(
             "topk", topk.TopKTrainingSAEConfig, topk.training_forward, dead_latent_loss=True,
-            fold_for_inference=topk.to_inference_params
+            to_inference=topk.to_inference_params,
         ),
-        TrainingArchitecture(
-            "batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward, batch_threshold=True,
-            dead_latent_loss=True
-        ),
-        TrainingArchitecture(
-            "matryoshka_batchtopk",
-            matryoshka.MatryoshkaBatchTopKTrainingSAEConfig,
-            matryoshka.training_forward,
-            batch_threshold=True,
-            dead_latent_loss=True,
-        ),
+        batchtopk.training_architecture("batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward),
+        batchtopk.training_architecture("matryoshka_batchtopk", matryoshka.MatryoshkaBatchTopKTrainingSAEConfig,
+                                        matryoshka.training_forward),
     )
 }
+
+
+def register_training_architecture(arch: TrainingArchitecture) -> None:
+    """Make `arch` trainable by name (`TrainConfig`, YAML `sae.architecture`, the trainer).
+
+    Its saved form must be an architecture `ARCHITECTURES` knows (the config's
+    `inference_architecture`, else its own name registered with `register_architecture`).
+    """
+    if arch.name in TRAINING_ARCHITECTURES and TRAINING_ARCHITECTURES[arch.name] != arch:
+        raise ConfigError(f"a training architecture named {arch.name!r} is already registered.")
+    TRAINING_ARCHITECTURES[arch.name] = arch
+
+
+def register_architecture(arch: Architecture) -> None:
+    """Make `arch` loadable and savable by name (cfg.json `architecture`)."""
+    if arch.name in ARCHITECTURES and ARCHITECTURES[arch.name] != arch:
+        raise ConfigError(f"an architecture named {arch.name!r} is already registered.")
+    ARCHITECTURES[arch.name] = arch
 
 
 def get_training_architecture(name: str, *, where: str = "architecture") -> TrainingArchitecture:
@@ -136,4 +180,5 @@ def init_params(cfg: SAEConfig, key) -> dict:
 
 
 __all__ = ["TRAINING_ARCHITECTURES", "TrainOutput", "TrainingArchitecture", "get_training_architecture",
+           "register_architecture", "register_training_architecture",
            "init_params", "ARCHITECTURES", "Architecture", "ForwardOutput", "InputState", "get_architecture"]

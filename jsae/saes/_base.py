@@ -9,14 +9,12 @@ lives here once.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsae import kernels
 from jsae._errors import InputError
 from jsae.config import SAEConfig
 
@@ -79,62 +77,12 @@ def decoder_row_norms(W_dec: Array) -> Array:
     return l2_norm(W_dec, axis=-1)
 
 
-# Row blocks of `row_top_k` run as separate top-ks only from this many rows on.
-ROW_TOP_K_MIN_ROWS = 512
+def topk_scatter(values: Array, k: int, top_k=jax.lax.top_k) -> Array:
+    """Keep the k largest entries of the last axis, relu'd, zeros elsewhere (SAELens' TopK).
 
-
-def _cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def row_top_k(x: Array, k: int) -> tuple[Array, Array]:
-    """`jax.lax.top_k(x, k)` along the last axis, the same values and indices, faster on CPU.
-
-    On CPU, float32 runs through jsae's top-k kernel (`jsae.kernels`: 35 -> 1.9 ms for 4096 rows
-    of 1024, k = 32, on 2 cores), with lax.top_k's gradient. Without the kernel, a (rows, n) array
-    of many rows is split into one lax.top_k per core: XLA:CPU's top-k is one single-threaded loop
-    over the rows, and top-ks of separate row blocks run concurrently.
+    `top_k`: the row top-k to use (`Ops.top_k` in training; lax.top_k's results either way).
     """
-    if x.dtype == jnp.float32 and x.ndim >= 1 and kernels.usable(x):
-        return _kernel_top_k(x, k)
-    parts = _cpu_cores() if jax.default_backend() == "cpu" else 1
-    if parts < 2 or x.ndim != 2 or x.shape[0] < ROW_TOP_K_MIN_ROWS:
-        return jax.lax.top_k(x, k)
-    # The barriers keep each block's slice a separate input, so XLA keeps the blocks' top-ks apart.
-    outs = [jax.lax.top_k(jax.lax.optimization_barrier(block), k) for block in jnp.array_split(x, parts)]
-    return jnp.concatenate([v for v, _ in outs]), jnp.concatenate([i for _, i in outs])
-
-
-def _kernel_top_k(x: Array, k: int) -> tuple[Array, Array]:
-    """The kernel's top-k with lax.top_k's derivative: the values' tangent is x's at the indices.
-
-    The values come out of the kernel itself: gathering them from x afterwards let XLA fuse that
-    gather with x's producer, which cost more than the top-k's selection (4096 x 1024, k = 32:
-    ~6 ms on 2 cores).
-    """
-    values, indices = kernels.top_k(x, k)
-    return _values_of(values, x, indices), indices
-
-
-@jax.custom_jvp
-def _values_of(values: Array, x: Array, indices: Array) -> Array:
-    """`values` (x at `indices`, computed without gradient), differentiable as take_along_axis(x, indices)."""
-    return values
-
-
-@_values_of.defjvp
-def _values_of_jvp(primals, tangents):
-    values, _, indices = primals
-    x_dot = tangents[1]
-    return values, jnp.take_along_axis(x_dot, indices, axis=-1, mode="promise_in_bounds")
-
-
-def topk_scatter(values: Array, k: int) -> Array:
-    """Keep the k largest entries of the last axis, relu'd, zeros elsewhere (SAELens' TopK)."""
-    top_values, top_indices = row_top_k(values, k)
+    top_values, top_indices = top_k(values, k)
     return jnp.put_along_axis(jnp.zeros_like(values), top_indices, jax.nn.relu(top_values), axis=-1, inplace=False)
 
 

@@ -8,9 +8,10 @@ W_dec and W_enc gradients add token rows into the active latents' rows, b_enc's 
 segment sum, and b_dec's gradient through the input is `W_enc (Σ_t dh_t)` rather than a
 per-token product. `jax.custom_vjp` keeps autodiff from densifying these.
 
-On CPUs with AMX tiles, from SCREEN_MIN_D_SAE latents, not even the encoder product is formed
-in float32: `jsae.kernels.encoder_top_k` screens the top-k with a bf16 product and a rigorous
-bound on its error, and computes float32 dot products for the candidates only.
+The products run on the step's `Ops` (`jsae.saes._ops`): XLA's gathers and scatters by default,
+a back end's replacements where the execution plan chose them. Where the back end supplies an
+`encoder_top_k` (a screened top-k that never forms the dense float32 product), not even the
+encoder product is formed.
 
 The results equal the dense path (`jsae.saes.topk`) up to float rounding: same selection,
 same relu, same decoder-norm rescaling and its gradient.
@@ -18,156 +19,19 @@ same relu, same decoder-norm rescaling and its gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jsae import kernels
-from jsae.saes._base import Array, decoder_row_norms, row_top_k
-
-# Tokens per iteration of the backward loops (on CPU 16 measured fastest of 1..64).
-TOKEN_BLOCK = 16
-# Slots summed per pass of `gather_rows_weighted` (more per pass and XLA writes out every gathered slot).
-SLOT_GROUP = 8
-# Latents per block of the blockwise top-k.
-TOPK_BLOCK = 32
-
-
-def _acc_dtype(dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-# --------------------------------------------------------------------------- sparse products
-def gather_rows_weighted(weights: Array, indices: Array, table: Array) -> Array:
-    """Σ_j weights[t, j] · table[indices[t, j]] for every token t: (n, k), (n, k), (m, d) -> (n, d).
-
-    A loop over groups of SLOT_GROUP slots, each one fused pass that gathers and adds its slots:
-    no (n, k, d) array is formed. Accumulates in float32 (or wider), returns table's dtype. On CPU,
-    float32 goes through jsae's kernel (`jsae.kernels.gather_rows_weighted`).
-    """
-    if kernels.usable(weights, indices, table):
-        return kernels.gather_rows_weighted(weights, indices, table)
-    n, k = weights.shape
-    acc = _acc_dtype(table.dtype)
-
-    def add_slots(out, w, idx):
-        for j in range(w.shape[1]):
-            row = table.at[idx[:, j]].get(mode="promise_in_bounds").astype(acc)
-            out = out + w[:, j, None].astype(acc) * row
-        return out
-
-    def group(g, out):
-        start = g * SLOT_GROUP
-        return add_slots(out, jax.lax.dynamic_slice_in_dim(weights, start, SLOT_GROUP, 1),
-                         jax.lax.dynamic_slice_in_dim(indices, start, SLOT_GROUP, 1))
-
-    groups = k // SLOT_GROUP
-    out = jnp.zeros((n, table.shape[1]), acc)
-    if groups:
-        out = jax.lax.fori_loop(0, groups, group, out)
-    out = add_slots(out, weights[:, groups * SLOT_GROUP:], indices[:, groups * SLOT_GROUP:])
-    return out.astype(table.dtype)
-
-
-def _token_blocks(n: int, body: Callable, carry, block: int = TOKEN_BLOCK):
-    """carry = body(start, size, carry) over tokens [0, n) in blocks of `block` (a static tail last)."""
-    full = n // block
-    if full:
-        carry = jax.lax.fori_loop(0, full, lambda b, c: body(b * block, block, c), carry)
-    if n % block:
-        carry = body(full * block, n % block, carry)
-    return carry
-
-
-def _rows(x: Array, start, size: int) -> Array:
-    return jax.lax.dynamic_slice_in_dim(x, start, size, 0)
-
-
-def gather_rows_dot(rows: Array, indices: Array, table: Array) -> Array:
-    """rows[t] · table[indices[t, j]] for every (t, j): (n, d), (n, k), (m, d) -> (n, k) in float32 (or wider).
-
-    On CPU, float32 goes through jsae's kernel (`jsae.kernels.gather_rows_dot`).
-    """
-    if kernels.usable(rows, indices, table):
-        return kernels.gather_rows_dot(rows, indices, table)
-    n, k = indices.shape
-    acc = _acc_dtype(table.dtype)
-
-    def body(start, size, out):
-        idx = _rows(indices, start, size)
-        picked = table.at[idx.reshape(-1)].get(mode="promise_in_bounds").reshape(size, k, -1)
-        dots = jnp.einsum("tkd,td->tk", picked, _rows(rows, start, size), preferred_element_type=acc)
-        return jax.lax.dynamic_update_slice_in_dim(out, dots, start, 0)
-
-    return _token_blocks(n, body, jnp.zeros((n, k), acc))
-
-
-def scatter_rows(weights: Array, indices: Array, rows: Array, m: int) -> Array:
-    """out[i] = Σ over (t, j) with indices[t, j] = i of weights[t, j] · rows[t]: -> (m, d) in rows' dtype.
-
-    The transpose of `gather_rows_weighted` with respect to the table; accumulates in float32 (or
-    wider). On CPU, float32 goes through jsae's kernel (`jsae.kernels.scatter_rows`).
-    """
-    if kernels.usable(weights, indices, rows):
-        return kernels.scatter_rows(weights, indices, rows, m)
-    n, k = indices.shape
-    acc = _acc_dtype(rows.dtype)
-
-    def body(start, size, out):
-        idx = _rows(indices, start, size).reshape(-1)
-        w = _rows(weights, start, size).astype(acc)
-        updates = (w[:, :, None] * _rows(rows, start, size).astype(acc)[:, None, :]).reshape(size * k, -1)
-        return out.at[idx].add(updates, mode="promise_in_bounds")
-
-    return _token_blocks(n, body, jnp.zeros((m, rows.shape[1]), acc)).astype(rows.dtype)
+from jsae.saes._base import Array, decoder_row_norms
+from jsae.saes._ops import REFERENCE, Ops, pre_activations
 
 
 def segment_sum(values: Array, indices: Array, m: int) -> Array:
     """Σ of values[t, j] over the pairs whose indices[t, j] = i, for each i < m."""
     return jax.ops.segment_sum(values.reshape(-1), indices.reshape(-1), num_segments=m)
-
-
-# --------------------------------------------------------------------------- the top-k
-def _top_k(x: Array, k: int) -> tuple[Array, Array]:
-    # The barriers keep XLA from folding the top-k's slices into their users, which on CPU turns
-    # the top-k into a full sort of every row. (One barrier per output: a barrier on both at once
-    # can reach XLA as a barrier on the top-k's tuple, which XLA's top-k decomposition rejects.)
-    values, indices = row_top_k(x, k)
-    return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(indices)
-
-
-def pre_activations(product: Array, b_enc: Array, norms: Array | None) -> Array:
-    """Pre-activations from the encoder product x̃ W_enc, as the dense path computes them."""
-    pre = product + b_enc
-    return pre * norms if norms is not None else pre
-
-
-def top_k_hidden_pre(product: Array, b_enc: Array, norms: Array | None, k: int) -> tuple[Array, Array]:
-    """`lax.top_k(pre_activations(product, b_enc, norms), k)` without writing the pre-activations out.
-
-    Blockwise and exact (ties aside): a row's k largest entries lie in the k blocks of TOPK_BLOCK
-    consecutive latents with the largest maxima, so the top k of those blocks' entries (taken in
-    index order, so ties resolve as in lax.top_k) is the row's. Falls back to one top-k where the
-    blocks would not pay. On CPU, float32 goes through jsae's kernel (`jsae.kernels.top_k_affine`),
-    which never stores the pre-activations either.
-    """
-    if kernels.usable(product, b_enc, *([] if norms is None else [norms])):
-        return kernels.top_k_affine(product, b_enc, norms, k)
-    n, m = product.shape
-    block = TOPK_BLOCK
-    if m % block or 2 * k * block > m:
-        return _top_k(pre_activations(product, b_enc, norms), k)
-    h = pre_activations(product, b_enc, norms)  # fused into the block maxima, never stored
-    block_max = jax.lax.reduce_window(h, jnp.array(-jnp.inf, h.dtype), jax.lax.max, (1, block), (1, block), "VALID")
-    _, blocks = _top_k(block_max, k)
-    blocks = jnp.sort(blocks, axis=-1)
-    candidates = (blocks[:, :, None] * block + jnp.arange(block, dtype=blocks.dtype)).reshape(n, k * block)
-    picked = jnp.take_along_axis(product, candidates, axis=-1, mode="promise_in_bounds")
-    values, position = _top_k(pre_activations(picked, b_enc[candidates], None if norms is None else norms[candidates]), k)
-    return values, jnp.take_along_axis(candidates, position, axis=-1)
 
 
 # --------------------------------------------------------------------------- the TopK forward
@@ -180,7 +44,7 @@ class SparseTopK(NamedTuple):
         top_indices: their latent indices (n, k).
         product: the encoder product x̃ W_enc (n, d_sae), without gradient; `pre_activations` of it and
             b_enc (and the decoder norms) gives the pre-activations. None where the top-k came from
-            `jsae.kernels.encoder_top_k`, which never forms it (`screens_encoder`).
+            `ops.encoder_top_k`, which never forms it.
     """
 
     sae_out: Array
@@ -190,7 +54,8 @@ class SparseTopK(NamedTuple):
 
 
 def sparse_topk_forward(x: Array, b_dec: Array, W_enc: Array, b_enc: Array, W_dec: Array, *, k: int,
-                        rescale: bool, apply_b_dec: bool, k_active: Array | None = None) -> SparseTopK:
+                        rescale: bool, apply_b_dec: bool, k_active: Array | None = None,
+                        ops: Ops = REFERENCE) -> SparseTopK:
     """The TopK training forward of `x` (n, d_in) with the sparse backward.
 
     h = (x̃ W_enc + b_enc) (· ‖W_dec rows‖ when `rescale`), x̃ = x - b_dec when `apply_b_dec`;
@@ -199,14 +64,14 @@ def sparse_topk_forward(x: Array, b_dec: Array, W_enc: Array, b_enc: Array, W_de
     `k_active` (traced, <= k) keeps only the first k_active ranks, zeros the rest (sweeps over k).
     """
     sae_out, top_acts, top_indices, product = _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale,
-                                                           apply_b_dec)
+                                                           apply_b_dec, ops)
     stop = jax.lax.stop_gradient
     return SparseTopK(sae_out, stop(top_acts), top_indices, None if product is None else stop(product))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
-    return _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _sparse_topk(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec, ops):
+    return _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec, ops)[0]
 
 
 def _kept(values: Array, k_active: Array | None) -> Array:
@@ -215,50 +80,34 @@ def _kept(values: Array, k_active: Array | None) -> Array:
     return keep if k_active is None else keep & (jnp.arange(values.shape[-1]) < k_active)
 
 
-# The sparse forward screens its top-k (`jsae.kernels.encoder_top_k`) from this d_sae on: the
-# screen's fixed costs (packing W_enc, the candidates' bookkeeping) lose at narrow SAEs. Its top-k
-# against XLA's product and top_k_affine, 4096 tokens, k = 32, 2 cores: 0.43x at 128 -> 1024,
-# 1.09x at 768 -> 2048, 1.19x at 256 -> 4096, 1.39x at 512 -> 4096, 1.73x at 768 -> 6144, 2.1-2.4x
-# at 16384 wide.
-SCREEN_MIN_D_SAE = 4096
-
-
-def screens_encoder(sae_in: Array, W_enc: Array, b_enc: Array) -> bool:
-    """Whether the sparse forward takes its top-k from `jsae.kernels.encoder_top_k` (CPU with AMX,
-    float32, d_sae >= SCREEN_MIN_D_SAE): no dense float32 encoder product, so `SparseTopK.product`
-    is None."""
-    return (W_enc.shape[-1] >= SCREEN_MIN_D_SAE and kernels.usable(sae_in, W_enc, b_enc)
-            and kernels.encoder_top_k_available())
-
-
-def _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec):
+def _forward(x, b_dec, W_enc, b_enc, W_dec, k_active, k, rescale, apply_b_dec, ops):
     sae_in = x - b_dec if apply_b_dec else x
     norms = decoder_row_norms(W_dec) if rescale else None
-    if screens_encoder(sae_in, W_enc, b_enc):
-        values, pre_at, indices = kernels.encoder_top_k(sae_in, W_enc, b_enc, norms, k)
+    if ops.encoder_top_k is not None:
+        values, pre_at, indices = ops.encoder_top_k(sae_in, W_enc, b_enc, norms, k)
         product = None
     else:
-        product = encoder_matmul(sae_in, W_enc)
-        values, indices = top_k_hidden_pre(product, b_enc, norms, k)
+        product = ops.matmul(sae_in, W_enc)
+        values, indices = ops.top_k_affine(product, b_enc, norms, k)
         pre_at = (pre_activations(jnp.take_along_axis(product, indices, axis=-1), b_enc[indices], None)
                   if rescale else None)
     acts = jax.nn.relu(values) if k_active is None else jnp.where(_kept(values, k_active), values, 0)
     # As the dense decode: activations times 1/‖W_dec row‖ (gathered), then the decoder product.
     scaled = acts * (1 / norms)[indices] if rescale else acts
-    sae_out = gather_rows_weighted(scaled, indices, W_dec) + b_dec
+    sae_out = ops.gather_rows_weighted(scaled, indices, W_dec) + b_dec
     pre_at = pre_at if rescale else None
     residuals = (sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at, k_active)
     return (sae_out, acts, indices, product), residuals
 
 
-def _backward(k, rescale, apply_b_dec, residuals, cotangents):
+def _backward(k, rescale, apply_b_dec, ops, residuals, cotangents):
     sae_in, W_enc, W_dec, norms, values, indices, scaled, pre_at, k_active = residuals
     kept = _kept(values, k_active)
     g = cotangents[0]  # the other outputs are returned without gradient
     d_sae = W_dec.shape[0]
     d_b_dec = jnp.sum(g, axis=0)
-    d_scaled = gather_rows_dot(g, indices, W_dec)
-    d_W_dec = scatter_rows(scaled, indices, g, d_sae)
+    d_scaled = ops.gather_rows_dot(g, indices, W_dec)
+    d_W_dec = ops.scatter_rows(scaled, indices, g, d_sae)
     if rescale:
         inv = 1 / norms
         d_inv = segment_sum(jnp.where(kept, values, 0) * d_scaled, indices, d_sae)
@@ -273,8 +122,8 @@ def _backward(k, rescale, apply_b_dec, residuals, cotangents):
     else:
         d_pre = d_values
     d_b_enc = segment_sum(d_pre, indices, d_sae)
-    d_W_enc = scatter_rows(d_pre, indices, sae_in, d_sae).T
-    d_x = gather_rows_weighted(d_pre, indices, W_enc.T)  # dead code unless x itself is differentiated
+    d_W_enc = ops.scatter_rows(d_pre, indices, sae_in, d_sae).T
+    d_x = ops.gather_rows_weighted(d_pre, indices, W_enc.T)  # dead code unless x itself is differentiated
     if apply_b_dec:
         d_b_dec = d_b_dec - W_enc @ d_b_enc.astype(W_enc.dtype)  # Σ_t of -d_x, without the per-token product
     dtype = W_enc.dtype
@@ -287,7 +136,8 @@ _sparse_topk.defvjp(_forward, _backward)
 
 # --------------------------------------------------------------------------- the aux-k loss
 def aux_k_loss(product: Array, x: Array, residual: Array, dead_mask: Array, b_dec: Array, W_enc: Array,
-               b_enc: Array, W_dec: Array, *, rescale: bool, apply_b_dec: bool, coefficient: float) -> Array:
+               b_enc: Array, W_dec: Array, *, rescale: bool, apply_b_dec: bool, coefficient: float,
+               ops: Ops = REFERENCE) -> Array:
     """`jsae.saes.topk.topk_aux_loss` from the sparse forward's encoder product, with its gradient.
 
     `product` (held without gradient) must be x̃ W_enc of x and these parameters, or None: then the
@@ -297,7 +147,8 @@ def aux_k_loss(product: Array, x: Array, residual: Array, dead_mask: Array, b_de
     d_sae)-sized: with autodiff, the branch where nothing is dead would fill such residuals with
     zeros on every step.
     """
-    return _aux_k(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient)
+    return _aux_k(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient,
+                  ops)
 
 
 def _zeros(like_scalar: Array, shape: tuple[int, ...], dtype) -> Array:
@@ -305,10 +156,10 @@ def _zeros(like_scalar: Array, shape: tuple[int, ...], dtype) -> Array:
     return jnp.zeros(shape, dtype) + (like_scalar * 0).astype(dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
-def _aux_k(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient):
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _aux_k(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient, ops):
     return _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec,
-                      coefficient)[0]
+                      coefficient, ops)[0]
 
 
 def _aux_k_sizes(x: Array, W_enc: Array, dead_mask: Array):
@@ -318,32 +169,23 @@ def _aux_k_sizes(x: Array, W_enc: Array, dead_mask: Array):
 
 
 def encoder_product(product: Array | None, x: Array, b_dec: Array, W_enc: Array, apply_b_dec: bool,
-                     columns: Array | None = None) -> Array:
+                     columns: Array | None = None, *, ops: Ops = REFERENCE) -> Array:
     """x̃ W_enc (its `columns` only, when given): from `product` where the forward formed it."""
     if product is not None:
         return product if columns is None else product[:, columns]
     sae_in = x - b_dec if apply_b_dec else x
-    return encoder_matmul(sae_in, W_enc if columns is None else W_enc[:, columns])
+    return ops.matmul(sae_in, W_enc if columns is None else W_enc[:, columns])
 
 
-def encoder_matmul(sae_in: Array, W_enc: Array) -> Array:
-    """sae_in @ W_enc, on the dense kernels' BLAS where they run (CPU, float32, 2-D operands:
-    `jsae.kernels.matmul`), else XLA's product. No gradient flows through it: the sparse step's
-    and the aux-k loss' custom VJPs form W_enc's gradient themselves."""
-    if sae_in.ndim == 2 and kernels.usable(sae_in, W_enc) and kernels.dense_available():
-        return kernels.matmul(sae_in, W_enc)
-    return sae_in @ W_enc
-
-
-def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient):
+def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, rescale, apply_b_dec, coefficient, ops):
     k_static, num_dead, scale = _aux_k_sizes(x, W_enc, dead_mask)
     n = x.shape[0]
 
     def compute(_):  # as topk_aux_loss
         norms = decoder_row_norms(W_dec) if rescale else None
-        full = encoder_product(product, x, b_dec, W_enc, apply_b_dec)
+        full = encoder_product(product, x, b_dec, W_enc, apply_b_dec, ops=ops)
         masked = jnp.where(dead_mask, pre_activations(full, b_enc, norms), -jnp.inf)
-        values, indices = row_top_k(masked, k_static)
+        values, indices = ops.top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
         acts = jnp.put_along_axis(jnp.zeros_like(full), indices, values, axis=-1, inplace=False)
         if rescale:
@@ -357,7 +199,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
         # its activations are the dead latents' pre-activations; work on those columns only.
         idx, valid = _dead_columns(dead_mask, num_dead, k_static)
         norms = decoder_row_norms(W_dec) if rescale else None
-        pre = pre_activations(encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx), b_enc[idx],
+        pre = pre_activations(encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx, ops=ops), b_enc[idx],
                               None if norms is None else norms[idx])
         values = jnp.where(valid, pre, 0.0)
         scaled = values * (1 / norms[idx]) if rescale else values
@@ -388,7 +230,7 @@ def _dead_columns(dead_mask: Array, num_dead: Array, k_static: int) -> tuple[Arr
     return idx, jnp.arange(k_static) < num_dead
 
 
-def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
+def _aux_k_bwd(rescale, apply_b_dec, coefficient, ops, residuals, d_loss):
     product, x, dead_mask, b_dec, W_enc, b_enc, W_dec, values, indices, error = residuals
     k_static, num_dead, scale = _aux_k_sizes(x, W_enc, dead_mask)
     n, d_sae = x.shape[0], W_enc.shape[-1]
@@ -411,7 +253,7 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
         # The dense encoder backward of d_hidden.
         sae_in = x - b_dec if apply_b_dec else x
         if rescale:
-            full = encoder_product(product, x, b_dec, W_enc, apply_b_dec)
+            full = encoder_product(product, x, b_dec, W_enc, apply_b_dec, ops=ops)
             d_norms = d_norms + jnp.sum(d_hidden * pre_activations(full, b_enc, None), axis=0)
             d_W_dec = d_W_dec + norms_vjp(d_norms.astype(norms.dtype))[0]
             d_pre = d_hidden * norms
@@ -437,7 +279,7 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, residuals, d_loss):
             d_scaled = d_error @ W_rows.T
             d_norms = -jnp.sum(d_scaled * values, axis=0) * jnp.square(inv)
             d_values = jnp.where(valid, d_scaled * inv, 0.0)
-            columns = encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx)
+            columns = encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx, ops=ops)
             d_norms = d_norms + jnp.sum(d_values * pre_activations(columns, b_enc[idx], None), axis=0)
             d_pre = d_values * norms[idx]
         else:

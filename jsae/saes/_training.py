@@ -17,6 +17,14 @@ from jsae._errors import ConfigError
 from jsae.config import SAEConfig
 from jsae.saes._base import Array, kaiming_uniform_rows
 
+# Per-latent axes of the parameters every autoencoder has (negative: counted from the end, so a
+# sweep's leading member axis does not move them).
+COMMON_LATENT_AXES = {"W_enc": -1, "W_dec": -2, "b_enc": -1}
+
+# How a ReLU / JumpReLU training step runs its products: "auto" lets the execution plan pick the
+# back end's fused dense step where it has one; "xla" keeps the reference.
+DENSE_IMPLEMENTATIONS = ("auto", "xla")
+
 
 class TrainOutput(NamedTuple):
     """One training forward pass.
@@ -26,12 +34,12 @@ class TrainOutput(NamedTuple):
         losses: named loss terms, SAELens names (mse_loss, l1_loss, auxiliary_reconstruction_loss, ...).
         feature_acts: latent activations (batch, d_sae).
         hidden_pre: pre-activations (batch, d_sae); None where the forward did not write them out
-            (a standard SAE's step on jsae's dense CPU kernels).
+            (a back end's fused dense step).
         sae_out: reconstruction (batch, d_out).
         top_acts: the sparse TopK path's k activations per token (batch, k), else None.
         top_indices: their latent indices (batch, k), else None.
         fired_count: tokens each latent fired on (d_sae,), when the forward counts them anyway
-            (JumpReLU's step mask, the dense CPU kernels); else None and `fired_counts` tests
+            (the dense step's counts); else None and `fired_counts` tests
             feature_acts.
     """
 
@@ -101,8 +109,6 @@ def check_nonnegative(cfg: Any, *fields: str) -> None:
 
 
 def check_dense_implementation(cfg: Any) -> None:
-    from jsae.saes._dense_fused import DENSE_IMPLEMENTATIONS
-
     if cfg.dense_implementation not in DENSE_IMPLEMENTATIONS:
         raise ConfigError(f"{type(cfg).__name__}.dense_implementation must be one of {list(DENSE_IMPLEMENTATIONS)}, "
                           f"got {cfg.dense_implementation!r}.")

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
@@ -22,6 +23,7 @@ from jsae.saes._base import (
     training_hidden_pre,
     training_module_cfg,
 )
+from jsae.saes._ops import REFERENCE, Ops
 from jsae.saes._training import TrainingFields, TrainOutput, finish, mse
 from jsae.saes.topk import TopKSAE, TopKSAEConfig, check_topk_training, topk_aux_loss
 
@@ -85,10 +87,11 @@ def encode_decode(params: dict, x: Array, cfg: BatchTopKTrainingSAEConfig):
 
 
 def training_forward(params: dict, x: Array, *, cfg: BatchTopKTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array) -> TrainOutput:
+                     dead_mask: Array, ops: Ops = REFERENCE) -> TrainOutput:
+    """MSE + aux-k (sae_lens/saes/batchtopk_sae.py)."""
     feature_acts, hidden_pre, sae_out, _, _ = encode_decode(params, x, cfg)
     aux = topk_aux_loss(x, sae_out, hidden_pre, dead_mask, params["W_dec"],
-                        rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient)
+                        rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient, ops=ops)
     losses = {"mse_loss": mse(sae_out, x), "auxiliary_reconstruction_loss": aux}
     return finish(losses, feature_acts, hidden_pre, sae_out)
 
@@ -127,9 +130,35 @@ def update_threshold(pair: Array, feature_acts: Array, lr: float, axis_name: str
     return jnp.where(fired, jnp.stack([new_hi, new_lo]), pair)
 
 
-def to_inference_params(params: dict, cfg: BatchTopKTrainingSAEConfig, threshold: float) -> dict:
-    """JumpReLU weights: decoder norms folded (when rescaling) and a constant threshold."""
+def init_state(cfg: BatchTopKTrainingSAEConfig) -> dict[str, Array]:
+    """BatchTopK's own training state: the running threshold."""
+    return {"threshold": init_threshold()}
+
+
+def update_state(state: dict, out: TrainOutput, cfg: BatchTopKTrainingSAEConfig, axis_name: str | None) -> dict:
+    return {"threshold": update_threshold(state["threshold"], out.feature_acts, cfg.topk_threshold_lr, axis_name)}
+
+
+def state_metrics(state: dict, cfg: BatchTopKTrainingSAEConfig) -> dict[str, Array]:
+    return {"metrics/topk_threshold": threshold_value(state["threshold"])}
+
+
+def to_inference_params(params: dict, state: dict, cfg: BatchTopKTrainingSAEConfig, input_scale: float) -> dict:
+    """JumpReLU weights, as SAELens saves a BatchTopK SAE: decoder norms folded (when rescaling) and
+    the running threshold as a constant threshold (divided by the input scale when rescaling, where
+    the folded decoder rows carry that scale)."""
+    pair = np.asarray(state["threshold"], np.float64)
+    threshold = float(pair[0] + pair[1])
     if cfg.rescale_acts_by_decoder_norm:
+        threshold /= input_scale
         params = fold_decoder_norms(params, scale_keys=("b_enc",))
     dtype = params["W_enc"].dtype
     return params | {"threshold": jnp.full((cfg.d_sae,), threshold, dtype)}
+
+
+def training_architecture(name: str, config_cls: type, forward):
+    """The TrainingArchitecture of a BatchTopK-style SAE (its running threshold, saved as JumpReLU)."""
+    from jsae.saes import TrainingArchitecture
+
+    return TrainingArchitecture(name, config_cls, forward, init_state=init_state, update_state=update_state,
+                                state_metrics=state_metrics, dead_latent_loss=True, to_inference=to_inference_params)

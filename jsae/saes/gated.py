@@ -19,6 +19,7 @@ from jsae.saes._base import (
     training_module_cfg,
     zeros,
 )
+from jsae.saes._ops import REFERENCE, Ops
 from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
@@ -43,6 +44,10 @@ class GatedSAE(BaseSAEModule):
         gate = (sae_in @ self.W_enc + self.b_gate) > 0
         magnitude_pre = sae_in @ (self.W_enc * jnp.exp(self.r_mag)) + self.b_mag
         return gate.astype(sae_in.dtype) * jax.nn.relu(magnitude_pre), magnitude_pre
+
+
+# Per-latent axes for feature sharding: the gate and magnitude vectors split with the latents.
+LATENT_AXES = {"W_enc": -1, "W_dec": -2, "b_gate": -1, "b_mag": -1, "r_mag": -1}
 
 
 def fold_W_dec_norm(params: dict, cfg: GatedSAEConfig) -> dict:
@@ -72,7 +77,7 @@ class GatedTrainingSAEConfig(GatedSAEConfig, TrainingFields):
 
 
 def training_forward(params: dict, x: Array, *, cfg: GatedTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array) -> TrainOutput:
+                     dead_mask: Array, ops: Ops = REFERENCE) -> TrainOutput:
     """MSE + L1 on relu(gate pre-activation) * ‖W_dec‖ + the gate path's own reconstruction loss."""
     module = GatedSAE(training_module_cfg(cfg))
     feature_acts, hidden_pre, state = module.apply({"params": params}, x, method="encode_with_state")

@@ -10,18 +10,18 @@ import jax.numpy as jnp
 
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
-from jsae.saes import _dense_fused
 from jsae.saes._base import (
     Array,
     BaseSAEModule,
     decoder_row_norms,
     fold_decoder_norms,
-    training_hidden_pre,
     training_input,
     training_module_cfg,
     zeros,
 )
+from jsae.saes._ops import REFERENCE, Ops
 from jsae.saes._training import (
+    COMMON_LATENT_AXES,
     TrainingFields,
     TrainOutput,
     check_dense_implementation,
@@ -56,6 +56,9 @@ class JumpReLUSAE(BaseSAEModule):
         return jumprelu(hidden_pre, self.threshold), hidden_pre
 
 
+LATENT_AXES = {**COMMON_LATENT_AXES, "threshold": -1}
+
+
 def fold_W_dec_norm(params: dict, cfg: JumpReLUSAEConfig) -> dict:
     """Unit-norm decoder rows; encoder, b_enc and threshold scaled so outputs are unchanged."""
     return fold_decoder_norms(params, scale_keys=("b_enc", "threshold"))
@@ -79,10 +82,9 @@ class JumpReLUTrainingSAEConfig(JumpReLUSAEConfig, TrainingFields):
         jumprelu_tanh_scale: scale inside tanh for the "tanh" mode.
         jumprelu_ste_to_input: also pass the estimator's gradient to the pre-activations.
         target_l0: the L0 the "quadratic" mode pulls towards.
-        dense_implementation: how the training step runs its products. "auto": on CPU in float32,
-            for the "step" and "quadratic" modes without the pre-activation loss, jsae's BLAS
-            kernels with the elementwise work done between them (jsae.saes._dense_fused), XLA's
-            operations elsewhere; "xla": always XLA's. Same results up to float rounding.
+        dense_implementation: "auto": the execution plan may run the step on a back end's fused dense
+            step (for the "step" and "quadratic" modes without the pre-activation loss;
+            jsae.backends); "xla": always the reference. Same results up to float rounding.
     """
 
     jumprelu_init_threshold: float = 0.01
@@ -119,10 +121,10 @@ class JumpReLUTrainingSAEConfig(JumpReLUSAEConfig, TrainingFields):
     def coefficients(self) -> dict[str, tuple[float, int]]:
         return {"l0": (self.l0_coefficient, self.l0_warm_up_steps)}
 
-    def uses_dense_kernels(self) -> bool:
-        """Whether the training step runs on jsae's dense CPU kernels (see dense_implementation)."""
-        return (self.jumprelu_sparsity_loss_mode != "tanh" and self.pre_act_loss_coefficient is None
-                and _dense_fused.uses_kernels(self))
+    def dense_step_fusable(self) -> bool:
+        """Whether the loss reads only the dense step's lin and per-token L0 ("step" and "quadratic"
+        modes, no pre-activation loss), so a back end's fused dense step may run it."""
+        return self.jumprelu_sparsity_loss_mode != "tanh" and self.pre_act_loss_coefficient is None
 
 
 def _rectangle(u: Array) -> Array:
@@ -195,45 +197,27 @@ def project_params(params: dict, cfg: JumpReLUTrainingSAEConfig) -> dict:
 
 
 def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array) -> TrainOutput:
+                     dead_mask: Array, ops: Ops = REFERENCE) -> TrainOutput:
+    """MSE + the sparsity loss of `jumprelu_sparsity_loss_mode` (+ the pre-activation loss on dead
+    latents), as sae_lens/saes/jumprelu_sae.py computes them."""
     module = JumpReLUSAE(training_module_cfg(cfg))
-    if cfg.uses_dense_kernels():
-        return _kernel_forward(module, params, x, cfg, coefficients)
-    hidden_pre, state = training_hidden_pre(module, params, x)
-    threshold = params["threshold"].astype(hidden_pre.dtype)
-    bandwidth, ste_to_input = cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input
+    sae_in, state, shift = training_input(module, params, x)
+    out = ops.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"], params["threshold"],
+                            bandwidth=cfg.jumprelu_bandwidth, ste_to_input=cfg.jumprelu_ste_to_input)
+    sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
     mode = cfg.jumprelu_sparsity_loss_mode
-    W_dec_norm = decoder_row_norms(params["W_dec"])
-    fired_count = None
     if mode == "tanh":
-        feature_acts = jumprelu_ste(hidden_pre, threshold, bandwidth, ste_to_input)
-        per_item = jnp.sum(jnp.tanh(cfg.jumprelu_tanh_scale * feature_acts * W_dec_norm), axis=-1)
+        W_dec_norm = decoder_row_norms(params["W_dec"])
+        per_item = jnp.sum(jnp.tanh(cfg.jumprelu_tanh_scale * out.h * W_dec_norm), axis=-1)
+    elif mode == "step":
+        per_item = out.l0
     else:
-        feature_acts, step = jumprelu_and_step(hidden_pre, threshold, bandwidth, ste_to_input)
-        # With threshold >= 0 (project_params) a latent fires exactly where the step is 1: the fired
-        # counts reuse this mask instead of testing feature_acts in another pass.
-        fired_count = jnp.sum(jax.lax.stop_gradient(step).astype(jnp.float32), axis=0)
-        l0 = jnp.sum(step, axis=-1)
-        per_item = l0 if mode == "step" else 2 / cfg.target_l0 * (l0 - cfg.target_l0) ** 2
-    sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+        per_item = 2 / cfg.target_l0 * (out.l0 - cfg.target_l0) ** 2
     losses = {"mse_loss": mse(sae_out, x), "l0_loss": jnp.mean(coefficients["l0"] * per_item)}
     if cfg.pre_act_loss_coefficient is not None:
         # Anthropic's pre-activation loss, on dead latents only (zero when none is dead).
-        gap = jax.nn.relu(threshold - hidden_pre) * dead_mask.astype(hidden_pre.dtype) * W_dec_norm
+        threshold = params["threshold"].astype(out.pre.dtype)
+        W_dec_norm = decoder_row_norms(params["W_dec"])
+        gap = jax.nn.relu(threshold - out.pre) * dead_mask.astype(out.pre.dtype) * W_dec_norm
         losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * jnp.mean(jnp.sum(gap, axis=-1))
-    return finish(losses, feature_acts, hidden_pre, sae_out)._replace(fired_count=fired_count)
-
-
-def _kernel_forward(module: JumpReLUSAE, params: dict, x: Array, cfg: JumpReLUTrainingSAEConfig,
-                    coefficients: dict) -> TrainOutput:
-    """`training_forward` on jsae's dense CPU kernels ("step" and "quadratic" modes, no
-    pre-activation loss): the same losses from lin and the per-token L0."""
-    sae_in, state, shift = training_input(module, params, x)
-    out = _dense_fused.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"],
-                                     params["threshold"], bandwidth=cfg.jumprelu_bandwidth,
-                                     ste_to_input=cfg.jumprelu_ste_to_input)
-    sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
-    l0 = out.l0
-    per_item = l0 if cfg.jumprelu_sparsity_loss_mode == "step" else 2 / cfg.target_l0 * (l0 - cfg.target_l0) ** 2
-    losses = {"mse_loss": mse(sae_out, x), "l0_loss": jnp.mean(coefficients["l0"] * per_item)}
     return finish(losses, out.h, out.pre, sae_out)._replace(fired_count=out.fired)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jsae._errors import ConfigError
 from jsae.saes._base import Array, decoder_row_norms
+from jsae.saes._ops import REFERENCE, Ops
 from jsae.saes._training import TrainOutput, finish, mse
 from jsae.saes.batchtopk import BatchTopKTrainingSAEConfig, encode_decode
 from jsae.saes.topk import topk_aux_loss
@@ -62,22 +63,22 @@ def _prefix_decodes(params: dict, feature_acts: Array, cfg: MatryoshkaBatchTopKT
 
 
 def training_forward(params: dict, x: Array, *, cfg: MatryoshkaBatchTopKTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array) -> TrainOutput:
+                     dead_mask: Array, ops: Ops = REFERENCE) -> TrainOutput:
     feature_acts, hidden_pre, sae_out, module, state = encode_decode(params, x, cfg)
     losses = {"mse_loss": mse(sae_out, x)}
     if cfg.use_matryoshka_aux_loss:
         losses["auxiliary_reconstruction_loss"] = _matryoshka_aux_loss(
-            params, x, feature_acts, hidden_pre, dead_mask, cfg, module, state)
+            params, x, feature_acts, hidden_pre, dead_mask, cfg, module, state, ops)
     else:
         losses["auxiliary_reconstruction_loss"] = topk_aux_loss(
             x, sae_out, hidden_pre, dead_mask, params["W_dec"],
-            rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient)
+            rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient, ops=ops)
     for width, inner in _prefix_decodes(params, feature_acts, cfg, module, state, include_outer=False):
         losses[f"inner_mse_loss_{width}"] = mse(inner, x)
     return finish(losses, feature_acts, hidden_pre, sae_out)
 
 
-def _matryoshka_aux_loss(params, x, feature_acts, hidden_pre, dead_mask, cfg, module, state) -> Array:
+def _matryoshka_aux_loss(params, x, feature_acts, hidden_pre, dead_mask, cfg, module, state, ops) -> Array:
     """Per level: its top dead latents reconstruct the residual of the prefix up to that level."""
     W_dec = params["W_dec"]
     if cfg.rescale_acts_by_decoder_norm:
@@ -87,7 +88,7 @@ def _matryoshka_aux_loss(params, x, feature_acts, hidden_pre, dead_mask, cfg, mo
     for width, partial_out in _prefix_decodes(params, feature_acts, cfg, module, state, include_outer=True):
         level_loss = topk_aux_loss(
             x, partial_out, hidden_pre[:, previous:width], dead_mask[previous:width], W_dec[previous:width],
-            rescale=False, coefficient=1.0)
+            rescale=False, coefficient=1.0, ops=ops)
         total = total + level_loss
         previous = width
     return cfg.aux_loss_coefficient * total

@@ -9,18 +9,17 @@ import jax.numpy as jnp
 
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
-from jsae.saes import _dense_fused
 from jsae.saes._base import (
     Array,
     BaseSAEModule,
     decoder_row_norms,
     fold_decoder_norms,
     lp_norm,
-    training_hidden_pre,
     training_input,
     training_module_cfg,
     zeros,
 )
+from jsae.saes._ops import REFERENCE, Ops
 from jsae.saes._training import (
     TrainingFields,
     TrainOutput,
@@ -64,10 +63,9 @@ class StandardTrainingSAEConfig(StandardSAEConfig, TrainingFields):
         l1_coefficient: weight of the decoder-norm-weighted Lp sparsity penalty.
         lp_norm: p of that penalty (1 = L1).
         l1_warm_up_steps: the coefficient ramps linearly from 0 over this many steps.
-        dense_implementation: how the training step runs its products. "auto": on CPU in float32
-            with lp_norm 1, jsae's BLAS kernels with the elementwise work done between them
-            (jsae.saes._dense_fused), XLA's operations elsewhere; "xla": always XLA's. Same results
-            up to float rounding.
+        dense_implementation: "auto": the execution plan may run the step on a back end's fused dense
+            step (with lp_norm 1; jsae.backends); "xla": always the reference. Same results up to
+            float rounding.
     """
 
     l1_coefficient: float = 1.0
@@ -86,39 +84,26 @@ class StandardTrainingSAEConfig(StandardSAEConfig, TrainingFields):
     def coefficients(self) -> dict[str, tuple[float, int]]:
         return {"l1": (self.l1_coefficient, self.l1_warm_up_steps)}
 
-    def uses_dense_kernels(self) -> bool:
-        """Whether the training step runs on jsae's dense CPU kernels (see dense_implementation)."""
-        return self.lp_norm == 1 and _dense_fused.uses_kernels(self)
+    def dense_step_fusable(self) -> bool:
+        """Whether the loss reads only the dense step's lin, sums and counts (L1, not another Lp), so a
+        back end's fused dense step may run it (`jsae.saes._ops.dense_forward`)."""
+        return self.lp_norm == 1
 
 
 def training_forward(params: dict, x: Array, *, cfg: StandardTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array) -> TrainOutput:
-    """MSE + l1_coefficient * mean_tokens ‖f ⊙ ‖W_dec rows‖‖_p (SAELens 6 standard loss)."""
+                     dead_mask: Array, ops: Ops = REFERENCE) -> TrainOutput:
+    """MSE + l1_coefficient * mean_tokens ‖f ⊙ ‖W_dec rows‖‖_p (SAELens 6 standard loss,
+    sae_lens/saes/standard_sae.py)."""
     module = StandardSAE(training_module_cfg(cfg))
-    if cfg.uses_dense_kernels():
-        return _kernel_forward(module, params, x, cfg, coefficients)
-    hidden_pre, state = training_hidden_pre(module, params, x)
-    feature_acts = jax.nn.relu(hidden_pre)
-    sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+    sae_in, state, shift = training_input(module, params, x)
+    out = ops.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"])
+    sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
     norms = decoder_row_norms(params["W_dec"])
     if cfg.lp_norm == 1:
         # f >= 0 and the norms >= 0, so ‖f ⊙ norms‖_1 = f · norms, whose mean over tokens is
-        # (Σ_tokens f) · norms / tokens: one column sum instead of the (tokens, d_sae) product, abs
-        # and the passes of their gradient.
-        l1_loss = coefficients["l1"] * (jnp.sum(feature_acts, axis=0) @ norms) / feature_acts.shape[0]
+        # (Σ_tokens f) · norms / tokens: one column sum instead of the (tokens, d_sae) product.
+        l1_loss = coefficients["l1"] * (out.sums @ norms) / x.shape[0]
     else:
-        l1_loss = jnp.mean(coefficients["l1"] * lp_norm(feature_acts * norms, cfg.lp_norm))
+        l1_loss = jnp.mean(coefficients["l1"] * lp_norm(out.h * norms, cfg.lp_norm))
     losses = {"mse_loss": mse(sae_out, x), "l1_loss": l1_loss}
-    return finish(losses, feature_acts, hidden_pre, sae_out)
-
-
-def _kernel_forward(module: StandardSAE, params: dict, x: Array, cfg: StandardTrainingSAEConfig,
-                    coefficients: dict) -> TrainOutput:
-    """`training_forward` on jsae's dense CPU kernels: the same losses from lin, sums and counts."""
-    sae_in, state, shift = training_input(module, params, x)
-    out = _dense_fused.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"])
-    sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
-    norms = decoder_row_norms(params["W_dec"])
-    l1_loss = coefficients["l1"] * (out.sums @ norms) / x.shape[0]
-    losses = {"mse_loss": mse(sae_out, x), "l1_loss": l1_loss}
-    return finish(losses, out.h, None, sae_out)._replace(fired_count=out.fired)
+    return finish(losses, out.h, out.pre, sae_out)._replace(fired_count=out.fired)

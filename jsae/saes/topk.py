@@ -11,7 +11,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jsae import kernels
 from jsae._errors import ConfigError
 from jsae.config import SAEConfig
 from jsae.saes._base import (
@@ -19,13 +18,13 @@ from jsae.saes._base import (
     BaseSAEModule,
     decoder_row_norms,
     fold_decoder_norms,
-    row_top_k,
     topk_scatter,
     training_hidden_pre,
     training_module_cfg,
     zeros,
 )
-from jsae.saes._sparse_topk import aux_k_loss, encoder_product, pre_activations, sparse_topk_forward
+from jsae.saes._ops import REFERENCE, Ops, pre_activations
+from jsae.saes._sparse_topk import aux_k_loss, encoder_product, sparse_topk_forward
 from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, finish, mse
 
 
@@ -89,11 +88,8 @@ class TopKTrainingSAEConfig(TopKSAEConfig, TrainingFields):
         topk_implementation: how the training step computes the TopK forward and backward (same
             numbers either way): "dense" multiplies full (tokens, d_sae) activation matrices, "sparse"
             (`jsae.saes._sparse_topk`) only the encoder product and otherwise works on each token's k
-            active latents; "auto" picks sparse on CPU when d_sae >= SPARSE_MIN_D_SAE_PER_K * k
-            (SPARSE_MIN_D_SAE_PER_K_XLA * k without jsae's CPU kernels), dense otherwise. On CPU, 2
-            cores, with the kernels: sparse 1.6x faster at d_sae = 8 k (128 -> 256, k = 32), 2.3x at
-            16 k, 3.5x at 32 k, 4.7x at 512 k (768 -> 16384), level at 4 k; without them 1.4-2.2x at
-            32 k, level or slower at 16 k. Other backends are not measured and keep the dense path.
+            active latents; "auto" lets the execution plan choose from d_sae / k and the platform
+            (`jsae.backends.resolve_plan`; the crossovers measured are in bench/RESULTS.md).
     """
 
     aux_loss_coefficient: float = 1.0
@@ -111,22 +107,8 @@ class TopKTrainingSAEConfig(TopKSAEConfig, TrainingFields):
                 f"got {self.topk_implementation!r}."
             )
 
-    def uses_sparse_topk(self, backend: str | None = None) -> bool:
-        """Whether training takes the sparse path on `backend` (default: JAX's default backend)."""
-        if self.topk_implementation != "auto":
-            return self.topk_implementation == "sparse"
-        backend = backend or jax.default_backend()
-        if backend != "cpu":
-            return False
-        per_k = SPARSE_MIN_D_SAE_PER_K if kernels.available() else SPARSE_MIN_D_SAE_PER_K_XLA
-        return self.d_sae >= per_k * self.k
-
 
 TOPK_IMPLEMENTATIONS = ("auto", "dense", "sparse")
-# "auto" goes sparse on CPU when d_sae / k is at least this with jsae's CPU kernels (jsae.kernels),
-# or at least the second without them (see bench/bench.py --cases topk --dense-topk).
-SPARSE_MIN_D_SAE_PER_K = 8
-SPARSE_MIN_D_SAE_PER_K_XLA = 32
 
 
 def check_topk_training(cfg) -> None:
@@ -146,7 +128,7 @@ def act_times_W_dec(feature_acts: Array, W_dec: Array, rescale: bool) -> Array:
 
 
 def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array, W_dec: Array, *,
-                  rescale: bool, coefficient: float) -> Array:
+                  rescale: bool, coefficient: float, ops: Ops = REFERENCE) -> Array:
     """Aux-k loss (Gao et al. 2024, App. B.1): the top d_in/2 dead latents reconstruct the residual.
 
     scale = min(n_dead / k_aux, 1); reconstruction without b_dec; zero when nothing is dead.
@@ -158,7 +140,7 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
     def compute(_):
         residual = jax.lax.stop_gradient(x - sae_out)
         masked = jnp.where(dead_mask, hidden_pre, -jnp.inf)
-        values, indices = row_top_k(masked, k_static)
+        values, indices = ops.top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
         acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
         recons = act_times_W_dec(acts, W_dec, rescale)
@@ -173,29 +155,30 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
 
 
 def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coefficients: dict,
-                     dead_mask: Array, k: Array | None = None) -> TrainOutput:
-    """The TopK training forward; `k` (traced, <= cfg.k) keeps only the top k of cfg.k latents (sweeps over k)."""
-    if cfg.uses_sparse_topk():
-        return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask, k=k)
+                     dead_mask: Array, ops: Ops = REFERENCE, k: Array | None = None) -> TrainOutput:
+    """The TopK training forward (sae_lens/saes/topk_sae.py); `k` (traced, <= cfg.k) keeps only the
+    top k of cfg.k latents (sweeps over k). `ops.sparse_topk` takes the sparse path."""
+    if ops.sparse_topk:
+        return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask, k=k, ops=ops)
     module = TopKSAE(training_module_cfg(cfg))
     hidden_pre, state = training_hidden_pre(module, params, x)
     if cfg.rescale_acts_by_decoder_norm:
         hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
     if k is None:
-        feature_acts = topk_scatter(hidden_pre, cfg.k)
+        feature_acts = topk_scatter(hidden_pre, cfg.k, ops.top_k)
     else:
-        values, indices = row_top_k(hidden_pre, cfg.k)
+        values, indices = ops.top_k(hidden_pre, cfg.k)
         values = jnp.where(jnp.arange(cfg.k) < k, jax.nn.relu(values), 0)  # ranks below k only
         feature_acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
     sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
     aux = topk_aux_loss(x, sae_out, hidden_pre, dead_mask, params["W_dec"],
-                        rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient)
+                        rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient, ops=ops)
     losses = {"mse_loss": mse(sae_out, x), "auxiliary_reconstruction_loss": aux}
     return finish(losses, feature_acts, hidden_pre, sae_out)
 
 
 def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, dead_mask: Array,
-                            k: Array | None = None) -> TrainOutput:
+                            k: Array | None = None, ops: Ops = REFERENCE) -> TrainOutput:
     """`training_forward` on the sparse path: same losses and gradients, `top_acts` / `top_indices` set.
 
     Input preparation is the dense module's for the normalisations TopK trains with (a cast and
@@ -205,22 +188,22 @@ def sparse_training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfi
     rescale, apply_b_dec = cfg.rescale_acts_by_decoder_norm, cfg.apply_b_dec_to_input
     x_in = jnp.asarray(x).astype(cfg.jnp_dtype)
     out = sparse_topk_forward(x_in, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"], k=cfg.k, rescale=rescale,
-                              apply_b_dec=apply_b_dec, k_active=k)
+                              apply_b_dec=apply_b_dec, k_active=k, ops=ops)
 
     residual = jax.lax.stop_gradient(x - out.sae_out)
     aux = aux_k_loss(out.product, x_in, residual, dead_mask, p["b_dec"], p["W_enc"], p["b_enc"], p["W_dec"],
-                     rescale=rescale, apply_b_dec=apply_b_dec, coefficient=cfg.aux_loss_coefficient)
+                     rescale=rescale, apply_b_dec=apply_b_dec, coefficient=cfg.aux_loss_coefficient, ops=ops)
     losses = {"mse_loss": mse(out.sae_out, x), "auxiliary_reconstruction_loss": aux}
     # Dense pre-activations and activations for callers that want them; dead code in a jitted
     # step, which reads top_acts / top_indices.
     # (formed here, where the screened top-k never formed it, only if something reads it)
-    product = jax.lax.stop_gradient(encoder_product(out.product, x_in, p["b_dec"], p["W_enc"], apply_b_dec))
+    product = jax.lax.stop_gradient(encoder_product(out.product, x_in, p["b_dec"], p["W_enc"], apply_b_dec, ops=ops))
     pre = pre_activations(product, p["b_enc"], decoder_row_norms(p["W_dec"]) if rescale else None)
     feature_acts = jnp.put_along_axis(jnp.zeros_like(pre), out.top_indices, out.top_acts, axis=-1, inplace=False)
     return finish(losses, jax.lax.stop_gradient(feature_acts), jax.lax.stop_gradient(pre), out.sae_out)._replace(
         top_acts=out.top_acts, top_indices=out.top_indices)
 
 
-def to_inference_params(params: dict, cfg: TopKTrainingSAEConfig) -> dict:
+def to_inference_params(params: dict, state: dict, cfg: TopKTrainingSAEConfig, input_scale: float) -> dict:
     """Fold decoder norms into the encoder when trained with rescaling (as SAELens saves it)."""
     return fold_decoder_norms(params, scale_keys=("b_enc",)) if cfg.rescale_acts_by_decoder_norm else params

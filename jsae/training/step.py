@@ -16,13 +16,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jsae import kernels
+from jsae.backends import ExecutionPlan, resolve_plan
 from jsae.saes import get_training_architecture
 from jsae.saes._training import init_training_params
-from jsae.saes.batchtopk import init_threshold, threshold_value, update_threshold
 from jsae.training.config import TrainConfig
+from jsae.training.optim import apply_update, make_optimizer
 from jsae.training.schedules import coefficient_schedule
 
 Array = jax.Array
@@ -40,8 +39,8 @@ class TrainState:
         steps_since_fired: per latent, steps since it last fired (SAELens' n_forward_passes_since_fired).
         act_freq: per latent, tokens it fired on in the current feature_sampling_window.
         window_tokens: tokens seen in the current window.
-        batch_threshold: BatchTopK running threshold as a float32 (hi, lo) pair (zeros otherwise).
-        scaling_factor: input scale for expected_average_only_in (1.0 otherwise).
+        extra: the architecture's own training state (`TrainingArchitecture.init_state`; {} for most).
+        scaling_factor: input scale for expected_average_only_in (1.0 otherwise), for every architecture.
         skipped_batches: batches left out for holding NaN/inf.
     """
 
@@ -52,31 +51,16 @@ class TrainState:
     steps_since_fired: Array
     act_freq: Array
     window_tokens: Array
-    batch_threshold: Array
+    extra: Any
     scaling_factor: Array
     skipped_batches: Array
-
-
-ADAM_EPS = 1e-8  # torch.optim.Adam's default
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clip, then Adam's direction (torch Adam: eps 1e-8 outside the sqrt).
-
-    The learning rate is applied by the step (`-lr(step) * direction`), so that SAEs trained side
-    by side in a sweep can each follow their own schedule.
-    """
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.scale_by_adam(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=ADAM_EPS),
-    )
 
 
 def init_train_state(cfg: TrainConfig, *, params: dict | None = None, scaling_factor: float = 1.0) -> TrainState:
     """A fresh state: SAELens' training init (or `params`), optimiser state and zeroed counters.
 
-    Built by one compiled function per config (seed aside), not op by op: eagerly, each of the
-    init's ~40 small operations compiled on its own (~0.8 s on 2 CPU cores, before training starts).
+    Built by one compiled function per config (seed aside), not op by op, so that the init's many
+    small operations compile once.
     """
     arch = get_training_architecture(cfg.sae.architecture)
     key = jax.random.key(cfg.seed)
@@ -102,7 +86,7 @@ def _state_initializer(cfg: TrainConfig) -> Callable[..., TrainState]:
             steps_since_fired=jnp.zeros((d_sae,), jnp.float32),
             act_freq=jnp.zeros((d_sae,), jnp.float32),
             window_tokens=jnp.zeros((), jnp.float32),
-            batch_threshold=init_threshold(),
+            extra=get_training_architecture(cfg.sae.architecture).init_state(cfg.sae),
             scaling_factor=scaling_factor,
             skipped_batches=jnp.zeros((), jnp.int32),
         )
@@ -139,57 +123,6 @@ class Hyperparameters(NamedTuple):
     forward_kwargs: Callable[[Any], dict[str, Any]]
 
 
-# XLA options the training steps compile with, per platform. On CPU, XLA's YNNPACK fusions run
-# the step's (tokens, d_in) x (d_in, d_sae) encoder product ~10% slower than its default dot on
-# 2 cores (768 -> 6144: 229 vs 210 ms), ~5% of a dense step (bench/RESULTS.md).
-STEP_COMPILER_OPTIONS = {"cpu": {"xla_cpu_experimental_ynn_fusion_type": ""}}
-
-
-@functools.cache
-def step_compiler_options(platform: str | None = None) -> dict[str, str] | None:
-    """`compiler_options` for `jax.jit` of a training step on `platform` (default: JAX's default backend).
-
-    None where jsae sets nothing, or where this jaxlib does not know an option.
-    """
-    platform = platform or jax.default_backend()
-    options = STEP_COMPILER_OPTIONS.get(platform)
-    if not options:
-        return None
-    probe = jax.device_put(np.zeros((2, 2), np.float32), jax.devices(platform)[0])
-    try:
-        jax.jit(lambda a: a @ a, compiler_options=options).lower(probe).compile()
-    except Exception:  # an option this jaxlib does not know: compile with its defaults
-        return None
-    return dict(options)
-
-
-def uses_fused_adam(cfg: TrainConfig, params: dict) -> bool:
-    """Whether the step updates `params` with jsae.kernels.adam (cfg.adam_implementation "auto",
-    JAX's default backend the CPU, every parameter float32, the CPU kernels available)."""
-    return (cfg.adam_implementation == "auto" and jax.default_backend() == "cpu"
-            and all(p.dtype == jnp.float32 for p in jax.tree.leaves(params)) and kernels.available())
-
-
-def _fused_adam(cfg: TrainConfig, grads: dict, opt_state: Any, params: dict, lr: Array) -> tuple[dict, Any]:
-    """make_optimizer's chain and apply_updates in one pass over each parameter (jsae.kernels.adam):
-    the same clip, moments, bias corrections and update, computed as optax does; the global norm's
-    squares summed by dot products (one read of each gradient; sums in another order)."""
-    clip_state, adam_state = opt_state
-    norm = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
-    keep = norm < cfg.max_grad_norm
-    count = optax.safe_increment(adam_state.count)
-    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
-    f32 = jnp.float32
-    coefficients = jnp.stack([
-        keep.astype(f32), norm.astype(f32), f32(cfg.max_grad_norm), f32(1 - b1), f32(b1), f32(1 - b2), f32(b2),
-        (1 - b1**count).astype(f32), (1 - b2**count).astype(f32), f32(ADAM_EPS), -jnp.asarray(lr, f32)])
-    new_params, mu, nu = {}, {}, {}
-    for name in params:
-        new_params[name], mu[name], nu[name] = kernels.adam(params[name], grads[name], adam_state.mu[name],
-                                                            adam_state.nu[name], coefficients)
-    return new_params, (clip_state, adam_state._replace(count=count, mu=mu, nu=nu))
-
-
 def hyperparameters(cfg: TrainConfig) -> Hyperparameters:
     """The hyperparameters of one SAE (the member index is ignored)."""
     lr_fn = cfg.lr_schedule()
@@ -201,23 +134,27 @@ def hyperparameters(cfg: TrainConfig) -> Hyperparameters:
     )
 
 
-def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[[TrainState, Array], tuple]:
+def make_train_step(cfg: TrainConfig, axis_name: str | None = None, *,
+                    plan: ExecutionPlan | None = None) -> Callable[[TrainState, Array], tuple]:
     """Build the pure step for `cfg`.
 
     Args:
         cfg: the run config (static: closed over, never traced).
         axis_name: the collective axis to average gradients and metrics over (pmap / shard_map), or None.
+        plan: what runs (`jsae.resolve_plan`); default: the plan for `cfg` on JAX's default backend.
+            Compile with `compiler_options=plan.jit_compiler_options`.
 
     Returns:
         step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard. Where
-        `branches_on_dead_latents(cfg)` it is a `lax.cond` on whether any latent is dead
+        `plan.dead_latent_branch` it is a `lax.cond` on whether any latent is dead
         (`state.steps_since_fired`, the same on every device) between two programs.
     """
+    plan = plan or resolve_plan(cfg)
     hyper = hyperparameters(cfg)
-    step = build_step(cfg, hyper, axis_name)
-    if not branches_on_dead_latents(cfg):
+    step = build_step(cfg, hyper, axis_name, plan=plan)
+    if not plan.dead_latent_branch:
         return lambda state, batch: step(state, batch, None)
-    none_dead = build_step(cfg, hyper, axis_name, none_dead=True)
+    none_dead = build_step(cfg, hyper, axis_name, none_dead=True, plan=plan)
 
     def branched(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
         any_dead = jnp.any(state.steps_since_fired > cfg.dead_feature_window)
@@ -226,34 +163,21 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None) -> Callable[
     return branched
 
 
-# From this many weights per matrix (d_in * d_sae) the step branches on dead latents. In the
-# none-dead program the dead mask is a constant and XLA drops the aux-k loss's branches, which
-# otherwise fill zero residuals and zero W_enc / W_dec gradients every step while nothing is dead:
-# on 2 cores, TopK 768 -> 16384 ~57 ms of a ~1 s step (the step's median 1.22 -> 0.93 s). Two
-# programs compile ~0.5-0.7 s longer (up to ~2 s beside the first buffer fill), which narrower
-# SAEs do not win back (128 -> 1024: ~1-4 ms of a ~30 ms step).
-DEAD_BRANCH_MIN_WEIGHTS = 1 << 21
-
-
-def branches_on_dead_latents(cfg: TrainConfig) -> bool:
-    """Whether `make_train_step(cfg)` is a `lax.cond` on any latent being dead: an architecture with an
-    aux-k loss (`TrainingArchitecture.dead_latent_loss`) and at least DEAD_BRANCH_MIN_WEIGHTS weights per matrix."""
-    return (get_training_architecture(cfg.sae.architecture).dead_latent_loss
-            and cfg.sae.d_in * cfg.sae.d_sae >= DEAD_BRANCH_MIN_WEIGHTS)
-
-
 def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None = None, *,
-               none_dead: bool = False) -> Callable:
+               none_dead: bool = False, plan: ExecutionPlan | None = None) -> Callable:
     """step(state, batch, member) -> (state, metrics) for `cfg`'s shapes and architecture, taking the
-    learning rate, coefficients and forward arguments from `hyper` (see `jsae.training.sweep`).
+    learning rate, coefficients and forward arguments from `hyper` (see `jsae.training.sweep`) and
+    the primitives and optimiser update from `plan`.
 
     none_dead: the caller knows no latent is dead; the forward then sees a constant all-false dead
     mask, so the dead-latent losses' `lax.cond` stays a branch under vmap instead of becoming a
     select that computes both sides.
     """
+    plan = plan or resolve_plan(cfg)
     sae_cfg = cfg.sae
     arch = get_training_architecture(sae_cfg.architecture)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, plan)
+    ops = plan.ops()
     scale_inputs = sae_cfg.normalize_activations == "expected_average_only_in"
 
     def reduce_mean(x):
@@ -274,7 +198,8 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
             dead_mask = state.steps_since_fired > cfg.dead_feature_window
 
         def loss_fn(p):
-            out = arch.forward(p, x, cfg=sae_cfg, coefficients=coefficients, dead_mask=dead_mask, **forward_kwargs)
+            out = arch.forward(p, x, cfg=sae_cfg, coefficients=coefficients, dead_mask=dead_mask, ops=ops,
+                               **forward_kwargs)
             return out.loss, out
 
         # Differentiate each device's own loss w.r.t. a device-varying view of the parameters, then
@@ -289,21 +214,11 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
         local_fired = out.fired_counts()
         fired_counts = reduce_sum(local_fired)
         n_tokens = reduce_sum(jnp.asarray(x.shape[0], jnp.float32))
-        fused_adam = uses_fused_adam(cfg, params)
 
         def apply(state: TrainState) -> TrainState:
-            if fused_adam:
-                new_params, opt_state = _fused_adam(cfg, grads, state.opt_state, params, lr)
-            else:
-                directions, opt_state = tx.update(grads, state.opt_state, params)
-                updates = jax.tree.map(lambda d: (-lr * d).astype(d.dtype), directions)
-                new_params = optax.apply_updates(params, updates)
+            new_params, opt_state = apply_update(tx, grads, state.opt_state, params, lr)
             reset = (state.step > 0) & (state.step % cfg.feature_sampling_window == 0)
             steps_since_fired = jnp.where(fired_counts > 0, 0.0, state.steps_since_fired + 1)
-            batch_threshold = state.batch_threshold
-            if arch.batch_threshold:
-                batch_threshold = update_threshold(batch_threshold, out.feature_acts, sae_cfg.topk_threshold_lr,
-                                                   axis_name)
             return state.replace(
                 step=state.step + 1,
                 params=new_params,
@@ -311,7 +226,7 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
                 steps_since_fired=steps_since_fired,
                 act_freq=jnp.where(reset, 0.0, state.act_freq) + fired_counts,
                 window_tokens=jnp.where(reset, 0.0, state.window_tokens) + n_tokens,
-                batch_threshold=batch_threshold,
+                extra=arch.update_state(state.extra, out, sae_cfg, axis_name),
             )
 
         # A non-finite batch (or gradient) leaves the state untouched, step counter included. A
@@ -339,8 +254,7 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
             "details/batch_finite": finite,
         }
         metrics |= {f"details/{name}_coefficient": value for name, value in coefficients.items()}
-        if arch.batch_threshold:
-            metrics["metrics/topk_threshold"] = threshold_value(new_state.batch_threshold)
+        metrics |= arch.state_metrics(new_state.extra, sae_cfg)
         return new_state, metrics
 
     return step

@@ -2,10 +2,9 @@
 
 A sweep is a base `TrainConfig` plus axes, e.g. `{"sae.l1_coefficient": [1, 2, 4, 8], "seed": [0, 1, 2, 3]}`;
 the axes are zipped (all the same length), giving one member config per position. The members'
-states are stacked along a leading axis and `jax.vmap` (or, on CPU, the members written out one by
-one or `lax.map`: see `make_sweep_step`) runs
-every member's step on the same batch, so one activation stream (and one model forward) feeds all
-of them.
+states are stacked along a leading axis and the step runs every member on the same batch (vmapped,
+mapped or unrolled: the execution plan's `sweep`), so one activation stream (and one model forward)
+feeds all of them.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jsae import kernels
 from jsae._errors import ConfigError
+from jsae.backends import ExecutionPlan, resolve_plan
 from jsae.training.config import SWEEP_STRATEGIES, TrainConfig
 from jsae.training.schedules import coefficient_schedule
 from jsae.training.step import Hyperparameters, TrainState, build_step, init_train_state
@@ -128,33 +127,9 @@ def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
     return base.replace(sae=base.sae.replace(k=k_max)) if k_max else base
 
 
-# Without jsae's CPU top-k kernel, "auto" unrolls on CPU up to this many members (compile time
-# grows with each), maps beyond.
-UNROLL_MAX_MEMBERS = 16
-
-
-def resolve_strategy(strategy: str, n_members: int, backend: str | None = None,
-                     cpu_kernels: bool | None = None) -> str:
-    """The strategy "auto" stands for: vmap off CPU; map on CPU.
-
-    Unrolled members paid on CPU while XLA's top-k ran on one core (the other core could take
-    another member's work); with jsae's CPU kernels (`jsae.kernels`, on every core) they no longer
-    do (8 TopK 128 -> 1024 members: 16.9-17.0 ms a member unrolled, 16.5-18.8 mapped, 17.9-18.1
-    vmapped) and compile 2-3x longer (6.0 vs 2.3-3.6 s), so "auto" unrolls only without the
-    kernels, up to UNROLL_MAX_MEMBERS members.
-    `cpu_kernels`: whether the kernel is there (default: `jsae.kernels.available()`).
-    """
-    if strategy != "auto":
-        return strategy
-    if (backend or jax.default_backend()) != "cpu":
-        return "vmap"
-    if cpu_kernels is None:
-        cpu_kernels = kernels.available()
-    return "unroll" if not cpu_kernels and n_members <= UNROLL_MAX_MEMBERS else "map"
-
-
 def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None,
-                    streams: Sequence[int] = (), strategy: str = "auto") -> Callable:
+                    streams: Sequence[int] = (), strategy: str = "auto", *,
+                    plan: ExecutionPlan | None = None) -> Callable:
     """step(states, batch) -> (states, metrics) for all members at once (states stacked on axis 0).
 
     Args:
@@ -162,23 +137,24 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
         axis_name: collective axis, as in `make_train_step`.
         streams: for several activation streams (hook points), the stream each member reads; the batch
             is then (n_streams, tokens, d_in). Empty: one (tokens, d_in) batch feeds every member.
-        strategy: "vmap" batches the members' products together (the fast choice on accelerators);
-            "unroll" writes each member's step out in the one compiled step, so XLA:CPU runs
-            independent members' work side by side (compile time grows with the members); "map"
-            runs them one after another in a loop (`lax.map`); "auto": `resolve_strategy`. On 2 CPU
-            cores, 8 TopK 128 -> 1024 members took 16.5-18.8 ms a member mapped, 16.9-17.0
-            unrolled, 17.9-18.1 vmapped (compile 2.3-3.6, 6.0 and 3.0-4.4 s; bench/RESULTS.md).
+        strategy: "vmap" batches the members' products together; "unroll" writes each member's step
+            out in the one compiled step, so XLA can run independent members' work side by side
+            (compile time grows with the members); "map" runs them one after another in a loop
+            (`lax.map`); "auto": the plan's choice (`jsae.backends.resolve_strategy`).
+        plan: what runs (default: `resolve_plan` of the members' shared config with `strategy`).
 
     Every metric gains a leading member axis. Works under shard_map / pmap like `make_train_step`.
     """
     if strategy not in SWEEP_STRATEGIES:
         raise ConfigError(f"sweep strategy must be one of {list(SWEEP_STRATEGIES)}, got {strategy!r}.")
-    strategy = resolve_strategy(strategy, len(members))
     shape_cfg = check_members(members)
+    if plan is None:
+        plan = resolve_plan(shape_cfg.replace(sweep_strategy=strategy), n_members=len(members))
+    strategy = plan.sweep or "vmap"
     hyper = sweep_hyperparameters(members)
     index = jnp.arange(len(members))
     stream_of = jnp.asarray(streams, jnp.int32) if streams else None
-    with_dead = build_step(shape_cfg, hyper, axis_name)
+    with_dead = build_step(shape_cfg, hyper, axis_name, plan=plan)
     if strategy == "unroll":
 
         def unrolled_step(states: TrainState, batch: Array):
@@ -199,7 +175,7 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
         return mapped_step
     # Under vmap a per-member "any latent dead?" branch would run both sides, so the sweep branches
     # once, outside the vmap, on whether any member has dead latents.
-    none_dead = build_step(shape_cfg, hyper, axis_name, none_dead=True)
+    none_dead = build_step(shape_cfg, hyper, axis_name, none_dead=True, plan=plan)
 
     def step(states: TrainState, batch: Array):
         if stream_of is None:

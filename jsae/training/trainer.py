@@ -22,9 +22,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jsae._errors import ConfigError, InputError, JsaeError
+from jsae.backends import ExecutionPlan, resolve_plan
 from jsae.sae import SAE
-from jsae.saes import get_training_architecture
-from jsae.saes.batchtopk import to_inference_params as batchtopk_inference_params
+from jsae.saes import TrainingArchitecture, get_training_architecture
 from jsae.training.config import TrainConfig
 from jsae.training.step import (
     TrainState,
@@ -33,36 +33,31 @@ from jsae.training.step import (
     init_train_state,
     log_feature_sparsity,
     make_train_step,
-    step_compiler_options,
 )
-from jsae.training.sweep import Sweep, init_sweep_state, make_sweep_step, member_state
+from jsae.training.sweep import Sweep, check_members, init_sweep_state, make_sweep_step, member_state
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
-# Feature sharding: where each leaf's d_sae axis goes, by SAELens tensor name (parameters and their
-# Adam moments) or TrainState field (per-latent counters). Specs cover the trailing dimensions;
-# leaves not named here (b_dec, W_skip, scalars) are replicated.
-LATENT_SPECS: dict[str, tuple] = {
-    "W_enc": (None, MODEL_AXIS),
-    "W_dec": (MODEL_AXIS, None),
-    **{name: (MODEL_AXIS,) for name in ("b_enc", "threshold", "b_gate", "b_mag", "r_mag",
-                                        "steps_since_fired", "act_freq")},
-}
+# Per-latent TrainState counters (one entry per latent), split over the model axis with the latents.
+LATENT_COUNTERS = ("steps_since_fired", "act_freq")
 
 
-def state_sharding(state: Any, mesh: Mesh) -> Any:
+def state_sharding(state: Any, mesh: Mesh, arch: TrainingArchitecture) -> Any:
     """NamedShardings for `state` (a TrainState or its abstract shapes) that split the latents over the
-    mesh's model axis, derived from the leaves' names (never their shapes: d_in may equal d_sae)."""
+    mesh's model axis: the architecture's per-latent parameters (`arch.latent_axes`; their Adam
+    moments carry the same names) and the per-latent counters. Derived from the leaves' names,
+    never their shapes (d_in may equal d_sae); everything else is replicated."""
+    axes = dict(arch.latent_axes) | dict.fromkeys(LATENT_COUNTERS, -1)
 
     def sharding(path, leaf):
         last = path[-1] if path else None
         name = getattr(last, "key", getattr(last, "name", None))
-        spec = LATENT_SPECS.get(name) if isinstance(name, str) else None
+        axis = axes.get(name) if isinstance(name, str) else None
         ndim = len(getattr(leaf, "shape", ()))
-        if spec is None or ndim < len(spec):
+        if axis is None or ndim < -axis:
             return NamedSharding(mesh, P())
-        return NamedSharding(mesh, P(*(None,) * (ndim - len(spec)), *spec))
+        return NamedSharding(mesh, P(*(MODEL_AXIS if i == ndim + axis else None for i in range(ndim))))
 
     return jax.tree_util.tree_map_with_path(sharding, state)
 
@@ -138,11 +133,15 @@ class Trainer:
         stacked = sweep is not None and bool(sweep.streams)
         batch_spec = P(None, DATA_AXIS) if stacked else P(DATA_AXIS)
         self.batch_sharding = NamedSharding(self.mesh, batch_spec)
-        options = step_compiler_options(self.devices[0].platform)
+        shape_cfg = cfg if sweep is None else check_members(sweep.members).replace(sweep_strategy=cfg.sweep_strategy)
+        self.plan: ExecutionPlan = resolve_plan(shape_cfg, devices=self.devices,
+                                                n_members=1 if sweep is None else len(sweep.members),
+                                                feature_sharded=model > 1)
+        options = self.plan.jit_compiler_options
         if model > 1:
             # GSPMD: the plain step on the global batch; XLA partitions it (top-k over sharded latents
             # included) and inserts the collectives. The state stays sharded between steps.
-            shardings = state_sharding(jax.eval_shape(self._fresh_state), self.mesh)
+            shardings = state_sharding(jax.eval_shape(self._fresh_state), self.mesh, self.arch)
             self.step_fn = jax.jit(self._make_step(None), in_shardings=(shardings, self.batch_sharding),
                                    out_shardings=(shardings, self.replicated), donate_argnums=0,
                                    compiler_options=options)
@@ -166,19 +165,8 @@ class Trainer:
 
     def _make_step(self, axis_name: str | None):
         if self.sweep is None:
-            return make_train_step(self._step_config(self.cfg), axis_name)
-        members = [self._step_config(member) for member in self.sweep.members]
-        return make_sweep_step(members, axis_name, self.sweep.streams, self.cfg.sweep_strategy)
-
-    def _step_config(self, cfg: TrainConfig) -> TrainConfig:
-        """The config the step is built from. With latents split over devices, dense steps keep XLA's
-        products and Adam stays optax's: XLA partitions those, while jsae's CPU kernels (like any
-        FFI call) would run on gathered, whole weights on every device."""
-        if self.model_axis_size == 1:
-            return cfg
-        if getattr(cfg.sae, "dense_implementation", "xla") != "xla":
-            cfg = cfg.replace(sae=cfg.sae.replace(dense_implementation="xla"))
-        return cfg.replace(adam_implementation="optax")
+            return make_train_step(self.cfg, axis_name, plan=self.plan)
+        return make_sweep_step(self.sweep.members, axis_name, self.sweep.streams, plan=self.plan)
 
     def _fresh_state(self, scaling_factor: float | list[float] = 1.0, params: dict | None = None) -> TrainState:
         if self.sweep is None:
@@ -288,7 +276,7 @@ class Trainer:
         """Where each leaf of `state` lives: replicated, or with the latents split over the model axis."""
         if self.model_axis_size == 1:
             return jax.tree.map(lambda _: self.replicated, state)
-        return state_sharding(state, self.mesh)
+        return state_sharding(state, self.mesh, self.arch)
 
     def _to_host(self, tree: Any) -> Any:
         """`tree` as numpy arrays on this process; gathers shards held by other processes (a collective:
@@ -341,6 +329,7 @@ class Trainer:
         norm_batches = consumed if restored is None else int(meta["norm_batches"])
         start_step = consumed - norm_batches
         logger = MetricsLogger(cfg, enabled=self.is_primary, append=restored is not None)
+        logger.log_plan(start_step, start_step * cfg.train_batch_size_tokens, self.plan.to_dict())
         total = cfg.total_training_steps
         progress = _progress(cfg, start_step, enabled=self.is_primary)
         previous = self._install_signal_handlers()
@@ -507,20 +496,16 @@ class Trainer:
         host = self._to_host(state.replace(opt_state=None))
         params = {k: np.asarray(v) for k, v in host.params.items()}
         scale = float(host.scaling_factor)
-        threshold = float(np.float64(host.batch_threshold[0]) + np.float64(host.batch_threshold[1]))
         inference_cfg = sae_cfg.inference_config()
         if sae_cfg.normalize_activations == "expected_average_only_in":
             params["W_enc"] = params["W_enc"] * scale
             params["W_dec"] = params["W_dec"] / scale
             params["b_dec"] = params["b_dec"] / scale
-            if self.arch.batch_threshold and sae_cfg.rescale_acts_by_decoder_norm:
-                threshold /= scale
             inference_cfg = inference_cfg.replace(normalize_activations="none")
-        params = {k: jnp.asarray(v) for k, v in params.items()}
-        if self.arch.batch_threshold:
-            params = batchtopk_inference_params(params, sae_cfg, threshold)
         else:
-            params = self.arch.fold_for_inference(params, sae_cfg)
+            scale = 1.0
+        params = {k: jnp.asarray(v) for k, v in params.items()}
+        params = self.arch.to_inference(params, host.extra, sae_cfg, scale)
         dtype = inference_cfg.jnp_dtype
         params = {k: v.astype(dtype) for k, v in params.items()}
         density = np.asarray(feature_density(host))
@@ -528,7 +513,8 @@ class Trainer:
         import jsae
 
         metadata = inference_cfg.metadata.replace(
-            l0=float(density.sum()), num_dead_features=dead, jsae_version=jsae.__version__
+            l0=float(density.sum()), num_dead_features=dead, jsae_version=jsae.__version__,
+            jsae_execution=self.plan.to_dict(),
         )
         return SAE(inference_cfg.replace(metadata=metadata), params, np.asarray(log_feature_sparsity(host)))
 
@@ -564,6 +550,14 @@ class MetricsLogger:
             self.file.flush()
         if self.wandb is not None:
             self.wandb.log(values, step=step)
+
+    def log_plan(self, step: int, tokens: int, plan: dict) -> None:
+        """Record the execution plan a (re)started run executes (`jsae_execution`, as in cfg.json)."""
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "tokens": tokens, "jsae_execution": plan}) + "\n")
+            self.file.flush()
+        if self.wandb is not None:
+            self.wandb.config.update({"jsae_execution": plan}, allow_val_change=True)
 
     def close(self) -> None:
         if self.file is not None:

@@ -1,64 +1,32 @@
 """The dense training forward and backward of ReLU (standard) and JumpReLU SAEs on CPU, through
-jsae's BLAS kernels (`jsae.kernels.dense_encode` and `dense_backward`).
+jsae's BLAS kernels (`kernels.dense_encode` and `dense_backward`): the CPU replacement of
+`jsae.saes._ops.dense_forward`.
 
-XLA:CPU runs a dense step's five products at ~240-280 GFLOP/s on the 2-core machine of
-bench/RESULTS.md, and writes each (tokens, d_sae) intermediate — pre-activations, activations,
-masks, their cotangents — out to memory between its fusions. The kernels call OpenBLAS' sgemm
-(~310-330 GFLOP/s there) on blocks, and do the elementwise work on each block between its
-products while it is in cache: the forward in blocks of tokens (x W_enc + b_enc, the activation,
-its column sums and counts, then the block's decoder product), the backward in blocks of latents
-(the block's rows of the W_dec gradient, its columns of the activations' cotangent, masked into
-g_pre and summed for b_enc, then its columns of the W_enc gradient), so g_pre is never written out.
-The results are the XLA path's up to float rounding (sums in another order).
+XLA:CPU writes each (tokens, d_sae) intermediate of a dense step (pre-activations, activations,
+masks, their cotangents) out to memory between its fusions. The kernels call a BLAS sgemm on
+blocks, and do the elementwise work on each block between its products while it is in cache: the
+forward in blocks of tokens (x W_enc + b_enc, the activation, its column sums and counts, then the
+block's decoder product), the backward in blocks of latents (the block's rows of the W_dec
+gradient, its columns of the activations' cotangent, masked into g_pre and summed for b_enc, then
+its columns of the W_enc gradient), so g_pre is never written out. The results are the
+reference's up to float rounding (sums in another order).
 
-`dense_forward` carries the whole backward as a custom VJP. Its differentiable outputs are the
-reconstruction before b_dec (`lin`), the activations' column sums (`sums`, what a ReLU SAE's L1
-penalty needs) and the per-token count of firing latents (`l0`, what JumpReLU's L0 penalty needs);
-the activations `h` and pre-activations `pre` it returns are for metrics and may not be
-differentiated.
+`dense_forward` carries the whole backward as a custom VJP. Only its outputs `lin`, `sums` and
+`l0` are differentiable; `h` and `pre` are for metrics (differentiating them raises), so the plan
+takes this path only for losses that read nothing else (`dense_step_fusable`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jsae import kernels
+from jsae.backends.cpu import kernels
+from jsae.saes._ops import DenseForward
 
 Array = jax.Array
-
-DENSE_IMPLEMENTATIONS = ("auto", "xla")
-
-
-class DenseForward(NamedTuple):
-    """`dense_forward`'s result.
-
-    Attributes:
-        h: activations (tokens, d_sae); not differentiable.
-        pre: pre-activations (tokens, d_sae) for JumpReLU, None for ReLU (not written out).
-        lin: h W_dec (tokens, d_in): the reconstruction before b_dec.
-        sums: Σ_tokens h (d_sae,).
-        fired: tokens each latent fired on (d_sae,); not differentiable.
-        l0: latents that fired, per token (tokens,).
-    """
-
-    h: Array
-    pre: Array | None
-    lin: Array
-    sums: Array
-    fired: Array
-    l0: Array
-
-
-def uses_kernels(cfg) -> bool:
-    """Whether a dense step with `cfg` may run on the kernels: its `dense_implementation` is
-    "auto", JAX's default backend is the CPU, its dtype is float32 and `kernels.dense_available()`
-    (the architecture's `uses_dense_kernels` adds what its losses need)."""
-    return (getattr(cfg, "dense_implementation", "xla") == "auto" and jax.default_backend() == "cpu"
-            and cfg.jnp_dtype == jnp.float32 and kernels.dense_available())
 
 
 def dense_forward(x: Array, shift: Array | None, W_enc: Array, b_enc: Array, W_dec: Array, threshold: Array | None = None,

@@ -1,29 +1,28 @@
-"""jsae's CPU kernels: a row-wise top-k, the encoder's top-k, TopK training's sparse products and the dense steps' fused products for XLA:CPU, built on first use.
+"""jsae's CPU kernels for XLA:CPU, built on first use: a row-wise top-k, the encoder's top-k, TopK
+training's sparse products, the dense steps' fused products, a BLAS product and a fused Adam update.
 
-XLA:CPU's top-k runs a partial sort over each row on one thread (35 ms for 4096 rows of 1024
-latents with k = 32 on the 2-core machine of bench/RESULTS.md); TopK SAEs take one every step.
-`cpu_kernels.cc` beside this file selects the same values and indices in the same order from the
-few entries that can be among the top k, on XLA's intra-op threads (1.9 ms for the same top-k).
-The sparse TopK step's products over each token's k active latents (`gather_rows_dot`,
-`gather_rows_weighted`, `scatter_rows`, see `jsae.saes._sparse_topk`) are XLA gathers and
-scatters of one row at a time otherwise; here they are loops over rows on the same threads.
+XLA:CPU's top-k runs a partial sort over each row on one thread; `cpu_kernels.cc` beside this
+file selects the same values and indices in the same order from the few entries that can be among
+the top k, on XLA's intra-op threads. The sparse TopK step's products over each token's k active
+latents (`gather_rows_dot`, `gather_rows_weighted`, `scatter_rows`) are XLA gathers and scatters
+of one row at a time otherwise; here they are loops over rows on the same threads.
 
-On CPUs with AMX tiles, `encoder_top_k` takes the sparse step's top-k without XLA's dense float32
+On CPUs with AMX tiles, `encoder_top_k` takes the sparse step's top-k without the dense float32
 encoder product: a bf16 product on the tiles, with a rigorous bound on its error, picks the
-candidates, which get float32 dot products (768 -> 16384, 4096 tokens: 172-180 ms against
-405-441 ms for XLA's product and `top_k_affine`).
+candidates, which get float32 dot products.
 
 `dense_encode` and `dense_backward` (`dense_kernels.cc`) run a standard or JumpReLU SAE's dense
 training step: its five products on a BLAS sgemm (MKL on Intel CPUs where installed, else
-OpenBLAS from scipy-openblas32; `_blas_library`), one single-threaded call per block on each of XLA's threads,
-with the elementwise work between the products done on each block (see jsae.saes._dense_fused).
+OpenBLAS from scipy-openblas32; `_blas_library`), one single-threaded call per block on each of
+XLA's threads, with the elementwise work between the products done on each block
+(`jsae.backends.cpu.dense`).
 
 It is C++ against the XLA FFI headers jaxlib ships, compiled once per machine with the system's
 C++ compiler (`$CXX`, else `c++`) into a cache folder (`$JSAE_CACHE_DIR`, else
 `$XDG_CACHE_HOME/jsae`, else `~/.cache/jsae`) and loaded from there afterwards. Where it cannot be
-built (no compiler, not x86/ARM Linux or macOS) jsae warns once and uses XLA's own operations: the
-results are the same either way (the sparse products up to float rounding). `JSAE_CPU_KERNELS=0`
-turns the kernels off.
+built (no compiler, not x86/ARM Linux or macOS) jsae warns once and the execution plan keeps XLA's
+operations: the results are the same either way (up to float rounding). `JSAE_CPU_KERNELS=0`
+turns the kernels off. Measured speed-ups are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -230,9 +229,8 @@ def _blas_library() -> tuple[str, str, str]:
 
     $JSAE_BLAS picks one of BLAS_LIBRARIES; unset: Intel MKL on an Intel CPU where the `mkl`
     package is installed (`pip install "jsae[mkl]"`), else OpenBLAS from the scipy-openblas32
-    package (the build NumPy and SciPy ship). Measured on 2 cores (bench/RESULTS.md): on an Intel
-    Xeon (AVX-512) MKL's products ran ~5-10% faster than OpenBLAS', on an AMD EPYC (AVX2) ~20%
-    slower (128-135 against 164-171 GFLOP/s at 2048³), so MKL is taken on Intel only. Either is a
+    package (the build NumPy and SciPy ship). MKL is taken on Intel only: it measured faster than
+    OpenBLAS on an Intel Xeon and slower on an AMD EPYC (bench/RESULTS.md). Either is a
     library of its own in this process, made single-threaded: the kernels share work over XLA's
     threads.
     """
@@ -339,8 +337,7 @@ def dense_backward(x: jax.Array, W_dec: jax.Array, h: jax.Array, pre: jax.Array,
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """a (n, d) @ b (d, m) on the dense kernels' BLAS, in blocks of a's rows shared over XLA's
     threads (see `dense_available`). No gradient (its inputs are taken as constants); float32, no
-    leading axes. jsae's sparse TopK step takes its encoder product here on CPU: XLA's own product
-    ran that shape (4096 x 768 x 16384) at ~90 GFLOP/s on a 2-core AMD EPYC, OpenBLAS at ~160.
+    leading axes (the sparse TopK step's encoder product on CPU).
     """
     _check_dense("matmul", a, b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
@@ -419,10 +416,9 @@ def _check_top_k(x: jax.Array, k: int, *others: jax.Array) -> tuple[int, ...]:
 
 
 def usable(*arrays: jax.Array) -> bool:
-    """Whether the kernels can take these arrays: JAX's default backend is the CPU, they are
-    float32 (or integer indices), and the kernels are available."""
-    return (jax.default_backend() == "cpu" and all(a.dtype in (jnp.float32, jnp.int32) for a in arrays)
-            and available())
+    """Whether the kernels can take these arrays: they are float32 (or int32 indices) and the
+    kernels are available. (Which platform runs them is the execution plan's choice.)"""
+    return all(a.dtype in (jnp.float32, jnp.int32) for a in arrays) and available()
 
 
 def _varying(a: jax.Array) -> frozenset:
