@@ -11,7 +11,7 @@ same shuffle-buffer size in tokens:
   and packs itself (bridge.data packs exactly as sae_lens does, so the rows are the same).
 
 jsae's runs get the environment `jsae train`'s hint asks for (GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-where glibc and the kernel support it, see bridge/hugepages.py); sae_lens' runs the plain one,
+where glibc and the kernel support it, see jsae/backends/hugepages.py); sae_lens' runs the plain one,
 unless `--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both.
 
 `jsae train` keeps its compiled programs on disk (jsae.enable_compilation_cache), so how long its
@@ -429,7 +429,7 @@ def wait_for_idle(fraction: float, timeout: float) -> float:
 
 
 def jsae_environment(env: dict) -> dict:
-    from bridge.hugepages import jsae_environment as hugepage_environment
+    from jsae.backends.hugepages import jsae_environment as hugepage_environment
 
     return hugepage_environment(env) or env
 
@@ -442,7 +442,7 @@ def run_worker(args, kind: str, spec: Path, compilation_cache: Path | None = Non
         command += ["--compilation-cache-dir", str(compilation_cache)]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
     env |= dict(item.partition("=")[::2] for item in args.env)
-    if kind == "jsae":  # the environment `jsae train`'s hint asks for (bridge.hugepages)
+    if kind == "jsae":  # the environment `jsae train`'s hint asks for (jsae.backends.hugepages)
         env = jsae_environment(env)
     waited = wait_for_idle(args.wait_idle, args.wait_timeout) if args.wait_idle else 0.0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -9,9 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bridge.hugepages import HUGEPAGE_TUNABLE, hugepage_environment, hugepage_hint, jsae_environment
-
-__all__ = ["HUGEPAGE_TUNABLE", "hugepage_environment", "jsae_environment", "build_parser", "load_config", "main"]
+__all__ = ["build_parser", "load_config", "main"]
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -210,13 +208,13 @@ def demo(args: argparse.Namespace) -> int:
 
 def _hugepage_hint() -> None:
     """One line on stderr where huge pages would speed training on CPU and the environment has them off
-    (bridge.hugepages): glibc reads its tunables at start-up, so only the user's environment can turn them on."""
-    hint = hugepage_hint(dict(os.environ))
-    if hint is None:
-        return
-    import jax
+    (jsae.backends.hugepages): glibc reads its tunables at start-up, so only the user's environment can
+    turn them on."""
+    from jsae.backends import default_platform
+    from jsae.backends.hugepages import hugepage_hint
 
-    if jax.default_backend() == "cpu":
+    hint = hugepage_hint(dict(os.environ), default_platform())
+    if hint is not None:
         print(hint, file=sys.stderr, flush=True)
 
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 import jsae
-from bridge import hugepages
-from bridge.hugepages import HUGEPAGE_TUNABLE, hugepage_environment, hugepage_hint
+from jsae.backends import hugepages
+from jsae.backends.hugepages import HUGEPAGE_TUNABLE, hugepage_environment, hugepage_hint
 
 GLIBC = (2, 36)
 

@@ -141,7 +141,8 @@ def training_module(cfg: SAEConfig):
 
     if hasattr(cfg, "topk_module"):
         return cfg.topk_module()
-    return get_architecture(cfg.architecture).module_cls(training_module_cfg(cfg))
+    name = getattr(cfg, "inference_architecture", "") or cfg.architecture
+    return get_architecture(name).module_cls(training_module_cfg(cfg))
 
 
 def mse(sae_out: Array, x: Array) -> Array:

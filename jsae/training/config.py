@@ -50,11 +50,10 @@ class TrainConfig:
             divide d_sae and the device count; with several processes, each process's device count.
         sweep_strategy: how the SAEs of a sweep share a step: "vmap" (batched together), "unroll" (each
             member's step written out in the same compiled step), "map" (a loop over the members in it)
-            or "auto" (vmap off CPU; map on CPU, or unroll up to 16 members where jsae's CPU top-k kernel
-            cannot be built).
-        adam_implementation: "auto": on CPU with float32 parameters, the clipped Adam update of
-            each parameter in one pass in place (jsae.kernels.adam; the values optax gives, up to
-            float rounding); "optax": optax's transformations everywhere.
+            or "auto" (the execution plan's choice, `jsae.backends.resolve_strategy`).
+        adam_implementation: "auto": the execution plan may take a back end's fused update (on CPU
+            with float32 parameters, one in-place pass over each parameter; the values optax gives,
+            up to float rounding); "optax": optax's transformations everywhere.
         sync_every_n_steps: wait for the device every n steps (None: every step on multi-device CPU,
             where XLA's collectives otherwise deadlock, else never).
         progress_bar: show a tqdm bar.

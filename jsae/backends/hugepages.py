@@ -58,10 +58,11 @@ def jsae_environment(environ: dict[str, str]) -> dict[str, str] | None:
     return hugepage_environment(environ, _glibc_version(), _thp_mode())
 
 
-def hugepage_hint(environ: dict[str, str]) -> str | None:
-    """The line telling the user how to turn huge pages on, where they would take effect and are off."""
+def hugepage_hint(environ: dict[str, str], platform: str = "cpu") -> str | None:
+    """The line telling the user how to turn huge pages on, where they would take effect (JAX on
+    `platform` "cpu", this glibc and kernel) and are off."""
     env = jsae_environment(environ)
-    if env is None:
+    if env is None or platform != "cpu":
         return None
     return (f"hint: huge pages for glibc's malloc may speed up XLA on CPU (most for wide SAEs): "
             f"export GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (JSAE_HUGEPAGES=0 hides this line)")
