@@ -121,7 +121,9 @@ def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
     if path in ("stdlib", "embedded"):
         from bridge.corpus import stdlib_documents
 
-        yield from (text for _, text in stdlib_documents(split or cfg.dataset_split))
+        # training reads the documents in an order of the run's seed; held-out ones keep theirs
+        seed = cfg.train.seed if cfg.train is not None else 0
+        yield from (text for _, text in stdlib_documents(split or cfg.dataset_split, seed=seed))
         return
     local = Path(path).expanduser()
     if not local.exists() and looks_local(path):
@@ -134,7 +136,7 @@ def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
             yield f.read_text(encoding="utf-8", errors="replace")
         return
     if local.suffix == ".npy":
-        yield from (list(map(int, row)) for row in _load_npy(local))
+        yield from (row.tolist() for row in _load_npy(local))
         return
     if local.suffix == ".txt":
         yield local.read_text(encoding="utf-8", errors="replace")
@@ -168,7 +170,35 @@ def _load_npy(path: Path):
     rows = np.load(path, mmap_mode="r")
     if rows.ndim != 2:
         raise InputError(f"dataset_path: {path} must hold a 2-D array of token rows, found shape {rows.shape}.")
-    return rows
+    return rows  # rows are handed on as they are stored: token_rows checks their dtype and ids
+
+
+def check_token_ids(row, d_vocab: int, cfg: RunConfig, index: int) -> None:
+    """Refuses a pretokenized row that is not made of ids of the model's vocabulary: a negative id
+    would index the embedding from its end and a float would be truncated, both without a word."""
+    import numpy as np
+
+    ids = np.asarray(row)
+    if ids.size and ids.dtype.kind not in "iu":
+        raise InputError(f"dataset_path: {cfg.dataset_path!r} row {index} holds {ids.dtype} values, not integer "
+                         f"token ids (the model {cfg.model_name!r} has a vocabulary of {d_vocab} ids); store the "
+                         "rows with an integer dtype (e.g. numpy.int32).")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
+        raise InputError(f"dataset_path: {cfg.dataset_path!r} row {index} holds token ids from {int(ids.min())} to "
+                         f"{int(ids.max())}, but the model {cfg.model_name!r} has a vocabulary of {d_vocab} ids "
+                         f"(0 to {d_vocab - 1}); tokenize the data with this model's tokenizer.")
+
+
+def _with_text(documents: Iterator[Any], cfg: RunConfig) -> Iterator[Any]:
+    """`documents`, refused when none holds more than whitespace: such data still packs into rows (of
+    whitespace tokens) and would be trained on, epoch after epoch."""
+    held = []
+    for doc in documents:
+        held.append(doc)
+        if not isinstance(doc, str) or doc.strip():
+            return itertools.chain(held, documents)
+    raise InputError(f"dataset_path: {cfg.dataset_path!r} is empty or whitespace only: none of its {len(held)} "
+                     "document(s) holds text to train on.")
 
 
 def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool = True) -> Iterator[list[int]]:
@@ -186,7 +216,9 @@ def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool =
             raise InputError(f"dataset_path: {cfg.dataset_path!r} is empty.")
         documents = itertools.chain([first], documents)
         if not isinstance(first, str):  # pretokenized rows are used as they are
-            for row in documents:
+            d_vocab = model.cfg.d_vocab
+            for index, row in enumerate(documents):
+                check_token_ids(row, d_vocab, cfg, index)
                 row = list(row)[: cfg.context_size]
                 if len(row) < cfg.context_size:
                     raise InputError(f"dataset_path: pretokenized rows have {len(row)} tokens, fewer than "
@@ -194,7 +226,7 @@ def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool =
                 yield row
             return
         tokens = (model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False)[0].tolist()
-                  for text in documents)
+                  for text in _with_text(documents, cfg))
         yield from pack_token_sequences(tokens, cfg.context_size, bos_token_id=bos, separator_token_id=separator,
                                         disable_concat_sequences=cfg.disable_concat_sequences)
 
@@ -210,6 +242,23 @@ def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool =
             return
         epoch += 1
         warnings.warn(f"dataset exhausted: starting epoch {epoch + 1} (tokens will be seen again).", stacklevel=2)
+
+
+def check_token_settings(cfg: RunConfig, model) -> None:
+    """Refuses the token ids a config names (sequence_separator_token, exclude_special_tokens) that are
+    not in the model's vocabulary: a separator beyond it fails deep in the model's embedding, only once
+    a row holds it, and an excluded id beyond it never matches, so nothing is excluded."""
+    d_vocab = model.cfg.d_vocab
+    named = [("exclude_special_tokens", tid) for tid in (excluded_token_ids(cfg, model) or [])]
+    separator = cfg.sequence_separator_token
+    if model.tokenizer is not None:
+        separator = resolve_special_token(separator, model.tokenizer)
+    if isinstance(separator, int):
+        named.insert(0, ("sequence_separator_token", separator))
+    for field, tid in named:
+        if not 0 <= tid < d_vocab:
+            raise ConfigError(f"{field}: {tid} is not a token id of {cfg.model_name!r}, whose vocabulary has {d_vocab} "
+                              f"ids (0 to {d_vocab - 1}); choose an id of this model's tokenizer.")
 
 
 def excluded_token_ids(cfg: RunConfig, model) -> list[int] | None:

@@ -44,6 +44,7 @@ def load_model(
     kwargs = dict(from_pretrained_kwargs or {})
     if isinstance(model, HookedTransformer):
         return model
+    check_device(device)
     if isinstance(model, HookedTransformerConfig):
         return HookedTransformer(model).to(device)
     if isinstance(model, dict):
@@ -59,6 +60,29 @@ def load_model(
     if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors")):
         raise MissingFileError(f"model_name: {name!r} looks like a path, but no such folder exists.")
     return HookedTransformer.from_pretrained(name, device=device, **kwargs)
+
+
+def check_device(device: str) -> None:
+    """Refuses a torch device this machine lacks before any model is built on it (torch's own error
+    is an AssertionError from deep inside the first tensor moved there)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device: {device!r} is not a torch device ({err}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: {device!r}, but this torch ({torch.__version__}) finds no CUDA device "
+                "(torch.cuda.is_available() is False); use device: cpu (jsae eval: --device cpu), or run on a "
+                "machine with a GPU and a CUDA build of torch."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device!r}, but torch finds {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); choose one of them.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {device!r}, but torch finds no MPS device; use device: cpu.")
 
 
 def _load_local(path: Path, device: str):
@@ -130,6 +154,16 @@ def hook_width(model, hook_name: str, hook_head_index: int | None = None) -> int
     _, cache = model.run_with_cache(tokens, names_filter=[hook_name], stop_at_layer=stop_layer(model, [hook_name]))
     shape = cache[hook_name].shape[2:]
     if hook_head_index is not None:
+        # activations[:, :, hook_head_index] is what the run reads: a hook without a head axis would give
+        # one feature per position, and a head past the last one an IndexError inside the forward
+        if len(shape) < 2:
+            raise ConfigError(f"hook_head_index: {hook_head_index} is set, but {hook_name!r} has no head axis (its "
+                              f"activations are (batch, position, {', '.join(map(str, shape))})); set "
+                              "hook_head_index: null, or read a per-head hook such as 'blocks.0.attn.hook_z'.")
+        n_heads = int(shape[0])
+        if not 0 <= hook_head_index < n_heads:
+            raise ConfigError(f"hook_head_index: {hook_head_index} is out of range for {hook_name!r}, which has "
+                              f"{n_heads} heads; choose 0 to {n_heads - 1}.")
         return int(shape[-1])
     width = 1
     for s in shape:

@@ -22,9 +22,11 @@ from jsae.config import Metadata
 def prepare(cfg: RunConfig):
     """Load and check the model; return (model, cfg with the SAE's metadata filled in).
 
-    Raises ConfigError when a hook is not in the model, its width is not sae.d_in, or context_size
-    exceeds the model's n_ctx.
+    Raises ConfigError when a hook is not in the model, its width is not sae.d_in, context_size
+    exceeds the model's n_ctx, hook_head_index is not one of the hook's heads, or a token id the config
+    names is not in the model's vocabulary.
     """
+    from bridge.data import check_token_settings
     from bridge.model import hook_width, load_model
 
     if cfg.train is None:
@@ -33,6 +35,7 @@ def prepare(cfg: RunConfig):
                        from_pretrained_kwargs=cfg.model_from_pretrained_kwargs, device=cfg.device)
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size={cfg.context_size} is larger than the model's n_ctx={model.cfg.n_ctx}.")
+    check_token_settings(cfg, model)
     sae = cfg.train.sae
     for hook in cfg.hooks:
         width = hook_width(model, hook, cfg.hook_head_index)
@@ -77,8 +80,13 @@ def run(cfg: RunConfig):
     sweep or several hook points.
     """
     import jsae
+    from bridge.dry_run import output_checks
     from jsae.training.sweep import Sweep
 
+    if cfg.train is not None:  # (prepare refuses a config without training settings)
+        # every path the run writes (output_path, checkpoint_path, log_path), as --dry-run checks them: a path
+        # the run cannot write fails here, before the model loads, not when the first file is written
+        output_checks(cfg)
     model, cfg = prepare(cfg)
     members, names, streams = run_members(cfg)
     sweep = None

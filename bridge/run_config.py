@@ -126,6 +126,9 @@ class RunConfig:
     train: TrainConfig | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.seqpos_slice, list | tuple):
+            raise ConfigError(f"seqpos_slice: expected a list [start, stop] or [start, stop, step], got "
+                              f"{self.seqpos_slice!r}.")
         object.__setattr__(self, "seqpos_slice", tuple(self.seqpos_slice))
         for name in ("context_size", "store_batch_size_prompts", "n_batches_in_buffer"):
             value = getattr(self, name)
@@ -151,6 +154,35 @@ class RunConfig:
             raise ConfigError(f"sweep must map fields to lists of values, got {self.sweep!r}.")
         if not 1 <= len(self.seqpos_slice) <= 3:
             raise ConfigError(f"seqpos_slice must have 1 to 3 entries, got {list(self.seqpos_slice)}.")
+        self._check_token_fields()
+
+    def _check_token_fields(self) -> None:
+        """The fields that pick positions and token ids hold what they can mean; what depends on the
+        model (the vocabulary, a hook's heads) is checked once it is loaded (bridge.data.check_token_settings,
+        bridge.model.hook_width)."""
+        seqpos = list(self.seqpos_slice)
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in seqpos):
+            raise ConfigError("seqpos_slice: entries must be integers or null ([start, stop] or [start, stop, step], "
+                              f"a Python slice of each row's positions), got {seqpos}.")
+        if len(seqpos) == 3 and seqpos[2] == 0:
+            raise ConfigError(f"seqpos_slice: {seqpos} has step 0; use a step of 1 or more (or null for every "
+                              "position).")
+        if not range(self.context_size)[slice(*seqpos)]:
+            raise ConfigError(f"seqpos_slice: {seqpos} keeps no position of a row of context_size={self.context_size} "
+                              f"tokens (positions 0 to {self.context_size - 1}); choose start and stop within the row.")
+        excluded = self.exclude_special_tokens
+        if not isinstance(excluded, bool) and (
+                not isinstance(excluded, list | tuple)
+                or any(isinstance(t, bool) or not isinstance(t, int) for t in excluded)):
+            raise ConfigError(f"exclude_special_tokens: expected true, false or a list of token ids (integers), got "
+                              f"{excluded!r}.")
+        separator = self.sequence_separator_token
+        if isinstance(separator, bool) or not (separator is None or isinstance(separator, int | str)):
+            raise ConfigError(f"sequence_separator_token: expected a token id, 'bos', 'eos', 'sep' or null, got "
+                              f"{separator!r}.")
+        head = self.hook_head_index
+        if head is not None and (isinstance(head, bool) or not isinstance(head, int)):
+            raise ConfigError(f"hook_head_index: expected a head number (an integer) or null, got {head!r}.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "config") -> RunConfig:
