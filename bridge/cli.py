@@ -58,6 +58,23 @@ def _plan_line(cfg) -> str | None:
     return f"plan: {resolve_plan(cfg.train, n_members=len(run_members(cfg)[0])).describe()}"
 
 
+def _json_line(obj) -> str:
+    """`obj` as one line of strict JSON: a NaN or infinite number is written as null (json.dumps would
+    write the bare NaN / Infinity no JSON parser accepts)."""
+    import math
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(v) for key, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), allow_nan=False)
+
+
 def _print_report(command: str, lines: list[str], plan: str | None) -> None:
     print(f"jsae {command} --dry-run:")
     for line in lines:
@@ -88,19 +105,19 @@ def train(args: argparse.Namespace) -> int:
     _hugepage_hint()
     sae, summary = run(cfg)
     where = cfg.train.output_path or "(not saved: no output_path)"
-    if isinstance(sae, list):
+    if "saes" in summary:  # a sweep or several hooks: one row per SAE
         from bridge.summaries import summary_table
 
         print(f"\n{len(sae)} SAEs written to {where}/<name>\n")
         print(summary_table(summary["saes"], list(cfg.sweep)))
         if args.json:
-            print(json.dumps(summary))
+            print(_json_line(summary))
         return 0
     print(f"\nSAE written to {where}")
     if "l0" not in summary:
         print(f"evals off (n_eval_batches: 0) | dead features {summary['dead_features']} of {sae.cfg.d_sae}")
         if args.json:
-            print(json.dumps(summary))
+            print(_json_line(summary))
         return 0
     print(f"held-out ({int(summary['total_tokens_eval_sparsity_variance']):,} tokens): L0 {summary['l0']:.1f} | "
           f"explained variance {summary['explained_variance']:.3f} | MSE {summary['mse']:.4g} | dead features "
@@ -111,16 +128,17 @@ def train(args: argparse.Namespace) -> int:
     if summary.get("plots"):
         print(f"plots: {', '.join(summary['plots'])}")
     if args.json:
-        print(json.dumps(summary))
+        print(_json_line(summary))
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """Evaluate a SAELens-format SAE folder with it spliced into its model (SAELens' run_evals metrics)."""
     import jsae
-    from bridge.eval_run import eval_run_config, evaluate_sae
+    from bridge.eval_run import check_finite_weights, eval_run_config, evaluate_sae
 
     sae = jsae.SAE.load_from_disk(args.sae_dir)
+    check_finite_weights(sae, args.sae_dir)
     cfg = eval_run_config(sae, model_name=args.model, dataset_path=args.dataset, hook_name=args.hook,
                           n_eval_batches=args.batches, eval_batch_size_prompts=args.batch_size,
                           context_size=args.context_size, device=args.device)
@@ -135,7 +153,7 @@ def evaluate(args: argparse.Namespace) -> int:
               f"{cfg.hook_name}, data {cfg.dataset_path}", flush=True)
     metrics, _ = evaluate_sae(sae, cfg, verbose=not args.json)
     if args.json:
-        print(json.dumps(metrics))
+        print(_json_line(metrics))
         return 0
     for group, values in metrics.items():
         print(f"{group}:")
@@ -231,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="run config YAML (default: configs/default.yaml)")
     p.add_argument("--output-path", default=None, help="where the SAE folder is written")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
-    p.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
+    p.add_argument("--json", action="store_true", help="also print the summary as one JSON line (a NaN or infinite "
+                   "value is written as null)")
     p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     p.set_defaults(func=train)
 
@@ -240,11 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model (default: the SAE's metadata.model_name, else embedded)")
     p.add_argument("--dataset", default=None, help="dataset (default: the SAE's metadata.dataset_path, else stdlib)")
     p.add_argument("--hook", default=None, help="hook point (default: the SAE's metadata.hook_name)")
-    p.add_argument("--batches", type=int, default=10, help="batches of token rows to evaluate on (default 10)")
+    p.add_argument("--batches", type=int, default=10, help="batches of token rows to evaluate on, >= 1 (default 10)")
     p.add_argument("--batch-size", type=int, default=16, help="token rows per batch (default 16)")
     p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the SAE's metadata)")
     p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout (strict "
+                   "JSON: a metric that is NaN or infinite is null; an SAE with non-finite weights is an error, exit 2)")
     p.add_argument("--dry-run", action="store_true", help="check the SAE folder, model, hook and data; evaluate nothing")
     p.set_defaults(func=evaluate)
 

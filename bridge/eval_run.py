@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from bridge.data import excluded_token_ids, heldout_split, token_rows
+from bridge.data import check_token_settings, excluded_token_ids, heldout_split, token_rows
 from bridge.run_config import RunConfig
 from jsae import ConfigError, InputError
 
@@ -69,6 +69,11 @@ def eval_run_config(sae, *, model_name: str | None = None, dataset_path: str | N
                     hook_name: str | None = None, n_eval_batches: int = 10, eval_batch_size_prompts: int = 16,
                     context_size: int | None = None, device: str = "cpu") -> RunConfig:
     """Where to evaluate `sae`: the model, hook and data its metadata names, unless given (else the embedded default)."""
+    if isinstance(n_eval_batches, bool) or not isinstance(n_eval_batches, int) or n_eval_batches < 1:
+        raise ConfigError(f"batches to evaluate (--batches) must be >= 1, got {n_eval_batches!r}.")
+    if isinstance(eval_batch_size_prompts, bool) or not isinstance(eval_batch_size_prompts, int) \
+            or eval_batch_size_prompts < 1:
+        raise ConfigError(f"rows per batch (--batch-size) must be >= 1, got {eval_batch_size_prompts!r}.")
     meta = sae.cfg.metadata
     hook_name = hook_name or meta.hook_name
     if hook_name is None:
@@ -112,7 +117,25 @@ def load_eval_model(sae, cfg: RunConfig):
                           f"whose activations have width {width}; evaluate it on the model it was trained on (--model).")
     if cfg.context_size > model.cfg.n_ctx:
         raise ConfigError(f"context_size={cfg.context_size} is larger than the model's n_ctx={model.cfg.n_ctx}.")
+    check_token_settings(cfg, model)
     return model
+
+
+def check_finite_weights(sae, where: str) -> None:
+    """Refuses an SAE whose parameters hold NaN or infinity: every metric of it would be NaN, which
+    says nothing about the SAE and reads as a result."""
+    import numpy as np
+
+    bad = []
+    for name, value in sorted(sae.params.items()):
+        array = np.asarray(value, dtype=np.float32)
+        n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if n_bad:
+            bad.append(f"{name}: {n_bad} of {array.size}")
+    if bad:
+        raise InputError(f"{where}: the SAE's weights are not finite (NaN or infinite values in {'; '.join(bad)}); "
+                         "there is nothing to evaluate. Retrain it (a lower lr often helps), or evaluate an earlier "
+                         "checkpoint.")
 
 
 def evaluate_sae(sae, cfg: RunConfig, *, verbose: bool = False):
@@ -125,6 +148,7 @@ def evaluate_sae(sae, cfg: RunConfig, *, verbose: bool = False):
     from bridge.evals import run_evals
     from jsae.evals import EvalConfig
 
+    check_finite_weights(sae, "the SAE")
     model = load_eval_model(sae, cfg)
     batches = eval_token_batches(cfg, model)
     n = len(batches)

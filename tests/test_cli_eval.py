@@ -79,3 +79,57 @@ def test_eval_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
 
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def strict_json(text: str):
+    """json.loads that refuses the bare NaN / Infinity Python's json writes and no JSON parser accepts."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_of_non_finite_weights_is_an_error_not_nan_metrics(tmp_path, capsys):
+    import numpy as np
+
+    import jsae
+    from bridge.cli import main
+
+    sae = jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=128, d_sae=256, k=8, metadata=jsae.Metadata(hook_name=HOOK)),
+                               seed=0)
+    w_dec = np.array(sae.params["W_dec"])
+    w_dec[3, 5] = np.nan
+    sae = jsae.SAE(sae.cfg, dict(sae.params) | {"W_dec": w_dec})
+    sae.save_model(tmp_path / "sae")
+    for extra in (["--json"], [], ["--dry-run"]):
+        assert main(["eval", str(tmp_path / "sae"), "--batches", "1", "--batch-size", "4", *extra]) == 2
+        captured = capsys.readouterr()
+        assert "jsae eval: error:" in captured.err and "not finite" in captured.err and "W_dec: 1 of" in captured.err
+        assert "NaN" not in captured.out and "nan" not in captured.out
+
+
+def test_eval_json_writes_non_finite_metrics_as_null(tmp_path, capsys, monkeypatch):
+    import bridge.eval_run
+    from bridge.cli import build_parser, main
+
+    saelens_folder(tmp_path / "sae")
+    metrics = {"reconstruction_quality": {"explained_variance": float("nan"), "mse": 0.5},
+               "shrinkage": {"l2_ratio": float("inf")}, "features": {"dead_features": 3}}
+    monkeypatch.setattr(bridge.eval_run, "evaluate_sae", lambda sae, cfg, verbose=False: (metrics, {}))
+    assert main(["eval", str(tmp_path / "sae"), "--batches", "1", "--batch-size", "4", "--json"]) == 0
+    got = strict_json(capsys.readouterr().out)
+    assert got == {"reconstruction_quality": {"explained_variance": None, "mse": 0.5}, "shrinkage": {"l2_ratio": None},
+                   "features": {"dead_features": 3}}
+    eval_help = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    assert "NaN or infinite is null" in " ".join(eval_help.split())
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--batches", "0"], "--batches) must be >= 1, got 0"),
+                                               (["--batch-size", "0"], "--batch-size) must be >= 1, got 0")])
+def test_eval_of_no_batches_is_a_clear_error(tmp_path, capsys, args, message):
+    from bridge.cli import main
+
+    saelens_folder(tmp_path / "sae")
+    assert main(["eval", str(tmp_path / "sae"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "eval_batch_size_prompts" not in err
