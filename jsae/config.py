@@ -32,6 +32,9 @@ _DTYPE_ALIASES = {f"torch.{name}": name for name in DTYPES} | {
     "float": "float32",
 }
 
+#: Largest d_in / d_sae: JAX's top_k and gathers index with int32, so wider axes cannot be computed.
+MAX_WIDTH = 2**31 - 1
+
 NORMALIZE_MODES = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 RESHAPE_MODES = ("none", "hook_z")
 
@@ -140,6 +143,8 @@ class SAEConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}.{field} must be a positive integer, got {value!r}.")
+            if value > MAX_WIDTH:
+                raise ConfigError(f"{name}.{field} must be at most {MAX_WIDTH} (2**31 - 1), got {value!r}.")
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"{name}.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}." + close_names(self.dtype, DTYPES)

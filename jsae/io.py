@@ -69,6 +69,111 @@ _LEGACY_RENAMES = {
 
 
 # --------------------------------------------------------------------------- configs
+#: metadata keys jsae and its tools read, with the JSON type SAELens gives them (null allowed).
+_METADATA_TYPES = {
+    "model_name": "str",
+    "hook_name": "str",
+    "hook_name_out": "str",
+    "model_class_name": "str",
+    "dataset_path": "str",
+    "neuronpedia_id": "str",
+    "hook_head_index": "int",
+    "hook_head_index_out": "int",
+    "context_size": "int",
+    "prepend_bos": "bool",
+}
+_EXPECTED = {
+    "bool": "a JSON boolean (true or false)",
+    "int": "a JSON integer",
+    "number": "a JSON number",
+    "str": "a JSON string",
+    "object": "a JSON object",
+}
+
+
+def describe_json(value: Any) -> str:
+    """How a JSON value reads in an error message: "the string 'false'", "an array", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        text = value if len(value) <= 60 else value[:57] + "..."
+        return f"the string {text!r}"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return f"a Python {type(value).__name__}"
+
+
+def _has_json_type(value: Any, kind: str) -> bool:
+    # bool is a subclass of int in Python but a distinct type in JSON: true is not 1.
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "object":
+        return isinstance(value, Mapping)
+    raise AssertionError(kind)
+
+
+def check_json_type(value: Any, kind: str, *, field: str, source: str, optional: bool = False) -> None:
+    """Raise ConfigError naming `field` and `source` unless `value` has JSON type `kind` (or is null if `optional`)."""
+    if (optional and value is None) or _has_json_type(value, kind):
+        return
+    expected = _EXPECTED[kind] + (" or null" if optional else "")
+    if kind == "bool" and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        fix = f"write {value.strip().lower()} without quotes"
+    elif kind == "int" and isinstance(value, float) and value.is_integer():
+        fix = f"write {int(value)}"
+    elif kind in ("int", "number") and isinstance(value, str):
+        fix = "write the number without quotes"
+    else:
+        fix = f"give it {_EXPECTED[kind]}"
+    raise ConfigError(
+        f"{source}: field {field!r} must be {expected}, found {describe_json(value)}; edit the file and {fix}."
+    )
+
+
+def _annotation_kind(annotation: Any) -> tuple[str | None, bool]:
+    """(JSON kind, null allowed) for a config field's annotation; (None, _) when jsae does not check it."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = [part.strip() for part in text.split("|")]
+    optional = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    kinds = {"bool": "bool", "int": "int", "float": "number", "str": "str"}
+    if len(parts) == 1 and parts[0] in kinds:
+        return kinds[parts[0]], optional
+    return None, optional
+
+
+def check_config_types(cls: type, values: Mapping[str, Any], *, source: str) -> None:
+    """Type-check the cfg.json values of `cls`'s fields before the config class sees them."""
+    import dataclasses
+
+    for field in dataclasses.fields(cls):
+        if field.name not in values or field.name == "metadata":
+            continue
+        kind, optional = _annotation_kind(field.type)
+        if kind is not None:
+            check_json_type(values[field.name], kind, field=field.name, source=source, optional=optional)
+
+
+def check_metadata_types(metadata: Mapping[str, Any], *, source: str) -> None:
+    for key, kind in _METADATA_TYPES.items():
+        if key in metadata:
+            check_json_type(metadata[key], kind, field=f"metadata.{key}", source=source, optional=True)
+
+
 def is_legacy_config(cfg_dict: Mapping[str, Any]) -> bool:
     """True for configs written before SAELens 6.0 (no version, or a version below 6)."""
     version = cfg_dict.get("sae_lens_version")
@@ -82,20 +187,25 @@ def is_legacy_config(cfg_dict: Mapping[str, Any]) -> bool:
         return False
 
 
-def upgrade_legacy_config(cfg_dict: Mapping[str, Any]) -> dict[str, Any]:
+def upgrade_legacy_config(cfg_dict: Mapping[str, Any], *, source: str = CFG_FILENAME) -> dict[str, Any]:
     """Map a pre-6.0 SAELens cfg dict onto the current field names (as SAELens does on load)."""
     new = {_LEGACY_RENAMES.get(k, k): v for k, v in cfg_dict.items()}
     new.setdefault("apply_b_dec_to_input", True)
     new.setdefault("architecture", "standard")
     new.setdefault("prepend_bos", True)
     new.setdefault("reshape_activations", "hook_z" if "hook_z" in str(new.get("hook_name") or "") else "none")
-    kwargs = new.get("activation_fn_kwargs") or {}
+    kwargs = new.get("activation_fn_kwargs")
+    kwargs = {} if kwargs is None else kwargs
+    check_json_type(kwargs, "object", field="activation_fn_kwargs", source=source)
     if new.get("activation_fn") == "topk" and kwargs.get("k") is not None:
         new["architecture"] = "topk"
         new["k"] = kwargs["k"]
     if isinstance(new.get("normalize_activations"), bool):
         new["normalize_activations"] = "expected_average_only_in" if new["normalize_activations"] else "none"
-    metadata = dict(new.get("metadata") or {})
+    metadata = new.get("metadata")
+    metadata = {} if metadata is None else metadata
+    check_json_type(metadata, "object", field="metadata", source=source)
+    metadata = dict(metadata)
     metadata.update({k: v for k, v in new.items() if k in METADATA_KEYS})
     new["metadata"] = metadata
     return new
@@ -118,29 +228,37 @@ def config_from_dict(
     d = dict(cfg_dict)
     if overrides:
         d.update(overrides)
+    if d.get("metadata") is not None:
+        check_json_type(d["metadata"], "object", field="metadata", source=source)
     if is_legacy_config(d):
-        d = upgrade_legacy_config(d)
+        d = upgrade_legacy_config(d, source=source)
     metadata = dict(d.get("metadata") or {})
     for key in METADATA_KEYS & set(overrides or {}):
         metadata[key] = overrides[key]  # type: ignore[index]
     d["metadata"] = metadata
+    check_metadata_types(metadata, source=source)
 
-    arch = get_architecture(d.get("architecture", "standard"), where=f"{source}: architecture")
+    architecture = d.get("architecture", "standard")
+    check_json_type(architecture, "str", field="architecture", source=source)
+    arch = get_architecture(architecture, where=f"{source}: architecture")
     for required in ("d_in", "d_sae"):
         if required not in d:
             raise FormatError(f"{source}: missing required field {required!r} (architecture {arch.name!r}).")
-    if "dtype" in d:
-        d["dtype"] = canonical_dtype(d["dtype"], field=f"{source}: dtype")
     if d.get("normalize_activations") is None:
         d["normalize_activations"] = "none"
+    if d.get("device") is None:
+        d.pop("device", None)
+    # Every field the config class takes is checked against its annotation: a JSON string
+    # "false" must never reach a bool field, where it would read as true.
+    check_config_types(arch.config_cls, d, source=source)
+    if "dtype" in d:
+        d["dtype"] = canonical_dtype(d["dtype"], field=f"{source}: dtype")
     mode = d["normalize_activations"]
     if mode not in NORMALIZE_MODES:
         raise ConfigError(
             f"{source}: normalize_activations must be one of {list(NORMALIZE_MODES)}, got {mode!r}."
             + close_names(str(mode), NORMALIZE_MODES)
         )
-    if d.get("device") is None:
-        d.pop("device", None)
     fields = set(arch.config_cls.field_names())
     kwargs = {k: v for k, v in d.items() if k in fields}
     kwargs["metadata"] = Metadata(metadata)
@@ -165,10 +283,21 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         raise MissingFileError(f"{path}: file not found (an SAE folder needs {path.name}).")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise FormatError(f"{path}: not valid JSON ({err}).") from err
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.start + 1].hex()
+        raise FormatError(
+            f"{path}: not UTF-8 text (byte 0x{bad} at offset {err.start}); JSON files must be UTF-8, "
+            "so re-save it with UTF-8 encoding."
+        ) from err
+    except RecursionError as err:
+        raise FormatError(
+            f"{path}: JSON nested too deeply to read; a cfg.json is a flat object of fields (with a "
+            "'metadata' object), so this file is not an SAE config."
+        ) from err
 
 
 # --------------------------------------------------------------------------- tensors
@@ -183,6 +312,10 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as err:
         raise FormatError(f"{path}: not a readable safetensors file, truncated or corrupt ({err}).") from err
+    except Exception as err:  # any other failure to parse the bytes is still a bad file, never a crash
+        raise FormatError(
+            f"{path}: not a readable safetensors file, truncated or corrupt ({type(err).__name__}: {err})."
+        ) from err
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, Any]) -> None:
@@ -201,8 +334,40 @@ def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in shapes.items()}
 
 
+def is_float_dtype(dtype: Any) -> bool:
+    """True for real floating dtypes, numpy's and ml_dtypes' (bfloat16, float8_*); False for ints, bools, complex."""
+    import ml_dtypes
+
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return True
+    if dtype.kind != "V" or dtype.fields is not None:
+        return False
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
+
+
+def check_tensor_dtypes(tensors: Mapping[str, Any], *, source: str, what: str = "tensor") -> None:
+    """Raise FormatError naming the first tensor that is not floating point.
+
+    Integer, boolean and complex arrays are never SAE parameters: casting them to the config's
+    float dtype would load quantised codes, masks or dropped imaginary parts as weights.
+    """
+    for name, value in tensors.items():
+        dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
+        if not is_float_dtype(dtype):
+            raise FormatError(
+                f"{source}: {what} {name!r} has dtype {dtype.name}; expected floats (float32, float16, bfloat16 "
+                "or float64). jsae does not convert integer, boolean or complex tensors into weights; "
+                "write the file with float tensors."
+            )
+
+
 def check_params(params: Mapping[str, Any], cfg: SAEConfig, *, source: str) -> None:
-    """Raise FormatError unless params hold exactly the architecture's tensors with the right shapes."""
+    """Raise FormatError unless params hold exactly the architecture's float tensors with the right shapes."""
     shapes = expected_shapes(cfg)
     missing = sorted(set(shapes) - set(params))
     if missing:
@@ -215,8 +380,16 @@ def check_params(params: Mapping[str, Any], cfg: SAEConfig, *, source: str) -> N
             f"{source}: unknown tensor(s) {extra} for architecture {cfg.architecture!r}, "
             f"which has exactly {sorted(shapes)}." + close_names(extra[0], shapes)
         )
+    check_tensor_dtypes(params, source=source)
     for name, shape in shapes.items():
         found = tuple(np.shape(params[name]))
+        if len(found) != len(shape):
+            raise FormatError(
+                f"{source}: tensor {name!r} is {len(found)}-D with shape {found}; expected a {len(shape)}-D "
+                f"tensor of shape {shape} (d_in={cfg.d_in}, d_sae={cfg.d_sae}"
+                + (f", d_out={cfg.d_out}" if cfg.d_out != cfg.d_in else "")
+                + "). The file does not hold this architecture's parameters as SAELens lays them out."
+            )
         if found != shape:
             raise FormatError(
                 f"{source}: tensor {name!r} has shape {found}, but the config (d_in={cfg.d_in}, "
@@ -226,11 +399,33 @@ def check_params(params: Mapping[str, Any], cfg: SAEConfig, *, source: str) -> N
             )
 
 
-def cast_params(params: Mapping[str, np.ndarray], dtype_name: str) -> dict[str, np.ndarray]:
+def cast_params(params: Mapping[str, np.ndarray], dtype_name: str, *, source: str = "params") -> dict[str, np.ndarray]:
+    """Params in dtype `dtype_name`; FormatError if the conversion turns finite values into inf/NaN."""
+    import ml_dtypes
+
     from jsae.config import DTYPES
 
     target = np.dtype(DTYPES[dtype_name])
-    return {k: (v if v.dtype == target else v.astype(target)) for k, v in params.items()}
+    out = {}
+    for name, value in params.items():
+        if value.dtype == target:
+            out[name] = value
+            continue
+        # The overflow is reported below as an error naming the tensor, not as numpy's warning.
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = value.astype(target)
+        if not np.isfinite(cast).all():
+            became = np.isfinite(value) & ~np.isfinite(cast)
+            count = int(np.count_nonzero(became))
+            if count:
+                largest = float(np.max(np.abs(value[became].astype(np.float64))))
+                raise FormatError(
+                    f"{source}: tensor {name!r}: {count} finite value(s) become inf/NaN in {dtype_name} "
+                    f"(largest magnitude {largest:.4g}; {dtype_name} holds at most "
+                    f"{float(ml_dtypes.finfo(target).max):.4g}). Load it in a wider dtype (dtype='float32')."
+                )
+        out[name] = cast
+    return out
 
 
 def upgrade_legacy_tensors(tensors: dict[str, np.ndarray], *, source: str) -> dict[str, np.ndarray]:
@@ -291,9 +486,11 @@ def read_folder(
         weights_path = path / WEIGHTS_FILENAME
         if not weights_path.is_file():
             raise MissingFileError(f"{weights_path}: file not found (the SAE's weights).")
-        params = upgrade_legacy_tensors(read_safetensors(weights_path), source=str(weights_path))
+        tensors = read_safetensors(weights_path)
+        check_tensor_dtypes(tensors, source=str(weights_path))
+        params = upgrade_legacy_tensors(tensors, source=str(weights_path))
         check_params(params, cfg, source=str(weights_path))
-        params = cast_params(params, cfg.dtype)
+        params = cast_params(params, cfg.dtype, source=str(weights_path))
         sparsity = read_sparsity(path / SPARSITY_FILENAME, cfg.d_sae)
     return cfg, params, sparsity
 
@@ -305,6 +502,7 @@ def read_sparsity(path: Path, d_sae: int) -> np.ndarray | None:
     if "sparsity" not in tensors:
         raise FormatError(f"{path}: expected a tensor named 'sparsity', found {sorted(tensors)}.")
     sparsity = tensors["sparsity"]
+    check_tensor_dtypes({"sparsity": sparsity}, source=str(path))
     if sparsity.shape != (d_sae,):
         raise FormatError(f"{path}: 'sparsity' has shape {sparsity.shape}, expected ({d_sae},).")
     return sparsity
@@ -318,9 +516,20 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
     """
     cfg_path = path / CFG_FILENAME
     raw = read_json(cfg_path)
+    if not isinstance(raw, Mapping):
+        raise FormatError(f"{cfg_path}: expected a JSON object, found {describe_json(raw)}.")
     for key in ("d_in", "k"):
         if key not in raw:
             raise FormatError(f"{cfg_path}: sparsify config lacks {key!r}.")
+    for key, kind, optional in (
+        ("d_in", "int", False),
+        ("k", "int", False),
+        ("num_latents", "int", True),
+        ("expansion_factor", "int", True),
+        ("activation", "str", True),
+    ):
+        if key in raw:
+            check_json_type(raw[key], kind, field=key, source=str(cfg_path), optional=optional)
     if raw.get("transcode") or raw.get("skip_connection"):
         raise FormatError(f"{cfg_path}: sparsify transcoders / skip connections are not supported yet.")
     if raw.get("activation", "topk") != "topk":
@@ -330,7 +539,8 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
     for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
         if key not in tensors:
             raise FormatError(f"{weights_path}: missing tensor {key!r} (found {sorted(tensors)}).")
-    d_sae = raw.get("num_latents") or raw["d_in"] * raw.get("expansion_factor", 32)
+    check_tensor_dtypes(tensors, source=str(weights_path))
+    d_sae = raw.get("num_latents") or raw["d_in"] * (raw.get("expansion_factor") or 32)
     match = re.search(r"layers[._](\d+)", path.name)
     hook_name = (
         "hook_embed" if path.name == "embed_tokens" else (f"blocks.{match.group(1)}.hook_resid_post" if match else None)
@@ -353,7 +563,7 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
         "b_dec": tensors["b_dec"],
     }
     check_params(params, cfg, source=str(weights_path))
-    return cfg, cast_params(params, cfg.dtype)
+    return cfg, cast_params(params, cfg.dtype, source=str(weights_path))
 
 
 def read_gemma_scope(
@@ -364,14 +574,16 @@ def read_gemma_scope(
     Gemma Scope computes relu(h) * (h > threshold) with h = x @ W_enc + b_enc — no b_dec on input.
     """
     file = file or path / GEMMA_SCOPE_FILENAME
-    try:
-        with np.load(file) as data:
-            raw = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise FormatError(f"{file}: not a readable .npz file ({err}).") from err
+    raw = read_npz(file)
     params = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in raw.items()}
     if "W_enc" not in params:
         raise FormatError(f"{file}: missing array 'w_enc' (found {sorted(raw)}).")
+    check_tensor_dtypes(raw, source=str(file), what="array")
+    if params["W_enc"].ndim != 2:
+        raise FormatError(
+            f"{file}: array 'w_enc' has shape {params['W_enc'].shape}; expected a 2-D (d_in, d_sae) matrix, "
+            "as in Gemma Scope's params.npz."
+        )
     d_in, d_sae = params["W_enc"].shape
     cfg_dict = {
         "architecture": "jumprelu",
@@ -385,7 +597,34 @@ def read_gemma_scope(
     cfg = config_from_dict(cfg_dict, source=str(file), overrides=overrides)
     params = upgrade_legacy_tensors(params, source=str(file))
     check_params(params, cfg, source=str(file))
-    return cfg, cast_params(params, cfg.dtype)
+    return cfg, cast_params(params, cfg.dtype, source=str(file))
+
+
+def read_npz(file: Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz archive (no pickled objects); FormatError for anything else."""
+    what = "Gemma Scope's params.npz is a zip of the arrays w_enc, w_dec, b_enc, b_dec and threshold"
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{file}: file not found.") from err
+    except OSError as err:
+        raise FormatError(f"{file}: cannot be read ({err}).") from err
+    if head.startswith(b"\x93NUMPY"):
+        raise FormatError(f"{file}: a single .npy array, not an .npz archive; {what}.")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise FormatError(
+            f"{file}: not a NumPy .npz archive (it starts with {head!r}, not a zip header); {what}. "
+            "Download it again."
+        )
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as err:  # zip, zlib and .npy header failures alike mean a damaged file
+        raise FormatError(
+            f"{file}: not a readable .npz archive, truncated or corrupt ({type(err).__name__}: {err}); "
+            f"{what}. Download it again."
+        ) from err
 
 
 # --------------------------------------------------------------------------- writing

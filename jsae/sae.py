@@ -200,7 +200,7 @@ class SAE:
         return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
 
     def _check(self, x: Any) -> Array:
-        x = jnp.asarray(x)
+        x = as_real_array(x, what="input")
         if self.check_finite and not isinstance(x, jax.core.Tracer):
             if not bool(jnp.all(jnp.isfinite(x))):
                 bad = int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))
@@ -231,7 +231,7 @@ class SAE:
         """
         if state is None:
             state = self._last_state
-        return self.apply("decode", jnp.asarray(feature_acts), state)
+        return self.apply("decode", as_real_array(feature_acts, what="feature_acts"), state)
 
     def forward(self, x: Any, use_error_term: bool = False) -> Array:
         return self.apply("__call__", self._check(x), use_error_term)
@@ -255,6 +255,32 @@ class SAE:
         p["W_dec"] = (p["W_dec"] / scaling_factor).astype(dtype)
         p["b_dec"] = (p["b_dec"] / scaling_factor).astype(dtype)
         return self.replace(cfg=self.cfg.replace(normalize_activations="none"), params=p)
+
+
+def as_real_array(x: Any, *, what: str) -> Array:
+    """`x` as a JAX array; InputError for complex or non-numeric data.
+
+    Complex inputs must not reach the SAE: casting them to the parameter dtype would silently
+    drop the imaginary part.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{what}: expected a numeric array, got {type(x).__name__} ({err}).") from err
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as err:
+        raise InputError(f"{what}: expected a numeric array, got dtype {dtype!r}.") from err
+    if dtype.kind == "c":
+        raise InputError(
+            f"{what}: dtype {dtype.name} is complex; an SAE takes real activations. "
+            "Pass x.real (or another real view of the data) explicitly."
+        )
+    if dtype.kind not in "biufV":
+        raise InputError(f"{what}: expected a numeric array, got dtype {dtype.name}.")
+    return jnp.asarray(x)
 
 
 def resolve_device(device: Any) -> Any:
