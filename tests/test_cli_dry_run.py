@@ -84,11 +84,14 @@ def test_without_a_plan_resolver_there_is_no_plan_line(monkeypatch):
 
 
 def test_a_real_train_prints_the_plan_line_after_its_first(tmp_path, fake_plan, monkeypatch, capsys):
+    import bridge.cli
     import bridge.run
     from bridge.cli import main
 
     sae = jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=128, d_sae=1024, k=32), seed=0)
     monkeypatch.setattr(bridge.run, "run", lambda cfg: (sae, {"dead_features": 0, "dead_fraction": 0.0}))
+    # the huge-page hint reads jsae.backends, which fake_plan replaces with its resolve_plan alone
+    monkeypatch.setattr(bridge.cli, "_hugepage_hint", lambda: None)
     assert main(["train", "--output-path", str(tmp_path / "sae")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("jsae train: topk SAE 128 -> 1024") and lines[1] == "plan: test plan for 1 member(s)"
