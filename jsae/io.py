@@ -10,7 +10,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import stat
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -636,36 +636,102 @@ def write_folder(
 ) -> tuple[Path, Path]:
     """Write an SAELens folder atomically: build it beside `path`, then rename into place.
 
-    Files already in an existing folder that jsae does not write (runner_cfg.json, ...) are kept.
+    Files already in an existing folder that jsae does not write (runner_cfg.json, ...) are kept;
+    symbolic links among them stay links (their targets are neither read nor copied). If `path`
+    itself is a link to a folder, the folder it points to is written and the link is kept.
+    The folder and its files get the permissions `mkdir` and `open` give under the umask.
     Returns (weights path, cfg path) as SAELens' save_model does.
     """
-    path = Path(path)
-    parent = path.parent
+    path = _check_target(path)
+    if path.is_symlink() and not path.exists():
+        raise JsaeError(
+            f"cannot write SAE folder {path}: it is a symbolic link to {os.readlink(path)}, which does not exist; "
+            "create that folder or remove the link."
+        )
+    # Writing through a link to a folder: the rename swaps the real folder, the link stays.
+    real = path.resolve() if path.is_symlink() and path.is_dir() else path
+    parent = real.parent
     if parent.exists() and not parent.is_dir():
         raise JsaeError(f"cannot write SAE folder {path}: {parent} is a file, not a folder.")
-    if path.exists() and not path.is_dir():
+    if real.exists() and not real.is_dir():
         raise JsaeError(f"cannot write SAE folder {path}: a file with that name exists.")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+        tmp = _make_sibling_dir(real)
     except OSError as err:
         raise JsaeError(f"cannot write SAE folder {path}: {parent} is not writable ({err}).") from err
     try:
         ours = {CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME}
-        if path.is_dir():
-            for item in path.iterdir():
+        if real.is_dir():
+            for item in real.iterdir():
                 if item.name not in ours:
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+                    _copy_keeping_links(item, tmp / item.name)
+        with open(tmp / CFG_FILENAME, "w", encoding="utf-8") as f:
+            json.dump(config_to_dict(cfg), f, indent=2, allow_nan=False, default=_json_default)
+        # safetensors creates its files 0600; give them the mode `open` gave cfg.json.
+        file_mode = stat.S_IMODE(os.stat(tmp / CFG_FILENAME).st_mode)
         write_safetensors(tmp / WEIGHTS_FILENAME, params)
+        os.chmod(tmp / WEIGHTS_FILENAME, file_mode)
         if sparsity is not None:
             write_safetensors(tmp / SPARSITY_FILENAME, {"sparsity": sparsity})
-        with open(tmp / CFG_FILENAME, "w") as f:
-            json.dump(config_to_dict(cfg), f, indent=2, allow_nan=False, default=_json_default)
-        _replace_dir(tmp, path)
+            os.chmod(tmp / SPARSITY_FILENAME, file_mode)
+        _replace_dir(tmp, real)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path / WEIGHTS_FILENAME, path / CFG_FILENAME
+
+
+def _check_target(path: str | os.PathLike) -> Path:
+    """`path` as a Path; JsaeError for "" and for the current folder or one that contains it.
+
+    Saving replaces the whole folder (everything in it is copied into the new one first), so
+    the current folder or an ancestor of it is never a sensible target.
+    """
+    if os.fspath(path) == "":
+        raise JsaeError(
+            "cannot write SAE folder '': the path is empty, which would mean the current folder; "
+            "give a folder name such as 'my_sae'."
+        )
+    target = Path(path)
+    try:
+        resolved = target.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError):
+        return target
+    if resolved == cwd:
+        raise JsaeError(
+            f"cannot write SAE folder {os.fspath(path)!r}: it is the current folder, which saving would replace "
+            "as a whole; give a new or SAE-only folder such as 'my_sae'."
+        )
+    if resolved in cwd.parents:
+        raise JsaeError(
+            f"cannot write SAE folder {os.fspath(path)!r}: it contains the current folder ({cwd}), which saving "
+            "would replace as a whole; give a new or SAE-only folder such as 'my_sae'."
+        )
+    return target
+
+
+def _make_sibling_dir(target: Path) -> Path:
+    """A new empty folder beside `target`, created with `mkdir`'s mode under the umask."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {target}")
+
+
+def _copy_keeping_links(src: Path, dst: Path) -> None:
+    """Copy a file or folder; symbolic links (at any depth) are copied as links, never followed."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst, target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
