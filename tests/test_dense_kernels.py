@@ -280,18 +280,20 @@ def test_default_blas_follows_the_cpu(monkeypatch):
     import glob
     import sys
 
+    from jsae.backends.cpu import build
+
     if not glob.glob(f"{sys.prefix}/lib/libmkl_rt.so*"):
         pytest.skip("mkl is not installed here")
     monkeypatch.delenv("JSAE_BLAS", raising=False)
     for vendor, library in [("GenuineIntel", "libmkl_rt"), ("AuthenticAMD", "scipy_openblas"), ("", "scipy_openblas")]:
-        monkeypatch.setattr(kernels, "cpu_vendor", lambda vendor=vendor: vendor)
-        assert library in kernels._blas_library()[0], vendor
-    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "AuthenticAMD")
+        monkeypatch.setattr(build, "cpu_vendor", lambda vendor=vendor: vendor)
+        assert library in build._blas_library()[0], vendor
+    monkeypatch.setattr(build, "cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setenv("JSAE_BLAS", "mkl")
-    assert "libmkl_rt" in kernels._blas_library()[0]
-    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
+    assert "libmkl_rt" in build._blas_library()[0]
+    monkeypatch.setattr(build, "cpu_vendor", lambda: "GenuineIntel")
     monkeypatch.setenv("JSAE_BLAS", "openblas")
-    assert "scipy_openblas" in kernels._blas_library()[0]
+    assert "scipy_openblas" in build._blas_library()[0]
 
 
 # ------------------------------------------------------------------ the fused Adam update
