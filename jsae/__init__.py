@@ -24,7 +24,7 @@ from jsae.saes.transcoder import (
 from jsae.training.config import TrainConfig
 from jsae.training.step import TrainState, init_train_state, make_train_step
 from jsae.training.sweep import Sweep, make_sweep_step, sweep_configs
-from jsae.training.trainer import Trainer, TrainingInterrupted, train
+from jsae.training.trainer import SweepResult, Trainer, TrainingInterrupted, train
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "Sweep",
     "TrainState",
+    "SweepResult",
     "Trainer",
     "TrainingInterrupted",
     "enable_compilation_cache",

@@ -60,4 +60,18 @@ def test_bad_schedule_values_name_the_field():
     with pytest.raises(jsae.ConfigError, match="lr must be > 0"):
         lr_schedule(lr=-1e-3, total_steps=10)
     with pytest.raises(jsae.ConfigError, match="lr_warm_up_steps"):
-        lr_schedule(lr=1e-3, total_steps=10, warm_up_steps=8, decay_steps=5)
+        lr_schedule(lr=1e-3, total_steps=10, warm_up_steps=-1)
+
+
+def test_a_short_run_scales_the_warm_up_and_decay_into_its_steps():
+    """A config made for a long run (lr_decay_steps: 100) run for fewer steps: both phases shrink in
+    proportion, leaving main steps, with a warning naming the fields."""
+    with pytest.warns(UserWarning, match=r"lr_warm_up_steps \(8\) \+ lr_decay_steps \(5\).*scaled to 5 and 4"):
+        schedule = lr_schedule(lr=1e-3, total_steps=10, warm_up_steps=8, decay_steps=5)
+    got = [float(schedule(n)) for n in range(10)]
+    assert got[:5] == pytest.approx([1e-3 * (n + 1) / 5 for n in range(5)])  # warm-up over 5 steps
+    assert got[5] == pytest.approx(1e-3) and got[9] < got[8] < got[7] < got[6]  # one main step, then the decay
+    with pytest.warns(UserWarning, match="scaled to 0 and 47"):
+        cfg = jsae.TrainConfig(sae=jsae.TopKTrainingSAEConfig(d_in=8, d_sae=32, k=4), total_training_tokens=200_000,
+                               train_batch_size_tokens=4096, lr_decay_steps=100)
+    assert cfg.total_training_steps == 48

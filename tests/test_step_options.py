@@ -80,9 +80,10 @@ def test_the_step_branched_on_dead_latents_trains_the_same_sae(implementation, m
     monkeypatch.setattr(backends, "DEAD_BRANCH_MIN_WEIGHTS", 0)
     plan = jsae.resolve_plan(cfg)
     assert plan.dead_latent_branch
-    one_program = step_module.build_step(cfg, step_module.hyperparameters(cfg), plan=plan)
+    one_program = step_module.build_step(cfg, plan=plan)
+    hyper = step_module.hyperparameters(cfg)
     steps = {"branched": jax.jit(jsae.make_train_step(cfg, plan=plan)),
-             "one program": jax.jit(lambda state, batch: one_program(state, batch, None))}
+             "one program": jax.jit(lambda state, batch: one_program(state, hyper, batch))}
     # Few, narrow batches: many latents never fire, so they are dead from step 3 on.
     batches = activation_batches(STEPS, 16, D_IN, seed=5)
     states = {name: jsae.init_train_state(cfg.replace(train_batch_size_tokens=16)) for name in steps}

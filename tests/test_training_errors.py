@@ -113,7 +113,7 @@ def test_config_from_dict_unknown_key_suggests_the_field():
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     cfg = small_cfg(checkpoint_path=str(tmp_path / "ckpt"))
     jsae.Trainer(cfg).fit(iter(data()))
-    with pytest.raises(jsae.ConfigError, match=r"different config \(changed: \['lr'\]\)"):
+    with pytest.raises(jsae.ConfigError, match=r"different config \(changed: lr\)"):
         jsae.Trainer(cfg.replace(lr=2e-3)).fit(iter(data()))
     again = jsae.Trainer(cfg.replace(progress_bar=False, log_every_n_steps=3))  # cosmetic changes resume fine
     again.fit(iter(data()))

@@ -53,14 +53,23 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def _lookup(registry: dict, name: str, where: str, unknown: str):
+    """registry[name], or a ConfigError listing the known names (and the closest)."""
+    if name not in registry:
+        raise ConfigError(f"{where}: {unknown.format(name=repr(name), known=sorted(registry))}"
+                          + close_names(str(name), registry))
+    return registry[name]
+
+
+def _register(registry: dict, entry, kind: str) -> None:
+    if entry.name in registry and registry[entry.name] != entry:
+        raise ConfigError(f"{kind} named {entry.name!r} is already registered.")
+    registry[entry.name] = entry
+
+
 def get_architecture(name: str, *, where: str = "architecture") -> Architecture:
     """The registry entry for `name`, or a ConfigError listing the known names."""
-    if name not in ARCHITECTURES:
-        raise ConfigError(
-            f"{where}: unknown architecture {name!r}; jsae knows {sorted(ARCHITECTURES)}."
-            + close_names(str(name), ARCHITECTURES)
-        )
-    return ARCHITECTURES[name]
+    return _lookup(ARCHITECTURES, name, where, "unknown architecture {name}; jsae knows {known}.")
 
 
 def _no_state(cfg: SAEConfig) -> dict:
@@ -149,25 +158,17 @@ def register_training_architecture(arch: TrainingArchitecture) -> None:
     Its saved form must be an architecture `ARCHITECTURES` knows (the config's
     `inference_architecture`, else its own name registered with `register_architecture`).
     """
-    if arch.name in TRAINING_ARCHITECTURES and TRAINING_ARCHITECTURES[arch.name] != arch:
-        raise ConfigError(f"a training architecture named {arch.name!r} is already registered.")
-    TRAINING_ARCHITECTURES[arch.name] = arch
+    _register(TRAINING_ARCHITECTURES, arch, "a training architecture")
 
 
 def register_architecture(arch: Architecture) -> None:
     """Make `arch` loadable and savable by name (cfg.json `architecture`)."""
-    if arch.name in ARCHITECTURES and ARCHITECTURES[arch.name] != arch:
-        raise ConfigError(f"an architecture named {arch.name!r} is already registered.")
-    ARCHITECTURES[arch.name] = arch
+    _register(ARCHITECTURES, arch, "an architecture")
 
 
 def get_training_architecture(name: str, *, where: str = "architecture") -> TrainingArchitecture:
-    if name not in TRAINING_ARCHITECTURES:
-        raise ConfigError(
-            f"{where}: jsae cannot train architecture {name!r}; it trains {sorted(TRAINING_ARCHITECTURES)}."
-            + close_names(str(name), TRAINING_ARCHITECTURES)
-        )
-    return TRAINING_ARCHITECTURES[name]
+    """The training registry entry for `name`, or a ConfigError listing the trainable names."""
+    return _lookup(TRAINING_ARCHITECTURES, name, where, "jsae cannot train architecture {name}; it trains {known}.")
 
 
 def init_params(cfg: SAEConfig, key) -> dict:

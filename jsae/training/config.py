@@ -156,10 +156,18 @@ class TrainConfig:
         return self.total_training_tokens // self.train_batch_size_tokens
 
     def lr_schedule(self):
-        from jsae.training.schedules import lr_schedule
+        """step -> lr (`jsae.training.schedules.lr_at` of `lr_schedule_params`)."""
+        from jsae.training.schedules import lr_at
+
+        params = self.lr_schedule_params()
+        return lambda step: lr_at(step, params)
+
+    def lr_schedule_params(self):
+        """The learning-rate schedule as data (`jsae.training.schedules.LRSchedule`)."""
+        from jsae.training.schedules import lr_schedule_params
 
         try:
-            return lr_schedule(
+            return lr_schedule_params(
                 lr=self.lr, total_steps=self.total_training_steps, scheduler=self.lr_scheduler_name,
                 warm_up_steps=self.lr_warm_up_steps, decay_steps=self.lr_decay_steps, lr_end=self.lr_end,
                 n_restart_cycles=self.n_restart_cycles,

@@ -22,7 +22,7 @@ from jsae.saes import get_training_architecture
 from jsae.saes._training import init_training_params
 from jsae.training.config import TrainConfig
 from jsae.training.optim import apply_update, make_optimizer
-from jsae.training.schedules import coefficient_schedule
+from jsae.training.schedules import CoefficientSchedule, LRSchedule, coefficient_at, lr_at
 
 Array = jax.Array
 
@@ -112,26 +112,26 @@ def _all_finite(tree) -> Array:
 
 
 class Hyperparameters(NamedTuple):
-    """What may differ between the SAEs of a sweep, as functions of the step (and the member index).
+    """What may differ between SAEs trained side by side, as arrays (optax's inject_hyperparams idea):
+    a pytree that travels beside the state. A sweep stacks one per member along a leading axis and
+    maps the same step over (states, hyperparameters); one SAE is the unstacked case.
 
-    lr(step, member) and coefficients(step, member) -> {name: value}; forward_kwargs(member) -> extra
-    keyword arguments of the architecture's forward (e.g. a traced `k`).
+    Attributes:
+        lr: the learning-rate schedule (`jsae.training.schedules.LRSchedule`).
+        coefficients: loss coefficient name -> its `CoefficientSchedule`.
+        forward: extra keyword arguments of the architecture's forward (a TopK sweep's traced `k`), else {}.
     """
 
-    lr: Callable[[Array, Any], Array]
-    coefficients: Callable[[Array, Any], dict[str, Array]]
-    forward_kwargs: Callable[[Any], dict[str, Any]]
+    lr: LRSchedule
+    coefficients: dict[str, CoefficientSchedule]
+    forward: dict[str, Array]
 
 
-def hyperparameters(cfg: TrainConfig) -> Hyperparameters:
-    """The hyperparameters of one SAE (the member index is ignored)."""
-    lr_fn = cfg.lr_schedule()
-    coefficient_fns = {name: coefficient_schedule(v, w) for name, (v, w) in cfg.sae.coefficients().items()}
-    return Hyperparameters(
-        lr=lambda step, member: lr_fn(step),
-        coefficients=lambda step, member: {name: fn(step) for name, fn in coefficient_fns.items()},
-        forward_kwargs=lambda member: {},
-    )
+def hyperparameters(cfg: TrainConfig, forward: dict[str, Array] | None = None) -> Hyperparameters:
+    """The hyperparameters of `cfg` as arrays."""
+    coefficients = {name: CoefficientSchedule(np.float32(value), np.int32(warm_up))
+                    for name, (value, warm_up) in cfg.sae.coefficients().items()}
+    return Hyperparameters(cfg.lr_schedule_params(), coefficients, dict(forward or {}))
 
 
 def make_train_step(cfg: TrainConfig, axis_name: str | None = None, *,
@@ -151,23 +151,23 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None, *,
     """
     plan = plan or resolve_plan(cfg)
     hyper = hyperparameters(cfg)
-    step = build_step(cfg, hyper, axis_name, plan=plan)
+    step = build_step(cfg, axis_name, plan=plan)
     if not plan.dead_latent_branch:
-        return lambda state, batch: step(state, batch, None)
-    none_dead = build_step(cfg, hyper, axis_name, none_dead=True, plan=plan)
+        return lambda state, batch: step(state, hyper, batch)
+    none_dead = build_step(cfg, axis_name, none_dead=True, plan=plan)
 
     def branched(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
         any_dead = jnp.any(state.steps_since_fired > cfg.dead_feature_window)
-        return jax.lax.cond(any_dead, lambda s, b: step(s, b, None), lambda s, b: none_dead(s, b, None), state, batch)
+        return jax.lax.cond(any_dead, step, none_dead, state, hyper, batch)
 
     return branched
 
 
-def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None = None, *,
-               none_dead: bool = False, plan: ExecutionPlan | None = None) -> Callable:
-    """step(state, batch, member) -> (state, metrics) for `cfg`'s shapes and architecture, taking the
-    learning rate, coefficients and forward arguments from `hyper` (see `jsae.training.sweep`) and
-    the primitives and optimiser update from `plan`.
+def build_step(cfg: TrainConfig, axis_name: str | None = None, *, none_dead: bool = False,
+               plan: ExecutionPlan | None = None) -> Callable:
+    """step(state, hyperparameters, batch) -> (state, metrics) for `cfg`'s shapes and architecture: the
+    learning rate, coefficients and forward arguments come from `hyperparameters` (`Hyperparameters`,
+    data), the primitives and optimiser update from `plan`.
 
     none_dead: the caller knows no latent is dead; the forward then sees a constant all-false dead
     mask, so the dead-latent losses' `lax.cond` stays a branch under vmap instead of becoming a
@@ -186,12 +186,12 @@ def build_step(cfg: TrainConfig, hyper: Hyperparameters, axis_name: str | None =
     def reduce_sum(x):
         return jax.lax.psum(x, axis_name) if axis_name is not None else x
 
-    def step(state: TrainState, batch: Array, member: Any) -> tuple[TrainState, dict[str, Array]]:
+    def step(state: TrainState, hyper: Hyperparameters, batch: Array) -> tuple[TrainState, dict[str, Array]]:
         x = batch * state.scaling_factor.astype(batch.dtype) if scale_inputs else batch
         params = arch.project(state.params, sae_cfg) if arch.project is not None else state.params
-        coefficients = hyper.coefficients(state.step, member)
-        lr = hyper.lr(state.step, member)
-        forward_kwargs = hyper.forward_kwargs(member)
+        coefficients = {name: coefficient_at(state.step, c) for name, c in hyper.coefficients.items()}
+        lr = lr_at(state.step, hyper.lr)
+        forward_kwargs = hyper.forward
         if none_dead:
             dead_mask = np.zeros(state.steps_since_fired.shape, bool)
         else:
@@ -271,10 +271,12 @@ def log_feature_sparsity(state: TrainState) -> Array:
 
 
 def estimate_scaling_factor(batches: list[Array], d_in: int) -> float:
-    """expected_average_only_in: sqrt(d_in) / mean token norm over the given batches."""
+    """expected_average_only_in: sqrt(d_in) / mean token norm over the given batches (inf where that
+    mean is 0, NaN where the batches hold NaN)."""
     total, count = 0.0, 0
     for batch in batches:
         norms = jnp.linalg.norm(jnp.asarray(batch).astype(jnp.float32), axis=-1)
         total += float(jnp.sum(norms))
         count += norms.size
-    return math.sqrt(d_in) / (total / count)
+    mean = total / count
+    return math.sqrt(d_in) / mean if mean > 0 else math.inf  # zeros alone cannot be scaled

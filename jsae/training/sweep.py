@@ -15,12 +15,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsae._errors import ConfigError
 from jsae.backends import ExecutionPlan, resolve_plan
 from jsae.training.config import SWEEP_STRATEGIES, TrainConfig
-from jsae.training.schedules import coefficient_schedule
-from jsae.training.step import Hyperparameters, TrainState, build_step, init_train_state
+from jsae.training.step import Hyperparameters, TrainState, build_step, hyperparameters, init_train_state
 
 Array = jax.Array
 
@@ -91,21 +91,12 @@ def member_name(axes: Mapping[str, Sequence[Any]], i: int) -> str:
 
 
 def sweep_hyperparameters(members: Sequence[TrainConfig]) -> Hyperparameters:
-    """Each member's lr schedule, coefficient schedules and k, indexed by the (traced) member index."""
-    lr_fns = [m.lr_schedule() for m in members]
-    names = list(members[0].sae.coefficients())
-    coefficient_fns = {name: [coefficient_schedule(*m.sae.coefficients()[name]) for m in members] for name in names}
+    """Each member's hyperparameters (lr schedule, coefficient schedules and, where they differ, TopK's
+    k), stacked along a leading member axis."""
     ks = [getattr(m.sae, "k", None) for m in members]
     vary_k = len(set(ks)) > 1
-
-    def pick(values: list[Array], member: Any) -> Array:
-        return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])[member]
-
-    return Hyperparameters(
-        lr=lambda step, member: pick([f(step) for f in lr_fns], member),
-        coefficients=lambda step, member: {n: pick([f(step) for f in fns], member) for n, fns in coefficient_fns.items()},
-        forward_kwargs=(lambda member: {"k": jnp.asarray(ks, jnp.int32)[member]}) if vary_k else (lambda member: {}),
-    )
+    each = [hyperparameters(m, {"k": np.int32(k)} if vary_k else None) for m, k in zip(members, ks, strict=True)]
+    return jax.tree.map(lambda *xs: np.stack(xs), *each)
 
 
 def check_members(members: Sequence[TrainConfig]) -> TrainConfig:
@@ -152,16 +143,15 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
         plan = resolve_plan(shape_cfg.replace(sweep_strategy=strategy), n_members=len(members))
     strategy = plan.sweep or "vmap"
     hyper = sweep_hyperparameters(members)
-    index = jnp.arange(len(members))
-    stream_of = jnp.asarray(streams, jnp.int32) if streams else None
-    with_dead = build_step(shape_cfg, hyper, axis_name, plan=plan)
+    stream_of = np.asarray(streams, np.int32) if streams else None
+    with_dead = build_step(shape_cfg, axis_name, plan=plan)
     if strategy == "unroll":
 
         def unrolled_step(states: TrainState, batch: Array):
             outs = []
             for i in range(len(members)):
                 member_batch = batch if stream_of is None else batch[streams[i]]
-                outs.append(with_dead(member_state(states, i), member_batch, index[i]))
+                outs.append(with_dead(member_state(states, i), member_state(hyper, i), member_batch))
             return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
         return unrolled_step
@@ -169,19 +159,19 @@ def make_sweep_step(members: Sequence[TrainConfig], axis_name: str | None = None
 
         def mapped_step(states: TrainState, batch: Array):
             if stream_of is None:
-                return jax.lax.map(lambda a: with_dead(a[0], batch, a[1]), (states, index))
-            return jax.lax.map(lambda a: with_dead(*a), (states, batch[stream_of], index))
+                return jax.lax.map(lambda a: with_dead(*a, batch), (states, hyper))
+            return jax.lax.map(lambda a: with_dead(*a), (states, hyper, batch[stream_of]))
 
         return mapped_step
     # Under vmap a per-member "any latent dead?" branch would run both sides, so the sweep branches
     # once, outside the vmap, on whether any member has dead latents.
-    none_dead = build_step(shape_cfg, hyper, axis_name, none_dead=True, plan=plan)
+    none_dead = build_step(shape_cfg, axis_name, none_dead=True, plan=plan)
 
     def step(states: TrainState, batch: Array):
         if stream_of is None:
-            args, in_axes = (states, batch, index), (0, None, 0)
+            args, in_axes = (states, hyper, batch), (0, 0, None)
         else:
-            args, in_axes = (states, batch[stream_of], index), (0, 0, 0)
+            args, in_axes = (states, hyper, batch[stream_of]), (0, 0, 0)
         any_dead = jnp.any(states.steps_since_fired > shape_cfg.dead_feature_window)
         return jax.lax.cond(any_dead, lambda a: jax.vmap(with_dead, in_axes=in_axes)(*a),
                             lambda a: jax.vmap(none_dead, in_axes=in_axes)(*a), args)
@@ -231,6 +221,6 @@ class Sweep:
         return max(self.streams) + 1 if self.streams else 1
 
 
-def member_state(states: TrainState, i: int) -> TrainState:
-    """Member i's state out of the stacked states."""
+def member_state(states: Any, i: int) -> Any:
+    """Member i's slice of stacked states (or hyperparameters)."""
     return jax.tree.map(lambda x: x[i], states)
