@@ -181,7 +181,7 @@ def saelens_dataset(flat: dict):
         split = flat["dataset_split"]
 
         def rows():
-            for _, text in corpus.stdlib_documents(split):
+            for _, text in corpus.stdlib_documents(split, seed=flat["seed"]):  # jsae's order (the run's seed)
                 yield {"text": text}
     else:
         from bridge.data import text_documents

@@ -46,14 +46,10 @@ def load_config(args: argparse.Namespace):
     return RunConfig.from_yaml(args.config or DEFAULT_CONFIG, overrides)
 
 
-def _plan_line(cfg) -> str | None:
-    """"plan: ..." — how the run's training step executes (devices, kernels), None where the installed
-    jsae cannot say."""
-    try:
-        from jsae.backends import resolve_plan
-    except ImportError:
-        return None
+def _plan_line(cfg) -> str:
+    """"plan: ..." — the execution plan the run's trainer resolves (jsae.resolve_plan), on one line."""
     from bridge.run import run_members
+    from jsae.backends import resolve_plan
 
     return f"plan: {resolve_plan(cfg.train, n_members=len(run_members(cfg)[0])).describe()}"
 
@@ -99,9 +95,7 @@ def train(args: argparse.Namespace) -> int:
 
         _print_report("train", dry_run_train(cfg), _plan_line(cfg))
         return 0
-    plan = _plan_line(cfg)
-    if plan is not None:
-        print(plan, flush=True)
+    print(_plan_line(cfg), flush=True)
     _hugepage_hint()
     sae, summary = run(cfg)
     where = cfg.train.output_path or "(not saved: no output_path)"

@@ -13,8 +13,8 @@ time than all of the model's matrix products:
   once for each of q, k and v, and projects each with a separate product. The fused block
   normalises once and projects q, k and v with one product against the stacked weights.
 - **Matrix products.** On CPU in float32, the products go to oneDNN
-  (`torch.ops.mkldnn._linear_pointwise`) rather than MKL through `torch.addmm`. On the AMD
-  EPYC machines we measured, that was 1.1-1.4x faster at the model's shapes.
+  (`torch.ops.mkldnn._linear_pointwise`) rather than MKL through `torch.addmm`, which measured
+  faster at the model's shapes (bench/RESULTS.md).
 
 hook_q, hook_k, hook_v, hook_rot_q, hook_rot_k, hook_z, the MLP's hooks and every block-level
 hook (resid_pre/mid/post, attn_out, mlp_out) still fire, with the same shapes. The results

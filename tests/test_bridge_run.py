@@ -59,6 +59,13 @@ def test_cli_train_writes_a_folder_sae_lens_opens(tmp_path, capsys):
     assert ref.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
     assert ref.cfg.metadata.model_name == "embedded"
     assert ref.cfg.metadata.context_size == 128 and ref.cfg.metadata.prepend_bos is True
+    # the default run's folder says what ran: the plan the command printed as its second line
+    executed = json.loads((out / "cfg.json").read_text())["metadata"]["jsae_execution"]
+    assert executed["platform"] == "cpu" and executed["topk"] in ("dense", "sparse") and executed["optimizer"]
+    import jsae
+
+    assert printed.splitlines()[1] == "plan: " + jsae.backends.ExecutionPlan(**{
+        **executed, "compiler_options": tuple(sorted(executed["compiler_options"].items()))}).describe()
     assert (out / "metrics.jsonl").exists() and (out / "sparsity.safetensors").exists()
     # evals ran during training (steps 20, 40) and at the end (48), and the final ones are in the metadata
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

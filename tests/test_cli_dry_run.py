@@ -19,14 +19,6 @@ def tree(path) -> list[str]:
                   for root, dirs, files in os.walk(path) for name in dirs + files)
 
 
-def real_plan_available() -> bool:
-    try:
-        from jsae.backends import resolve_plan  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.fixture
 def fake_plan(monkeypatch):
     """A jsae.backends whose resolve_plan reports what it was asked, for the CLI's plan line."""
@@ -61,7 +53,7 @@ def test_train_dry_run_of_the_default_config_writes_nothing(tmp_path, monkeypatc
     assert "log_path: runs/default/sae/metrics.jsonl (will be created)" in out
     assert out.rstrip().endswith("nothing was trained or written.")
     plan_lines = [line for line in out.splitlines() if line.startswith("plan: ")]
-    assert len(plan_lines) == (1 if real_plan_available() else 0)
+    assert len(plan_lines) == 1 and plan_lines[0].startswith("plan: cpu: topk ")
 
 
 def test_train_dry_run_prints_the_plan_line(tmp_path, fake_plan, capsys):
@@ -73,14 +65,6 @@ def test_train_dry_run_prints_the_plan_line(tmp_path, fake_plan, capsys):
     assert lines[0].startswith("jsae train: sweep of 2 topk SAE")
     assert "plan: test plan for 2 member(s)" in lines and "SAEs: 2" in "\n".join(lines)
     assert fake_plan[0][0].sae.d_sae == 1024 and tree(tmp_path) == []
-
-
-def test_without_a_plan_resolver_there_is_no_plan_line(monkeypatch):
-    from bridge.cli import _plan_line
-    from bridge.run_config import DEFAULT_CONFIG, RunConfig
-
-    monkeypatch.setitem(sys.modules, "jsae.backends", None)  # import fails as for a jsae without backends
-    assert _plan_line(RunConfig.from_yaml(DEFAULT_CONFIG)) is None
 
 
 def test_a_real_train_prints_the_plan_line_after_its_first(tmp_path, fake_plan, monkeypatch, capsys):

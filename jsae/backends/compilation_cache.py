@@ -15,8 +15,8 @@ from pathlib import Path
 
 import jax
 
-# Programs that compile faster than this are not written (eager operations take ~10-50 ms each;
-# a training step or an evaluation function from ~0.2 s up).
+# Programs that compile faster than this are not written: eager operations' programs are many and
+# cheap to rebuild; a training step's or an evaluation's are few and slow.
 MIN_COMPILE_SECONDS = 0.1
 MAX_SIZE_BYTES = 1 << 30  # least recently used entries are dropped beyond this
 
