@@ -148,3 +148,16 @@ def test_a_signal_during_the_final_evaluation_stops_after_saving(tmp_path):
         jsae.Trainer(run_cfg).fit(iter(data()), evaluator=evaluator)
     saved = jsae.SAE.load_from_disk(Path(tmp_path) / "sae")
     assert saved.cfg.metadata.eval_metrics is None and saved.cfg.metadata.l0 is not None
+
+
+def test_an_sae_too_large_for_the_device_is_refused_before_allocating():
+    sae = jsae.TopKTrainingSAEConfig(d_in=768, d_sae=1 << 23, k=32)  # ~150 GiB of parameters and Adam moments
+    with pytest.raises(jsae.ConfigError, match=r"needs at least [0-9.]+ GiB on each device \([0-9.]+ GiB of "
+                                               r"parameters and Adam moments.*model_axis_size"):
+        jsae.Trainer(jsae.TrainConfig(sae=sae, total_training_tokens=4096, train_batch_size_tokens=4096, n_devices=1))
+
+
+def test_complex_activations_are_refused(tmp_path):
+    batches = [b.astype(np.complex64) for b in data()]
+    with pytest.raises(jsae.InputError, match="real floating-point numbers, got dtype complex64"):
+        jsae.Trainer(cfg(tmp_path, checkpoint_path=None)).fit(iter(batches))

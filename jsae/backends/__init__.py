@@ -237,5 +237,25 @@ def fused_optimizer_apply(plan: ExecutionPlan, *, max_grad_norm: float, b1: floa
     return functools.partial(adam.apply, max_grad_norm=max_grad_norm, b1=b1, b2=b2, eps=eps)
 
 
-__all__ = ["ExecutionPlan", "Ops", "PLATFORMS", "REFERENCE", "default_cache_path", "default_platform",
+def device_memory_bytes(device) -> int | None:
+    """Memory one device can hold: an accelerator's allocator limit, the host's physical memory for
+    a CPU device; None where unknown."""
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        pass
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        import os
+
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+__all__ = ["ExecutionPlan", "Ops", "PLATFORMS", "REFERENCE", "default_cache_path", "default_platform", "device_memory_bytes",
            "enable_compilation_cache", "fused_optimizer_apply", "resolve_plan", "resolve_strategy", "step_compiler_options"]

@@ -72,6 +72,30 @@ def make_mesh(devices: list, model_axis_size: int, batch_size: int) -> Mesh:
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 
+def check_fits(state_shape: Any, cfg, devices: list, n_members: int = 1) -> None:
+    """Refuse, before anything is allocated, a run whose state and smallest step temporaries cannot fit
+    one device: the parameters and Adam moments (split over the model axis where sharded) plus two
+    (tokens, d_sae) float32 arrays per SAE, a lower bound of what any step's forward and backward hold."""
+    from jsae.backends import device_memory_bytes
+
+    limit = device_memory_bytes(devices[0])
+    if limit is None:
+        return
+    state = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(state_shape))
+    model = cfg.model_axis_size
+    tokens = cfg.train_batch_size_tokens // (len(devices) // model)
+    temporaries = 2 * tokens * (cfg.sae.d_sae // model) * 4 * n_members
+    need = state // model + temporaries
+    if need > limit:
+        gib = 1 << 30
+        raise ConfigError(
+            f"the run needs at least {need / gib:.1f} GiB on each device ({state // model / gib:.1f} GiB of "
+            f"parameters and Adam moments, {temporaries / gib:.1f} GiB of step temporaries) and a "
+            f"{devices[0].platform} device holds {limit / gib:.1f} GiB: lower sae.d_sae or train_batch_size_tokens, "
+            "or split the latents over devices (model_axis_size)."
+        )
+
+
 def compile_step(make_step: Callable[[str | None], Callable], mesh: Mesh, batch_sharding: NamedSharding,
                  state_shardings: Any | None, compiler_options: dict | None) -> Callable:
     """The jitted step over `mesh`, the state donated.

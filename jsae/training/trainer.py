@@ -35,7 +35,7 @@ from jsae.training.hooks import (
     StopSignals,
     TrainingInterrupted,
 )
-from jsae.training.mesh import DATA_AXIS, compile_step, make_mesh, state_sharding
+from jsae.training.mesh import DATA_AXIS, check_fits, compile_step, make_mesh, state_sharding
 from jsae.training.results import SweepResult, saved_sae
 from jsae.training.step import TrainState, estimate_scaling_factor, init_train_state, make_train_step
 from jsae.training.sweep import Sweep, check_members, init_sweep_state, make_sweep_step, member_state
@@ -87,8 +87,9 @@ class Trainer:
         self.plan: ExecutionPlan = resolve_plan(shape_cfg, devices=self.devices,
                                                 n_members=1 if sweep is None else len(sweep.members),
                                                 feature_sharded=self.model_axis_size > 1)
-        shardings = (state_sharding(jax.eval_shape(self._fresh_state), self.mesh, self.arch)
-                     if self.model_axis_size > 1 else None)
+        state_shape = jax.eval_shape(self._fresh_state)
+        check_fits(state_shape, cfg, self.devices, 1 if sweep is None else len(sweep.members))
+        shardings = state_sharding(state_shape, self.mesh, self.arch) if self.model_axis_size > 1 else None
         self.step_fn = compile_step(self._make_step, self.mesh, self.batch_sharding, shardings,
                                     self.plan.jit_compiler_options)
         sync = cfg.sync_every_n_steps
@@ -268,6 +269,9 @@ class Trainer:
             raise InputError(f"batch: expected shape {want} of activations"
                              + (" (one slice per activation stream)" if streams is not None else "")
                              + f", got {shape}; the SAE config's d_in must match the activations' width.")
+        dtype = np.dtype(getattr(batch, "dtype", np.float32))
+        if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+            raise InputError(f"batch: activations must be real floating-point numbers, got dtype {dtype}.")
         if shape[-2] != self.local_batch_size:
             raise InputError(f"batch: expected {self.local_batch_size} tokens per process (train_batch_size_tokens="
                              f"{self.cfg.train_batch_size_tokens} over {self.n_processes} process(es)), got {shape[-2]}.")
