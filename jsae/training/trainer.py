@@ -35,6 +35,7 @@ from jsae.training.hooks import (
     StopSignals,
     TrainingInterrupted,
 )
+from jsae.training.memory import refuse_if_too_large, step_memory
 from jsae.training.mesh import DATA_AXIS, check_fits, compile_step, make_mesh, state_sharding
 from jsae.training.results import SweepResult, saved_sae
 from jsae.training.step import TrainState, estimate_scaling_factor, init_train_state, make_train_step
@@ -53,12 +54,14 @@ class Trainer:
         devices: devices of the mesh (default: the first `cfg.n_devices` of `jax.devices()`).
         sweep: several SAEs trained together in one compiled step (`jsae.training.sweep.Sweep`);
             `fit` then returns a `SweepResult` and saves each SAE to <output_path>/<name>.
+        check_memory: refuse, before anything is allocated, a run whose state cannot fit a device.
 
     Attributes:
         plan: the `ExecutionPlan` the step runs (recorded in metrics.jsonl and each saved cfg.json).
     """
 
-    def __init__(self, cfg: TrainConfig, devices: list | None = None, *, sweep: Sweep | None = None):
+    def __init__(self, cfg: TrainConfig, devices: list | None = None, *, sweep: Sweep | None = None,
+                 check_memory: bool = True):
         self.cfg, self.sweep = cfg, sweep
         self.arch = get_training_architecture(cfg.sae.architecture)
         if sweep is not None:
@@ -88,7 +91,8 @@ class Trainer:
                                                 n_members=1 if sweep is None else len(sweep.members),
                                                 feature_sharded=self.model_axis_size > 1)
         state_shape = jax.eval_shape(self._fresh_state)
-        check_fits(state_shape, cfg, self.devices, 1 if sweep is None else len(sweep.members))
+        if check_memory:
+            check_fits(state_shape, cfg, self.devices, 1 if sweep is None else len(sweep.members))
         shardings = state_sharding(state_shape, self.mesh, self.arch) if self.model_axis_size > 1 else None
         self.step_fn = compile_step(self._make_step, self.mesh, self.batch_sharding, shardings,
                                     self.plan.jit_compiler_options)
@@ -283,11 +287,24 @@ class Trainer:
         """Activation streams a sweep's batches stack (several hook points), None for one (tokens, d_in) batch."""
         return self.sweep.n_streams if self.sweep is not None and self.sweep.streams else None
 
-    def _compile_step(self, state: TrainState, dtype: Any) -> None:
-        """Compile the step for global batches of `dtype` (jit reuses it at the first step)."""
+    def _batch_struct(self, dtype: Any) -> jax.ShapeDtypeStruct:
         tokens, d_in, streams = self.local_batch_size * self.n_processes, self.cfg.sae.d_in, self._n_streams()
         shape = (tokens, d_in) if streams is None else (streams, tokens, d_in)
-        self.step_fn.lower(state, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.batch_sharding)).compile()
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.batch_sharding)
+
+    def _compile_step(self, state: TrainState, dtype: Any) -> None:
+        """Compile the step for global batches of `dtype` (jit reuses it at the first step); refuse it
+        where XLA says one step needs more memory than a device holds."""
+        compiled = self.step_fn.lower(state, self._batch_struct(dtype)).compile()
+        refuse_if_too_large(step_memory(state, compiled), self.devices[0])
+
+    def step_memory(self, batch_dtype: Any = "float32") -> dict[str, int]:
+        """Per-device bytes of this trainer's step (`jsae.training.memory.step_memory`), compiled for
+        batches of `batch_dtype` from abstract shapes: nothing is allocated."""
+        state = jax.eval_shape(self._fresh_state)
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                             self._sharding(state))
+        return step_memory(state, self.step_fn.lower(state, self._batch_struct(batch_dtype)).compile())
 
     @staticmethod
     def _skip(iterator: Iterator, source: Any, n: int) -> None:

@@ -1,0 +1,69 @@
+"""`jsae plan CONFIG`: what a run would execute, and whether it fits the device, without training.
+
+The execution plan and the mesh are the trainer's own; the step's memory comes from XLA's memory
+analysis of the step compiled from abstract shapes (nothing is allocated); the shuffle buffer and
+the model's weights are counted from their shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.run import prepare, run_members, trains_several
+from bridge.run_config import RunConfig
+
+
+def activation_buffer_bytes(cfg: RunConfig) -> int:
+    """The shuffle buffer: n_batches_in_buffer model forwards of store_batch_size_prompts rows, one
+    (tokens, d_in) float32 slice per hook."""
+    tokens = cfg.n_batches_in_buffer * cfg.store_batch_size_prompts * cfg.context_size
+    return tokens * cfg.train.sae.d_in * 4 * len(cfg.hooks)
+
+
+def plan_report(cfg: RunConfig) -> dict[str, Any]:
+    """The run's plan, mesh and per-device memory (bytes) against what a device holds.
+
+    Returns:
+        {"plan", "mesh", "per_device_bytes": {params_and_optimizer, step_temporaries, activation_buffer,
+        model_weights, total}, "device_bytes" (None where unknown), "fits", "suggestions"}.
+    """
+    import jsae
+    from jsae.backends import device_memory_bytes
+    from jsae.training.sweep import Sweep
+
+    model, cfg = prepare(cfg)
+    members, names, streams = run_members(cfg)
+    sweep = None
+    if trains_several(cfg):
+        sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
+    trainer = jsae.Trainer(cfg.train, sweep=sweep, check_memory=False)
+    per_device = trainer.step_memory("float32")
+    per_device["activation_buffer"] = activation_buffer_bytes(cfg)
+    per_device["model_weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_device["total"] = sum(per_device.values())
+    limit = device_memory_bytes(trainer.devices[0])
+    fits = limit is None or per_device["total"] <= limit
+    suggestions = []
+    if not fits:
+        n = len(trainer.devices)
+        if cfg.train.model_axis_size < n:
+            suggestions.append(f"model_axis_size: {n} (split the latents over the {n} devices)")
+        suggestions += [f"train_batch_size_tokens: {cfg.train.train_batch_size_tokens // 2} (fewer step temporaries)",
+                        f"n_batches_in_buffer: {max(cfg.n_batches_in_buffer // 2, 1)} (a smaller shuffle buffer)"]
+    return {"plan": trainer.plan.to_dict(), "describe": trainer.plan.describe(),
+            "mesh": dict(trainer.mesh.shape), "per_device_bytes": per_device, "device_bytes": limit, "fits": fits,
+            "suggestions": suggestions}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    from jsae.training.memory import describe_bytes
+
+    lines = [f"plan: {report['describe']}",
+             "mesh: " + " x ".join(f"{axis} {size}" for axis, size in report["mesh"].items())]
+    for name, n in report["per_device_bytes"].items():
+        lines.append(f"  {name:<22} {describe_bytes(n)}")
+    limit = report["device_bytes"]
+    held = "unknown" if limit is None else describe_bytes(limit)
+    lines.append(f"a device holds {held}: " + ("fits" if report["fits"] else "does NOT fit"))
+    lines += [f"  try {s}" for s in report["suggestions"]]
+    return "\n".join(lines)
