@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import torch
 
-from bridge.dlpack import jax_to_torch, torch_to_jax
+from bridge.dlpack import device_context, jax_to_torch, torch_to_jax
 
 
 @partial(jax.jit, static_argnames=("use_error_term",))
@@ -32,11 +32,13 @@ def sae_hook(sae, *, use_error_term: bool = False, mask: torch.Tensor | None = N
     """
 
     def hook(activations: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        out = jax_to_torch(_sae_forward(sae, torch_to_jax(activations), use_error_term))
-        out = out.to(activations.dtype)
-        if mask is not None:
-            extra = (None,) * (activations.ndim - mask.ndim)
-            out = torch.where(mask[(...,) + extra].to(out.device), out, activations)
+        # the activation's own GPU is the current one for the way to JAX and back (a no-op on CPU)
+        with device_context(activations):
+            out = jax_to_torch(_sae_forward(sae, torch_to_jax(activations), use_error_term))
+            out = out.to(device=activations.device, dtype=activations.dtype)
+            if mask is not None:
+                extra = (None,) * (activations.ndim - mask.ndim)
+                out = torch.where(mask[(...,) + extra].to(out.device), out, activations)
         return out
 
     return hook
@@ -54,16 +56,17 @@ def run_with_cache_with_saes(model, tokens, saes, *, use_error_term: bool = Fals
 
     def make(name, sae):
         def hook(activations, hook=None):
-            details = sae.forward_with_details(torch_to_jax(activations))
-            recons = jax_to_torch(details.sae_out).to(activations.dtype)
-            error = activations - recons
-            cache[f"{name}.hook_sae_input"] = activations.detach().clone()
-            cache[f"{name}.hook_sae_acts_pre"] = jax_to_torch(details.hidden_pre)
-            cache[f"{name}.hook_sae_acts_post"] = jax_to_torch(details.feature_acts)
-            cache[f"{name}.hook_sae_recons"] = recons
-            cache[f"{name}.hook_sae_error"] = error
-            out = recons + error if use_error_term else recons
-            cache[f"{name}.hook_sae_output"] = out
+            with device_context(activations):  # as in sae_hook
+                details = sae.forward_with_details(torch_to_jax(activations))
+                recons = jax_to_torch(details.sae_out).to(device=activations.device, dtype=activations.dtype)
+                error = activations - recons
+                cache[f"{name}.hook_sae_input"] = activations.detach().clone()
+                cache[f"{name}.hook_sae_acts_pre"] = jax_to_torch(details.hidden_pre)
+                cache[f"{name}.hook_sae_acts_post"] = jax_to_torch(details.feature_acts)
+                cache[f"{name}.hook_sae_recons"] = recons
+                cache[f"{name}.hook_sae_error"] = error
+                out = recons + error if use_error_term else recons
+                cache[f"{name}.hook_sae_output"] = out
             return out
 
         return hook
