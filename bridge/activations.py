@@ -28,6 +28,17 @@ class _AllHooksFired(Exception):
     """Ends a forward early: every hook the source reads has fired, the rest is not needed."""
 
 
+def store_placement(act_store_device: str, model_device: str) -> tuple[str | None, bool]:
+    """(the device activations are moved to before the shuffle buffer, None: where they are; whether the
+    buffer is page-locked) for SAELens' act_store_device: "with_model" keeps them on the model's device,
+    "cpu" moves them to host memory, page-locked when they come from CUDA."""
+    if act_store_device == "with_model":
+        return None, False
+    if act_store_device == "cpu":
+        return "cpu", str(model_device).startswith("cuda")
+    raise ConfigError(f"act_store_device must be 'with_model' or 'cpu', got {act_store_device!r}.")
+
+
 class ShuffleBuffer:
     """Mixes tokens from many rows and documents; every token is served exactly once.
 
@@ -41,7 +52,8 @@ class ShuffleBuffer:
     other store: no concatenation, and the only fresh memory is what gets served.
     """
 
-    def __init__(self, capacity: int, batch_size: int, *, keep_fraction: float = 0.5, seed: int = 0):
+    def __init__(self, capacity: int, batch_size: int, *, keep_fraction: float = 0.5, seed: int = 0,
+                 pin_memory: bool = False):
         if capacity < 2 * batch_size:
             raise ConfigError(
                 f"shuffle buffer: capacity ({capacity} tokens) must be at least twice the batch "
@@ -53,6 +65,7 @@ class ShuffleBuffer:
         self.batch_size = batch_size
         self.keep = int(capacity * keep_fraction)
         self.generator = torch.Generator().manual_seed(seed)
+        self.pin_memory = pin_memory  # host stores and served batches in page-locked memory (CUDA copies)
         self.pending_tokens = 0  # tokens in the store, waiting to be served
         self._store: torch.Tensor | None = None
         self._spare: torch.Tensor | None = None
@@ -69,10 +82,15 @@ class ShuffleBuffer:
         if store is not None and store.shape[0] >= needed:
             return
         rows = max(needed, self.capacity + activations.shape[0])
-        grown = activations.new_empty((rows, *activations.shape[1:]))
+        grown = self._empty((rows, *activations.shape[1:]), activations)
         if store is not None:
             grown[: self.pending_tokens] = store[: self.pending_tokens]
-        self._store, self._spare = grown, activations.new_empty(grown.shape)
+        self._store, self._spare = grown, self._empty(grown.shape, activations)
+
+    def _empty(self, shape, like: torch.Tensor) -> torch.Tensor:
+        if self.pin_memory and like.device.type == "cpu":
+            return torch.empty(shape, dtype=like.dtype, pin_memory=True)
+        return like.new_empty(shape)
 
     def add(self, activations: torch.Tensor) -> Iterator[torch.Tensor]:
         """Add (tokens, width) activations; yield the batches that became ready."""
@@ -85,7 +103,7 @@ class ShuffleBuffer:
         order = torch.randperm(n, generator=self.generator).to(self._store.device)
         n_serve = ((n - self.keep) // self.batch_size) * self.batch_size
         stored = self._store[:n]
-        served = torch.index_select(stored, 0, order[:n_serve])
+        served = torch.index_select(stored, 0, order[:n_serve], out=self._empty((n_serve, *stored.shape[1:]), stored))
         torch.index_select(stored, 0, order[n_serve:], out=self._spare[: n - n_serve])
         self._store, self._spare = self._spare, self._store
         self.pending_tokens = n - n_serve
@@ -111,6 +129,10 @@ class ActivationSource:
         seed: shuffle seed.
         prefetch: ready batches the background thread may hold.
         as_jax: yield jax.Arrays (DLPack, zero copy); False yields the torch tensors.
+        device: the torch device the token rows go to (default: the model's).
+        act_store_device: where the shuffle buffer lives: "with_model" (the device the activations come
+            from) or "cpu" (page-locked host memory when the model is on CUDA, so the copies out of the GPU
+            are DMA transfers).
         fused_forward: run the model's blocks, attention and MLPs as fused forwards where nothing
             reads what they skip (see bridge.fused_forward); False runs TransformerLens' forward
             as written.
@@ -135,6 +157,7 @@ class ActivationSource:
         as_jax: bool = True,
         device: str | None = None,
         fused_forward: bool = True,
+        act_store_device: str = "with_model",
     ):
         self.single = isinstance(hook_names, str)
         self.hook_names = [hook_names] if self.single else list(hook_names)
@@ -151,11 +174,12 @@ class ActivationSource:
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         context = len(range(context_size or model.cfg.n_ctx)[self.seqpos])
         capacity = max(n_batches_in_buffer * store_batch_size_prompts * context, 2 * batch_size)
-        self.buffer = ShuffleBuffer(capacity, batch_size, seed=seed)
+        self.device = device or str(model.cfg.device)
+        self.store_device, pin = store_placement(act_store_device, self.device)
+        self.buffer = ShuffleBuffer(capacity, batch_size, seed=seed, pin_memory=pin)
         self.stop_at_layer = stop_layer(model, self.hook_names)
         self.prefetch = prefetch
         self.as_jax = as_jax
-        self.device = device or str(model.cfg.device)
         self.widths: list[int] | None = None
         self.batches_served = 0
         self._thread: threading.Thread | None = None
@@ -222,7 +246,10 @@ class ActivationSource:
     def torch_batches(self) -> Iterator[torch.Tensor]:
         """Shuffled batches as torch tensors (the hand-off to JAX happens in `__iter__`)."""
         for tokens in self._rows():
-            yield from self.buffer.add(self.model_activations(tokens))
+            acts = self.model_activations(tokens)
+            if self.store_device is not None:
+                acts = acts.to(self.store_device)
+            yield from self.buffer.add(acts)
 
     # ------------------------------------------------------------------ the hand-off
     def _split(self, batch: torch.Tensor) -> Any:

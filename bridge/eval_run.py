@@ -22,7 +22,7 @@ def eval_token_batches(cfg: RunConfig, model, n_batches: int | None = None) -> l
         chunk = list(itertools.islice(rows, rows_per_batch))
         if len(chunk) < rows_per_batch:
             break
-        batches.append(torch.tensor(chunk, device=cfg.device))
+        batches.append(torch.tensor(chunk, device=model.cfg.device))
     if not batches:
         raise InputError(f"dataset_path: {cfg.dataset_path!r} has fewer than {rows_per_batch} held-out rows of "
                          f"context_size={cfg.context_size} for evals; lower eval_batch_size_prompts.")
@@ -67,7 +67,7 @@ def make_evaluator(cfg: RunConfig, model):
 
 def eval_run_config(sae, *, model_name: str | None = None, dataset_path: str | None = None,
                     hook_name: str | None = None, n_eval_batches: int = 10, eval_batch_size_prompts: int = 16,
-                    context_size: int | None = None, device: str = "cpu") -> RunConfig:
+                    context_size: int | None = None, device: str = "auto") -> RunConfig:
     """Where to evaluate `sae`: the model, hook and data its metadata names, unless given (else the embedded default)."""
     if isinstance(n_eval_batches, bool) or not isinstance(n_eval_batches, int) or n_eval_batches < 1:
         raise ConfigError(f"batches to evaluate (--batches) must be >= 1, got {n_eval_batches!r}.")

@@ -8,8 +8,11 @@ blocks, attention and MLPs) a check of which of its modules it covers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,9 @@ def load_model(
     *,
     model_class_name: str = "HookedTransformer",
     from_pretrained_kwargs: dict | None = None,
-    device: str = "cpu",
+    device: str = "auto",
 ):
-    """A `HookedTransformer` from any of:
+    """A `HookedTransformer` on `device` ("auto": see `model_device`) from any of:
 
     - "embedded": the model shipped with jsae (offline);
     - a local folder: the embedded format (config.json + model.safetensors), or a Hugging Face
@@ -44,7 +47,9 @@ def load_model(
     kwargs = dict(from_pretrained_kwargs or {})
     if isinstance(model, HookedTransformer):
         return model
-    check_device(device)
+    if device != "auto":
+        check_device(device)  # a device this machine lacks is refused before any warning about it
+    device = model_device(device)
     if isinstance(model, HookedTransformerConfig):
         return HookedTransformer(model).to(device)
     if isinstance(model, dict):
@@ -60,6 +65,126 @@ def load_model(
     if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors")):
         raise MissingFileError(f"model_name: {name!r} looks like a path, but no such folder exists.")
     return HookedTransformer.from_pretrained(name, device=device, **kwargs)
+
+
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def resolve_device(requested: str, torch_has_cuda: bool, jax_platform: str) -> tuple[str, str | None]:
+    """The torch device of the language model, and a warning when it and JAX sit on different sides of the host.
+
+    "auto" puts the model on CUDA when torch sees CUDA and JAX's default backend is a GPU, else on the
+    CPU; any other value is kept as written. The warning names the cost of a model on one side and JAX
+    on the other: every batch of activations (and, in evals, every spliced activation) is copied
+    between host and device.
+    """
+    device = str(requested)
+    if device == "auto":
+        device = "cuda" if torch_has_cuda and jax_platform in GPU_PLATFORMS else "cpu"
+    kind = device.split(":")[0]
+    jax_on_gpu = jax_platform in GPU_PLATFORMS
+    if kind == "cuda" and not jax_on_gpu:
+        return device, (f"the language model runs on {device} but JAX runs on {jax_platform}: every batch of "
+                        "activations is copied from the GPU to host memory before the SAE sees it. Install JAX's "
+                        "CUDA build (pip install -e '.[cuda12]') or set device: auto.")
+    if kind == "cpu" and jax_on_gpu:
+        return device, (f"JAX runs on {jax_platform} but the language model runs on the CPU"
+                        f"{' (torch finds no CUDA device)' if not torch_has_cuda else ''}: every batch of activations "
+                        "is copied from host memory to the GPU, and the model's forwards run on the CPU. Install a "
+                        "CUDA build of torch and set device: auto (or cuda).")
+    return device, None
+
+
+_WARNED: set[str] = set()
+
+
+def model_device(requested: str = "auto") -> str:
+    """`resolve_device` on this machine (torch's CUDA, JAX's default backend); its warning goes to stderr once.
+
+    Asking JAX's platform starts JAX's backend: `jax_memory_env`'s variables must be set before this runs.
+    """
+    import torch
+
+    from jsae.backends import default_platform
+
+    device, warning = resolve_device(requested, torch.cuda.is_available(), default_platform())
+    if warning is not None and warning not in _WARNED:
+        _WARNED.add(warning)
+        print(f"jsae: warning: {warning}", file=sys.stderr, flush=True)
+    return device
+
+
+def jax_would_use_gpu(environ: Mapping[str, str], cuda_plugin_installed: bool) -> bool:
+    """Whether JAX's default backend will be a GPU, decided without starting it.
+
+    The rule: JAX_PLATFORMS (or the older JAX_PLATFORM_NAME), when set, names the platforms in priority
+    order, so the first one decides; unset, JAX picks a GPU exactly when its CUDA plugin is installed
+    (a GPU-less machine with the plugin is then counted as a GPU: the memory variables are harmless there).
+    """
+    platforms = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
+    first = platforms.split(",")[0].strip().lower()
+    if first:
+        return first in GPU_PLATFORMS
+    return cuda_plugin_installed
+
+
+def jax_cuda_plugin_installed() -> bool:
+    """Whether a CUDA build of JAX is installed (the jax-cuda12/13 plugin), looked up without importing it."""
+    for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except (ImportError, ValueError):
+            continue
+    return False
+
+
+def lm_shares_gpu_with_jax(requested: str, torch_has_cuda: bool, jax_on_gpu: bool) -> bool:
+    """Whether the language model will be on a CUDA device while JAX runs on a GPU (as `resolve_device`
+    decides, with JAX's platform guessed by `jax_would_use_gpu` instead of asked)."""
+    device, _ = resolve_device(requested, torch_has_cuda, "gpu" if jax_on_gpu else "cpu")
+    return torch_has_cuda and jax_on_gpu and device.split(":")[0] == "cuda"
+
+
+MEMORY_VARIABLES = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
+def jax_memory_env(environ: Mapping[str, str], will_share_gpu: bool, fraction: float | None) -> dict[str, str]:
+    """JAX's memory variables to set so that JAX and a torch model share a GPU (empty: change nothing).
+
+    JAX preallocates most of a GPU when its backend starts, which leaves a torch model on the same GPU too
+    little. When they share one: `fraction` set preallocates that fraction (XLA_PYTHON_CLIENT_MEM_FRACTION),
+    None allocates on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false). A user who set any of JAX's memory
+    variables keeps exactly what they set.
+    """
+    if not will_share_gpu or any(name in environ for name in MEMORY_VARIABLES):
+        return {}
+    if fraction is not None:
+        return {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{float(fraction):g}"}
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def apply_jax_memory_policy(requested_device: str, fraction: float | None, environ=None) -> dict[str, str]:
+    """Set `jax_memory_env`'s variables in `environ` (default os.environ) and say so on stderr in one line.
+
+    Must run before JAX's backend starts (its first computation, or any look at its devices): the variables
+    are read once, then. Deciding does not start it: torch's CUDA check and `jax_would_use_gpu` only.
+    """
+    import os
+
+    import torch
+
+    environ = os.environ if environ is None else environ
+    shares = lm_shares_gpu_with_jax(requested_device, torch.cuda.is_available(),
+                                    jax_would_use_gpu(environ, jax_cuda_plugin_installed()))
+    changes = jax_memory_env(environ, shares, fraction)
+    if changes:
+        environ.update(changes)
+        what = ("preallocates " + changes["XLA_PYTHON_CLIENT_MEM_FRACTION"] + " of the GPU"
+                if "XLA_PYTHON_CLIENT_MEM_FRACTION" in changes else "allocates GPU memory on demand")
+        print(f"jsae: the model shares the GPU with JAX: set {' '.join(f'{k}={v}' for k, v in changes.items())} "
+              f"(JAX {what}; set it yourself to override)", file=sys.stderr, flush=True)
+    return changes
 
 
 def check_device(device: str) -> None:

@@ -27,10 +27,14 @@ def prepare(cfg: RunConfig):
     names is not in the model's vocabulary.
     """
     from bridge.data import check_token_settings
-    from bridge.model import hook_width, load_model
+    from bridge.model import check_device, hook_width, load_model, model_device
 
     if cfg.train is None:
         raise ConfigError("the run config has no training settings (an 'sae' section and total_training_tokens).")
+    if cfg.device != "auto":
+        check_device(cfg.device)
+    # the device the model is on from here on (the evals' token rows, the activation cache's record)
+    cfg = dataclasses.replace(cfg, device=model_device(cfg.device))
     model = load_model(cfg.model_name, model_class_name=cfg.model_class_name,
                        from_pretrained_kwargs=cfg.model_from_pretrained_kwargs, device=cfg.device)
     if cfg.context_size > model.cfg.n_ctx:
@@ -76,7 +80,7 @@ def run_members(cfg: RunConfig) -> tuple[list, list[str], list[int]]:
 def run(cfg: RunConfig):
     """Train the configured SAE(s), evaluating on held-out rows along the way.
 
-    Returns (sae, summary dict) for one SAE; (list of SAEs, summary with one row per SAE) for a
+    Returns (sae, summary dict) for one SAE; (the SAEs, a jsae.SweepResult, and a summary with one row per SAE) for a
     sweep or several hook points.
     """
     import jsae
@@ -94,8 +98,17 @@ def run(cfg: RunConfig):
         sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
     batches = training_batches(cfg, model)
     trainer = jsae.Trainer(cfg.train, sweep=sweep)
-    fitted = trainer.fit(batches, evaluator=make_evaluator(cfg, model), batch_dtype="float32")
+    fitted = trainer.fit(batches, evaluator=make_evaluator(cfg, model), batch_dtype=batches_dtype(cfg))
     return summarise(cfg, fitted if sweep is not None else [fitted], members, names)
+
+
+def batches_dtype(cfg: RunConfig) -> str:
+    """The dtype of the batches `training_batches` yields: activations_dtype, or what the cache holds."""
+    if cfg.activation_cache_path is not None:
+        from bridge.cache import read_cache_meta
+
+        return read_cache_meta(cfg.activation_cache_path).get("dtype", "float32")
+    return cfg.activations_dtype
 
 
 def summarise(cfg: RunConfig, saes: list, members: list, names: list[str]) -> tuple[Any, dict[str, Any]]:

@@ -91,7 +91,15 @@ class RunConfig:
         n_batches_in_buffer: shuffle-buffer size, in model forwards.
         n_eval_batches: held-out batches the evals (during training and at the end) run on; 0 turns evals off.
         eval_batch_size_prompts: rows per eval batch (None: store_batch_size_prompts).
-        device: torch device of the model.
+        device: torch device of the model: "auto" (CUDA when torch sees CUDA and JAX runs on a GPU, else
+            the CPU; see bridge.model.resolve_device), "cpu", "cuda" or "cuda:N".
+        jax_memory_fraction: with the model on the GPU JAX runs on, the fraction of GPU memory JAX
+            preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION); null: JAX allocates on demand
+            (XLA_PYTHON_CLIENT_PREALLOCATE=false). JAX's own variables, when set, win (see docs/gpu.md).
+        act_store_device: where the shuffle buffer lives: "with_model" (the model's device) or "cpu"
+            (pinned host memory when the model is on CUDA).
+        activations_dtype: the dtype of the shuffle buffer and of the batches JAX trains on: "float32" or
+            "bfloat16".
         fused_forward: the forwards that feed training run fused attention (torch's
             scaled_dot_product_attention), one LayerNorm and one product for q, k and v, and oneDNN
             products on CPU, wherever nothing reads what they skip (see bridge/fused_forward.py); the
@@ -120,7 +128,10 @@ class RunConfig:
     n_batches_in_buffer: int = 32
     n_eval_batches: int = 10
     eval_batch_size_prompts: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
+    jax_memory_fraction: float | None = None
+    act_store_device: str = "with_model"
+    activations_dtype: str = "float32"
     fused_forward: bool = True
     activation_cache_path: str | None = None
     train: TrainConfig | None = None
@@ -134,6 +145,17 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if self.act_store_device not in ("with_model", "cpu"):
+            raise ConfigError(f"act_store_device must be 'with_model' or 'cpu', got {self.act_store_device!r}.")
+        if self.activations_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"activations_dtype must be 'float32' or 'bfloat16', got {self.activations_dtype!r}.")
+        fraction = self.jax_memory_fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, int | float)
+                                     or not 0 < fraction <= 1):
+            raise ConfigError(f"jax_memory_fraction must be a number in (0, 1] or null (allocate on demand), got "
+                              f"{fraction!r}.")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string (auto, cpu, cuda or cuda:N), got {self.device!r}.")
         if not isinstance(self.fused_forward, bool):
             raise ConfigError(f"fused_forward must be true or false, got {self.fused_forward!r}.")
         if isinstance(self.n_eval_batches, bool) or not isinstance(self.n_eval_batches, int) or self.n_eval_batches < 0:

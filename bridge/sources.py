@@ -28,8 +28,8 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
         batch_size=batch_size or cfg.train.train_batch_size_tokens, context_size=cfg.context_size,
         store_batch_size_prompts=cfg.store_batch_size_prompts, n_batches_in_buffer=cfg.n_batches_in_buffer,
         seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
-        hook_head_index=cfg.hook_head_index, dtype="float32", seed=cfg.train.seed if seed is None else seed,
-        fused_forward=cfg.fused_forward,
+        hook_head_index=cfg.hook_head_index, dtype=cfg.activations_dtype, seed=cfg.train.seed if seed is None else seed,
+        fused_forward=cfg.fused_forward, act_store_device=cfg.act_store_device,
     )
 
 
