@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -234,6 +235,18 @@ DRY_RUN_HELP = ("check the config, model, hook, data and output paths, print the
                 "training or writing anything")
 
 
+def _jax_memory_policy(args: argparse.Namespace) -> None:
+    """JAX's GPU memory variables for a command whose model shares the GPU with JAX
+    (bridge.model.apply_jax_memory_policy). Runs before anything starts JAX's backend, which reads them once."""
+    from bridge.model import apply_jax_memory_policy
+
+    if args.command == "eval":
+        apply_jax_memory_policy(args.device, None)
+    elif args.command in ("train", "cache"):
+        cfg = load_config(args)
+        apply_jax_memory_policy(cfg.device, cfg.jax_memory_fraction)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `jsae` command line's parser; each command's function is `args.func`."""
     parser = argparse.ArgumentParser(prog="jsae", description="Sparse autoencoders in JAX, SAELens-compatible.")
@@ -256,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=10, help="batches of token rows to evaluate on, >= 1 (default 10)")
     p.add_argument("--batch-size", type=int, default=16, help="token rows per batch (default 16)")
     p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the SAE's metadata)")
-    p.add_argument("--device", default="cpu", help="torch device of the model (default cpu)")
+    p.add_argument("--device", default="auto", help="torch device of the model: auto (CUDA when torch sees CUDA "
+                   "and JAX runs on a GPU, else cpu; the default), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout (strict "
                    "JSON: a metric that is NaN or infinite is null; an SAE with non-finite weights is an error, exit 2)")
     p.add_argument("--dry-run", action="store_true", help="check the SAE folder, model, hook and data; evaluate nothing")
@@ -271,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "write nothing")
     p.set_defaults(func=cache)
 
+    p = sub.add_parser("plan", help="print a run's execution plan, mesh and per-device memory; train nothing")
+    p.add_argument("config", nargs="?", default=None, help="run config YAML (default: configs/default.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (plan, mesh, per_device_bytes, fits)")
+    p.add_argument("--dry-run", action="store_true", help="accepted for uniformity: plan never trains or writes")
+    p.set_defaults(func=plan)
+
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
     p.add_argument("--output-path", default=None, help="where to write the demo SAE folder")
     p.set_defaults(func=demo)
@@ -278,10 +299,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def plan(args: argparse.Namespace) -> int:
+    """The execution plan, the mesh and each device's memory (XLA's analysis of the compiled step, the
+    shuffle buffer, the model's weights); exit 1 with suggestions where the run would not fit."""
+    from bridge.plan import format_report, plan_report
+
+    with contextlib.redirect_stdout(sys.stderr):  # model loaders that print must not mix with --json output
+        report = plan_report(load_config(args))
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["fits"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jsae import JsaeError, enable_compilation_cache
 
+    try:
+        _jax_memory_policy(args)
+    except JsaeError as err:
+        print(f"jsae {args.command}: error: {err}", file=sys.stderr)
+        return 2
     # at a real command line: programs compiled by an earlier run of the same shapes load from disk (a dry
     # run compiles nothing and leaves nothing behind, the cache folder included)
     if argv is None and not getattr(args, "dry_run", False):

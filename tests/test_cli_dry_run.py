@@ -35,7 +35,8 @@ def fake_plan(monkeypatch):
         calls.append((train_cfg, n_members))
         return Plan(n_members)
 
-    monkeypatch.setitem(sys.modules, "jsae.backends", types.SimpleNamespace(resolve_plan=resolve_plan))
+    monkeypatch.setitem(sys.modules, "jsae.backends", types.SimpleNamespace(resolve_plan=resolve_plan,
+                                                                           default_platform=lambda: "cpu"))
     return calls
 
 
