@@ -242,7 +242,7 @@ def _jax_memory_policy(args: argparse.Namespace) -> None:
 
     if args.command == "eval":
         apply_jax_memory_policy(args.device, None)
-    elif args.command in ("train", "cache"):
+    elif args.command in ("train", "cache", "plan"):
         cfg = load_config(args)
         apply_jax_memory_policy(cfg.device, cfg.jax_memory_fraction)
 

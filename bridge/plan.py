@@ -15,9 +15,10 @@ from bridge.run_config import RunConfig
 
 def activation_buffer_bytes(cfg: RunConfig) -> int:
     """The shuffle buffer: n_batches_in_buffer model forwards of store_batch_size_prompts rows, one
-    (tokens, d_in) float32 slice per hook."""
+    (tokens, d_in) slice of `activations_dtype` per hook."""
     tokens = cfg.n_batches_in_buffer * cfg.store_batch_size_prompts * cfg.context_size
-    return tokens * cfg.train.sae.d_in * 4 * len(cfg.hooks)
+    width = 2 if cfg.activations_dtype == "bfloat16" else 4
+    return tokens * cfg.train.sae.d_in * width * len(cfg.hooks)
 
 
 def plan_report(cfg: RunConfig) -> dict[str, Any]:
@@ -37,8 +38,10 @@ def plan_report(cfg: RunConfig) -> dict[str, Any]:
     if trains_several(cfg):
         sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
     trainer = jsae.Trainer(cfg.train, sweep=sweep, check_memory=False)
-    per_device = trainer.step_memory("float32")
-    per_device["activation_buffer"] = activation_buffer_bytes(cfg)
+    per_device = trainer.step_memory(cfg.activations_dtype)
+    # on an accelerator, act_store_device: cpu keeps the buffer in host memory, off the device
+    off_device = cfg.act_store_device == "cpu" and trainer.plan.platform != "cpu"
+    per_device["activation_buffer"] = 0 if off_device else activation_buffer_bytes(cfg)
     per_device["model_weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
     per_device["total"] = sum(per_device.values())
     limit = device_memory_bytes(trainer.devices[0])

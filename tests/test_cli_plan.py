@@ -29,6 +29,8 @@ def test_plan_reports_the_trainers_plan_and_memory(capsys):
     assert memory["step_temporaries"] > 4096 * 2048 * 4  # at least one (tokens, d_sae) float32 array
     assert memory["activation_buffer"] == 16 * 32 * 128 * 128 * 4  # the default config's shuffle buffer
     assert report["mesh"] == {"data": 1} and report["plan"]["platform"] == "cpu"
+    _, half = plan_json(capsys, *SMALL, "--set", "n_devices=1", "--set", "activations_dtype=bfloat16")
+    assert half["per_device_bytes"]["activation_buffer"] == memory["activation_buffer"] // 2
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced host) devices")
