@@ -279,6 +279,11 @@ def saelens_worker(flat: dict, skip: int, prefetch: int) -> dict:
     from sae_lens.training.prefetch import PrefetchingIterator
 
     torch.manual_seed(flat["seed"])
+    from bridge.model import resolve_device
+    from jsae.backends import default_platform
+
+    # sae_lens takes a torch device: the one `device: auto` resolves to for jsae on this machine
+    flat = flat | {"device": resolve_device(flat["device"], torch.cuda.is_available(), default_platform())[0]}
     model = load_model_for_saelens(flat)
     runner = LanguageModelSAETrainingRunner(saelens_config(flat), override_dataset=saelens_dataset(flat),
                                             override_model=model)
