@@ -93,6 +93,11 @@ def check_finite(metrics: dict, step_index: int) -> None:
         )
 
 
+def wait_for_device(info: StepInfo) -> None:
+    """Wait for the step (forced CPU devices: XLA's collectives deadlock with many steps in flight)."""
+    jax.block_until_ready(info.metrics)
+
+
 class NonFiniteCheck:
     """on_nonfinite: error — checks each step's metrics one step late, so the loop never waits on the
     step it just dispatched; `finish` checks the last one."""

@@ -1,10 +1,6 @@
-"""The training loop: takes steps of the pure step on a device mesh; everything else is a hook.
-
-The loop owns no math (jsae.training.step does it all) and no side business: logging, the progress
-bar, evals, checkpoints, signals and the non-finite check are hooks run every n steps
-(jsae.training.hooks), checkpoints live in jsae.training.checkpoints and the mesh, shardings and
-compiled step in jsae.training.mesh.
-"""
+"""The training loop: takes steps of the pure step (jsae.training.step) on a device mesh
+(jsae.training.mesh); logging, progress, evals, checkpoints (jsae.training.checkpoints), signals and
+the non-finite check are hooks run every n steps (jsae.training.hooks)."""
 
 from __future__ import annotations
 
@@ -34,6 +30,7 @@ from jsae.training.hooks import (
     StepInfo,
     StopSignals,
     TrainingInterrupted,
+    wait_for_device,
 )
 from jsae.training.memory import refuse_if_too_large, step_memory
 from jsae.training.mesh import DATA_AXIS, check_fits, compile_step, make_mesh, state_sharding
@@ -222,7 +219,7 @@ class Trainer:
                 raise TrainingInterrupted(f"training stopped by signal {signals.received} after step {info.step}"
                                           + (f"; resume from {cfg.checkpoint_path}" if checkpoints else ""))
 
-        hooks = [Hook(finite, 1 if cfg.on_nonfinite == "error" else 0), Hook(self._wait, self.sync_every),
+        hooks = [Hook(finite, 1 if cfg.on_nonfinite == "error" else 0), Hook(wait_for_device, self.sync_every),
                  Hook(LogMetrics(logger, progress, self._metric_values, start * cfg.train_batch_size_tokens),
                       cfg.log_every_n_steps, at_end=True)]
         if evaluator is not None:
@@ -230,10 +227,6 @@ class Trainer:
         if checkpoints is not None:
             hooks.append(Hook(save, cfg.checkpoint_every_n_steps))
         return [*hooks, *self.hooks, Hook(stop, 1)], finite
-
-    @staticmethod
-    def _wait(info: StepInfo) -> None:
-        jax.block_until_ready(info.metrics)
 
     def _finish(self, state: TrainState, evaluator, logger: MetricsLogger) -> Any:
         """The SAEs as saved: refused where training left non-finite weights; evaluated, then written to
