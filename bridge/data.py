@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,11 +104,6 @@ def resolve_special_token(spec, tokenizer) -> int | None:
     if spec not in names:
         raise ConfigError(f"sequence_separator_token must be an int, 'bos', 'eos', 'sep' or null, got {spec!r}.")
     return getattr(tokenizer, names[spec], None)
-
-
-def iterate_texts(dataset) -> Iterable:
-    """Rows of a text source: a list of strings, or a datasets.Dataset/IterableDataset."""
-    yield from dataset
 
 
 # ------------------------------------------------------------- a run's dataset

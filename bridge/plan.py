@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.run import prepare, run_members, trains_several
+from bridge.run import prepare, run_members, run_sweep
 from bridge.run_config import RunConfig
 
 
@@ -30,14 +30,9 @@ def plan_report(cfg: RunConfig) -> dict[str, Any]:
     """
     import jsae
     from jsae.backends import device_memory_bytes
-    from jsae.training.sweep import Sweep
 
     model, cfg = prepare(cfg)
-    members, names, streams = run_members(cfg)
-    sweep = None
-    if trains_several(cfg):
-        sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
-    trainer = jsae.Trainer(cfg.train, sweep=sweep, check_memory=False)
+    trainer = jsae.Trainer(cfg.train, sweep=run_sweep(cfg, *run_members(cfg)), check_memory=False)
     per_device = trainer.step_memory(cfg.activations_dtype)
     # on an accelerator, act_store_device: cpu keeps the buffer in host memory, off the device
     off_device = cfg.act_store_device == "cpu" and trainer.plan.platform != "cpu"

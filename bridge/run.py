@@ -77,6 +77,15 @@ def run_members(cfg: RunConfig) -> tuple[list, list[str], list[int]]:
     return members, names, streams
 
 
+def run_sweep(cfg: RunConfig, members: list, names: list[str], streams: list[int]):
+    """The `jsae.Sweep` of `run_members`' SAEs for the trainer, or None for a run of one SAE."""
+    from jsae.training.sweep import Sweep
+
+    if not trains_several(cfg):
+        return None
+    return Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
+
+
 def run(cfg: RunConfig):
     """Train the configured SAE(s), evaluating on held-out rows along the way.
 
@@ -85,7 +94,6 @@ def run(cfg: RunConfig):
     """
     import jsae
     from bridge.dry_run import output_checks
-    from jsae.training.sweep import Sweep
 
     if cfg.train is not None:  # (prepare refuses a config without training settings)
         # every path the run writes (output_path, checkpoint_path, log_path), as --dry-run checks them: a path
@@ -93,9 +101,7 @@ def run(cfg: RunConfig):
         output_checks(cfg)
     model, cfg = prepare(cfg)
     members, names, streams = run_members(cfg)
-    sweep = None
-    if trains_several(cfg):
-        sweep = Sweep(members=tuple(members), names=tuple(names), streams=tuple(streams) if cfg.hook_names else ())
+    sweep = run_sweep(cfg, members, names, streams)
     batches = training_batches(cfg, model)
     trainer = jsae.Trainer(cfg.train, sweep=sweep)
     fitted = trainer.fit(batches, evaluator=make_evaluator(cfg, model), batch_dtype=batches_dtype(cfg))
