@@ -11,20 +11,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jsae import io
+from jsae import converters
 from jsae._errors import ConfigError, MissingFileError, close_names
 from jsae.config import SAEConfig
+from jsae.converters import saelens as saelens_converters
 
 BUILTIN_REGISTRY = Path(__file__).with_name("pretrained_saes.yaml")
 #: Names users write for registry releases (the SAELens README's `gemma-2b-res`).
 RELEASE_ALIASES = {"gemma-2b-res": "gemma-2b-res-jb"}
-SUPPORTED_CONVERTERS = ("sae_lens", "sparsify", "gemma_2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +107,7 @@ def resolve(release: str, sae_id: str) -> tuple[str, str, str, dict[str, Any], f
     if info.get("neuronpedia") is not None:
         overrides["neuronpedia_id"] = info["neuronpedia"]
     converter = entry.conversion_func or "sae_lens"
-    if converter not in SUPPORTED_CONVERTERS:
-        raise ConfigError(
-            f"release {entry.name!r} needs SAELens' {converter!r} converter, which jsae does not "
-            f"implement yet (jsae converts {list(SUPPORTED_CONVERTERS)})."
-        )
+    converters.get_converter(converter, release=entry.name)  # fail before any download
     return entry.repo_id, str(info["path"]), converter, overrides, info.get("norm_scaling_factor")
 
 
@@ -135,85 +130,27 @@ def _download(repo_id: str, filename: str, *, force_download: bool, optional: bo
         raise MissingFileError(f"{repo_id}/{filename}: the Hub repository has no such file.") from None
 
 
-def _path_in_repo(folder: str, filename: str) -> str:
-    folder = folder.strip("/")
-    return f"{folder}/{filename}" if folder else filename
-
-
 def load(
     release: str, sae_id: str, *, dtype: str = "float32", force_download: bool = False
 ) -> tuple[SAEConfig, dict[str, np.ndarray], np.ndarray | None, float | None]:
     """Fetch a released SAE: (config, params, log10 sparsity or None, norm_scaling_factor)."""
     repo_id, folder, converter, overrides, norm_scaling_factor = resolve(release, sae_id)
 
-    def fetch(name: str, optional: bool = False) -> Path | None:
-        return _download(repo_id, _path_in_repo(folder, name), force_download=force_download, optional=optional)
+    def fetch(path: str, optional: bool = False) -> Path | None:
+        return _download(repo_id, path, force_download=force_download, optional=optional)
 
+    src = converters.Source(
+        release=release,
+        sae_id=sae_id,
+        repo_id=repo_id,
+        folder=folder,
+        overrides=overrides | {"dtype": dtype},
+        dtype=dtype,
+        fetch=fetch,
+    )
     if converter == "auto":
-        cfg_path = fetch(io.CFG_FILENAME, optional=True)
-        if cfg_path is None and fetch(io.GEMMA_SCOPE_FILENAME, optional=True) is not None:
-            converter = "gemma_2"
-        elif (
-            cfg_path is not None
-            and fetch(io.WEIGHTS_FILENAME, optional=True) is None
-            and fetch(io.SPARSIFY_WEIGHTS_FILENAME, optional=True) is not None
-        ):
-            converter = "sparsify"
-        else:
-            converter = "sae_lens"
-
-    if converter == "gemma_2":
-        npz = fetch(io.GEMMA_SCOPE_FILENAME)
-        overrides = gemma_scope_config(repo_id, folder) | overrides
-        cfg, params = io.read_gemma_scope(npz.parent, overrides=overrides | {"dtype": dtype}, file=npz)
-        if "embedding" in folder:  # trained on embeddings scaled by sqrt(d_model)
-            params = dict(params)
-            params["W_enc"] = params["W_enc"] / np.sqrt(cfg.d_in).astype(params["W_enc"].dtype)
-            params["W_dec"] = params["W_dec"] * np.sqrt(cfg.d_in).astype(params["W_dec"].dtype)
-        return cfg, params, None, norm_scaling_factor
-    if converter == "sparsify":
-        fetch(io.CFG_FILENAME)
-        weights = fetch(io.SPARSIFY_WEIGHTS_FILENAME)
-        cfg, params, sparsity = io.read_folder(weights.parent, dtype=dtype, overrides=overrides)
-        return cfg, params, sparsity, norm_scaling_factor
-    cfg_path = fetch(io.CFG_FILENAME)
-    fetch(io.WEIGHTS_FILENAME)
-    fetch(io.SPARSITY_FILENAME, optional=True)
-    cfg, params, sparsity = io.read_folder(cfg_path.parent, dtype=dtype, overrides=overrides)
-    return cfg, params, sparsity, norm_scaling_factor
+        converter = saelens_converters.detect_hub_format(src)
+    out = converters.get_converter(converter, release=release)(src)
+    return out.cfg, out.params, out.sparsity, norm_scaling_factor
 
 
-_GEMMA_MODELS = {  # repo-id fragment -> (model name, residual width)
-    "2b-it": ("gemma-2-2b-it", 2304),
-    "9b-it": ("gemma-2-9b-it", 3584),
-    "27b-it": ("gemma-2-27b-it", 4608),
-    "2b": ("gemma-2-2b", 2304),
-    "9b": ("gemma-2-9b", 3584),
-    "27b": ("gemma-2-27b", 4608),
-}
-
-
-def gemma_scope_config(repo_id: str, folder: str) -> dict[str, Any]:
-    """Metadata SAELens attaches to Gemma Scope SAEs (model, hook, dataset), from repo and folder names."""
-    model = next((info for key, info in _GEMMA_MODELS.items() if key in repo_id), None)
-    match = re.search(r"layer_(\d+)", folder)
-    layer = int(match.group(1)) if match else 0
-    if "embedding" in folder:
-        hook = "hook_embed"
-    elif "res" in repo_id:
-        hook = f"blocks.{layer}.hook_resid_post"
-    elif "mlp" in repo_id:
-        hook = f"blocks.{layer}.hook_mlp_out"
-    elif "att" in repo_id:
-        hook = f"blocks.{layer}.attn.hook_z"
-    else:
-        hook = None
-    out: dict[str, Any] = {
-        "hook_name": hook,
-        "prepend_bos": True,
-        "context_size": 1024,
-        "dataset_path": "monology/pile-uncopyrighted",
-    }
-    if model is not None:
-        out["model_name"] = model[0]
-    return out

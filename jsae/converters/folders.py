@@ -1,6 +1,8 @@
-"""Reading other libraries' SAE formats: EleutherAI sparsify folders and Gemma Scope `params.npz` files.
+"""Folders of other libraries' SAE formats: EleutherAI sparsify folders and Gemma Scope `params.npz` files.
 
-Each reader returns (config, params) in jsae's (SAELens') layout, checked as SAELens folders are.
+Each reader returns (config, params) in jsae's (SAELens') layout, checked as SAELens folders are;
+`jsae.io.read_folder` uses them for local folders and the `sparsify` / `gemma_2` converters for
+released ones.
 """
 
 from __future__ import annotations
