@@ -292,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="accepted for uniformity: plan never trains or writes")
     p.set_defaults(func=plan)
 
+    p = sub.add_parser("pretrained", help="list SAELens' pretrained releases and SAE ids (offline)")
+    from jsae.releases import add_cli_arguments, cli_command
+
+    add_cli_arguments(p)
+    p.set_defaults(func=cli_command)
+
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
     p.add_argument("--output-path", default=None, help="where to write the demo SAE folder")
     p.set_defaults(func=demo)

@@ -1,89 +1,33 @@
 """Released SAEs: resolve a (release, sae_id) through SAELens' registry and fetch it from the Hub.
 
-The registry is SAELens' own `pretrained_saes.yaml`, read from an installed sae_lens without
-importing it (or torch); a built-in copy of the seed releases is used first and when sae_lens
-is absent. Files come from `huggingface_hub.hf_hub_download`, so its cache and HF_HUB_OFFLINE
-apply unchanged.
+The registry is SAELens' own `pretrained_saes.yaml`: jsae's snapshot of it, or an installed newer
+sae_lens' copy (`jsae.releases`). Files come from `huggingface_hub.hf_hub_download`, so its cache
+and HF_HUB_OFFLINE apply unchanged; the release's converter (`jsae.converters`, keyed by SAELens'
+conversion_func) turns them into a config and params.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jsae import converters
+from jsae import converters, releases
 from jsae._errors import ConfigError, MissingFileError, close_names
 from jsae.config import SAEConfig
 from jsae.converters import saelens as saelens_converters
+from jsae.releases import (  # noqa: F401
+    RELEASE_ALIASES,
+    Release,
+    get_release,
+    known_releases,
+    saelens_registry,
+    saelens_registry_path,
+)
 
-BUILTIN_REGISTRY = Path(__file__).with_name("pretrained_saes.yaml")
-#: Names users write for registry releases (the SAELens README's `gemma-2b-res`).
-RELEASE_ALIASES = {"gemma-2b-res": "gemma-2b-res-jb"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Release:
-    """One registry release."""
-
-    name: str
-    repo_id: str
-    model: str | None
-    conversion_func: str | None
-    saes: dict[str, dict[str, Any]]  # sae id -> {path, l0, neuronpedia, norm_scaling_factor, ...}
-    config_overrides: dict[str, Any]
-
-
-def _load_yaml(path: Path) -> dict[str, Release]:
-    import yaml
-
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with open(path) as f:
-        data = yaml.load(f, Loader=loader) or {}
-    return {
-        name: Release(
-            name=name,
-            repo_id=entry["repo_id"],
-            model=entry.get("model"),
-            conversion_func=entry.get("conversion_func"),
-            saes={str(s["id"]): s for s in entry.get("saes", [])},
-            config_overrides=dict(entry.get("config_overrides") or {}),
-        )
-        for name, entry in data.items()
-    }
-
-
-@functools.cache
-def builtin_registry() -> dict[str, Release]:
-    return _load_yaml(BUILTIN_REGISTRY)
-
-
-def saelens_registry_path() -> Path | None:
-    """sae_lens' pretrained_saes.yaml, located without importing sae_lens."""
-    spec = importlib.util.find_spec("sae_lens")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "pretrained_saes.yaml"
-    return path if path.is_file() else None
-
-
-@functools.cache
-def saelens_registry() -> dict[str, Release]:
-    path = saelens_registry_path()
-    return _load_yaml(path) if path is not None else {}
-
-
-def get_release(name: str) -> Release | None:
-    name = RELEASE_ALIASES.get(name, name)
-    return builtin_registry().get(name) or saelens_registry().get(name)
-
-
-def known_releases() -> list[str]:
-    return sorted(set(builtin_registry()) | set(saelens_registry()) | set(RELEASE_ALIASES))
+#: The built-in registry is the snapshot of SAELens' (see `jsae.releases`).
+builtin_registry = releases.snapshot_registry
 
 
 def resolve(release: str, sae_id: str) -> tuple[str, str, str, dict[str, Any], float | None]:
@@ -108,7 +52,7 @@ def resolve(release: str, sae_id: str) -> tuple[str, str, str, dict[str, Any], f
         overrides["neuronpedia_id"] = info["neuronpedia"]
     converter = entry.conversion_func or "sae_lens"
     converters.get_converter(converter, release=entry.name)  # fail before any download
-    return entry.repo_id, str(info["path"]), converter, overrides, info.get("norm_scaling_factor")
+    return entry.repo_id, entry.path(sae_id), converter, overrides, info.get("norm_scaling_factor")
 
 
 def _download(repo_id: str, filename: str, *, force_download: bool, optional: bool = False) -> Path | None:
