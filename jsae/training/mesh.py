@@ -17,10 +17,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jsae._errors import ConfigError
+from jsae.backends.sharded import DATA_AXIS, MODEL_AXIS, latent_mesh
 from jsae.saes import TrainingArchitecture
 
-DATA_AXIS = "data"
-MODEL_AXIS = "model"
 # Per-latent TrainState counters (one entry per latent), split over the model axis with the latents.
 LATENT_COUNTERS = ("steps_since_fired", "act_freq")
 
@@ -108,7 +107,13 @@ def compile_step(make_step: Callable[[str | None], Callable], mesh: Mesh, batch_
     if state_shardings is not None:
         # The plain step on the global batch; XLA partitions it (the top-k over sharded latents
         # included) and inserts the collectives. The state stays sharded between steps.
-        return jax.jit(make_step(None), in_shardings=(state_shardings, batch_sharding),
+        step = make_step(None)
+
+        def traced(state, batch):  # under the mesh: top-ks stay on their latent shard (latent_mesh)
+            with latent_mesh(mesh):
+                return step(state, batch)
+
+        return jax.jit(traced, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=compiler_options)
     if mesh.devices.size == 1:
         return jax.jit(make_step(None), donate_argnums=0, compiler_options=compiler_options)
