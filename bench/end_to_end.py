@@ -272,6 +272,17 @@ def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
     return result
 
 
+def torch_device(flat: dict) -> dict:
+    """`flat` with the torch device that `device: auto` resolves to for jsae on this machine (sae_lens takes
+    a torch device)."""
+    import torch
+
+    from bridge.model import resolve_device
+    from jsae.backends import default_platform
+
+    return flat | {"device": resolve_device(flat["device"], torch.cuda.is_available(), default_platform())[0]}
+
+
 def saelens_worker(flat: dict, skip: int, prefetch: int) -> dict:
     t_start = time.perf_counter()
     import torch
@@ -279,11 +290,7 @@ def saelens_worker(flat: dict, skip: int, prefetch: int) -> dict:
     from sae_lens.training.prefetch import PrefetchingIterator
 
     torch.manual_seed(flat["seed"])
-    from bridge.model import resolve_device
-    from jsae.backends import default_platform
-
-    # sae_lens takes a torch device: the one `device: auto` resolves to for jsae on this machine
-    flat = flat | {"device": resolve_device(flat["device"], torch.cuda.is_available(), default_platform())[0]}
+    flat = torch_device(flat)
     model = load_model_for_saelens(flat)
     runner = LanguageModelSAETrainingRunner(saelens_config(flat), override_dataset=saelens_dataset(flat),
                                             override_model=model)
@@ -363,7 +370,7 @@ def profile_worker(flat: dict, n_forwards: int, libs: list[str]) -> dict:
         from sae_lens.training.mixing_buffer import mixing_buffer
         from sae_lens.training.sae_trainer import SAETrainer
 
-        sl_cfg = saelens_config(flat)
+        sl_cfg = saelens_config(torch_device(flat))
         store = ActivationsStore.from_config(model, sl_cfg, override_dataset=saelens_dataset(flat))
         fns["sae_lens"] = lambda _: store.get_batch_tokens()
     # the mean: a call that starts a new document tokenizes all of it, the others only slice rows
