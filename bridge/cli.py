@@ -240,7 +240,7 @@ def _jax_memory_policy(args: argparse.Namespace) -> None:
     (bridge.model.apply_jax_memory_policy). Runs before anything starts JAX's backend, which reads them once."""
     from bridge.model import apply_jax_memory_policy
 
-    if args.command == "eval":
+    if args.command in ("eval", "inspect"):
         apply_jax_memory_policy(args.device, None)
     elif args.command in ("train", "cache", "plan"):
         cfg = load_config(args)
@@ -298,11 +298,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_arguments(p)
     p.set_defaults(func=cli_command)
 
+    p = sub.add_parser("inspect", help="feature dashboards of an SAE folder: an HTML page and a JSON file")
+    p.add_argument("sae_dir", help="folder with cfg.json and sae_weights.safetensors")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--latents", default=None, help="latents to show, e.g. 0-63 or 1,5,9-12 (default: the first 64)")
+    which.add_argument("--top-density", type=int, default=None, metavar="N",
+                       help="show the N latents that fire most often on the tokens read (one more pass)")
+    p.add_argument("--tokens", type=int, default=65_536, help="held-out tokens to read, in whole rows (default 65536)")
+    p.add_argument("--out", default=None, help="folder for index.html and latents.json (default: SAE_DIR/inspect)")
+    p.add_argument("--model", default=None, help="model (default: the SAE's metadata.model_name, else embedded)")
+    p.add_argument("--dataset", default=None, help="dataset (default: the SAE's metadata.dataset_path, else stdlib)")
+    p.add_argument("--hook", default=None, help="hook point (default: the SAE's metadata.hook_name)")
+    p.add_argument("--context-size", type=int, default=None, help="tokens per row (default: the SAE's metadata)")
+    p.add_argument("--device", default="auto", help="torch device of the model (as for jsae eval; default auto)")
+    p.add_argument("--dry-run", action="store_true", help="check the SAE folder, latents, model, hook, data and --out; "
+                   "read and write nothing else")
+    p.set_defaults(func=_inspect)
+
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
     p.add_argument("--output-path", default=None, help="where to write the demo SAE folder")
     p.set_defaults(func=demo)
 
     return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Feature dashboards of an SAE folder (bridge.inspect_run)."""
+    from bridge.inspect_run import inspect_command
+
+    return inspect_command(args)
 
 
 def plan(args: argparse.Namespace) -> int:

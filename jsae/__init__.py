@@ -7,6 +7,7 @@ hand-off) lives in the separate `bridge` package.
 from jsae._errors import ConfigError, FormatError, InputError, JsaeError, MissingFileError
 from jsae.backends import ExecutionPlan, enable_compilation_cache, resolve_plan, step_compiler_options
 from jsae.config import Metadata, SAEConfig
+from jsae.neuronpedia import neuronpedia_quick_list, neuronpedia_url
 from jsae.sae import SAE
 from jsae.saes import ARCHITECTURES, ForwardOutput, InputState, init_params
 from jsae.saes.batchtopk import BatchTopKTrainingSAEConfig
@@ -71,4 +72,6 @@ __all__ = [
     "TranscoderConfig",
     "__version__",
     "init_params",
+    "neuronpedia_quick_list",
+    "neuronpedia_url",
 ]
