@@ -28,7 +28,8 @@ def load_model(
     from_pretrained_kwargs: dict | None = None,
     device: str = "auto",
 ):
-    """A `HookedTransformer` on `device` ("auto": see `model_device`) from any of:
+    """A `HookedTransformer` on `device` ("auto": see `model_device`) from any of the following, or with
+    model_class_name "AutoModelForCausalLM" any transformers causal LM (bridge.hf_model.load_hf_model):
 
     - "embedded": the model shipped with jsae (offline);
     - a local folder: the embedded format (config.json + model.safetensors), or a Hugging Face
@@ -38,10 +39,17 @@ def load_model(
     - an official TransformerLens name ("gpt2-small", ...): `HookedTransformer.from_pretrained`
       (needs the Hub, or a populated Hugging Face cache).
     """
+    if model_class_name == "AutoModelForCausalLM":  # any transformers causal LM, hooked by module path
+        from bridge.hf_model import HookedHFModel, load_hf_model
+
+        if isinstance(model, HookedHFModel):
+            return model
+        if device != "auto":
+            check_device(device)
+        return load_hf_model(str(model), device=model_device(device), from_pretrained_kwargs=from_pretrained_kwargs)
     if model_class_name != "HookedTransformer":
-        raise ConfigError(
-            f"model_class_name: only 'HookedTransformer' is supported so far, got {model_class_name!r}."
-        )
+        raise ConfigError(f"model_class_name: expected 'HookedTransformer' or 'AutoModelForCausalLM' (SAELens' "
+                          f"names), got {model_class_name!r}.")
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     kwargs = dict(from_pretrained_kwargs or {})
@@ -297,6 +305,8 @@ def hook_width(model, hook_name: str, hook_head_index: int | None = None) -> int
 
 
 def check_hook(model, hook_name: str) -> None:
+    if hasattr(model, "check_hook"):  # a model that names its own hook points (bridge.hf_model)
+        return model.check_hook(hook_name)
     if hook_name not in model.hook_dict:
         from jsae._errors import close_names
 
@@ -310,6 +320,8 @@ def stop_layer(model, hook_names: list[str]) -> int | None:
     """The layer to stop the forward at: one past the deepest block any hook lives in."""
     import re
 
+    if hasattr(model, "stop_layer"):  # a model that knows its own module order (bridge.hf_model)
+        return model.stop_layer(hook_names)
     layers = []
     for name in hook_names:
         match = re.match(r"blocks\.(\d+)\.", name)
