@@ -15,7 +15,6 @@ from packaging.version import InvalidVersion, Version
 
 from jsae._errors import ConfigError, FormatError, MissingFileError, close_names
 from jsae.config import (
-    NORMALIZE_MODES,
     SAELENS_FORMAT_VERSION,
     Metadata,
     SAEConfig,
@@ -242,10 +241,11 @@ def config_from_dict(
     if "dtype" in d:
         d["dtype"] = canonical_dtype(d["dtype"], field=f"{source}: dtype")
     mode = d["normalize_activations"]
-    if mode not in NORMALIZE_MODES:
+    modes = arch.config_cls.normalize_modes
+    if mode not in modes:
         raise ConfigError(
-            f"{source}: normalize_activations must be one of {list(NORMALIZE_MODES)}, got {mode!r}."
-            + close_names(str(mode), NORMALIZE_MODES)
+            f"{source}: normalize_activations must be one of {list(modes)}, got {mode!r}."
+            + close_names(str(mode), modes)
         )
     fields = set(arch.config_cls.field_names())
     kwargs = {k: v for k, v in d.items() if k in fields}

@@ -127,6 +127,8 @@ class SAEConfig:
     """
 
     architecture: ClassVar[str] = ""
+    #: normalize_activations values this architecture accepts.
+    normalize_modes: ClassVar[tuple[str, ...]] = NORMALIZE_MODES
 
     d_in: int
     d_sae: int
@@ -149,10 +151,10 @@ class SAEConfig:
             raise ConfigError(
                 f"{name}.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}." + close_names(self.dtype, DTYPES)
             )
-        if self.normalize_activations not in NORMALIZE_MODES:
+        if self.normalize_activations not in self.normalize_modes:
             raise ConfigError(
-                f"{name}.normalize_activations must be one of {list(NORMALIZE_MODES)}, "
-                f"got {self.normalize_activations!r}." + close_names(self.normalize_activations, NORMALIZE_MODES)
+                f"{name}.normalize_activations must be one of {list(self.normalize_modes)}, "
+                f"got {self.normalize_activations!r}." + close_names(self.normalize_activations, self.normalize_modes)
             )
         if self.reshape_activations not in RESHAPE_MODES:
             raise ConfigError(

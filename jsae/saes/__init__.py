@@ -8,7 +8,18 @@ from typing import Any
 
 from jsae._errors import ConfigError, close_names
 from jsae.config import SAEConfig
-from jsae.saes import batchtopk, gated, jumprelu, matryoshka, standard, topk, transcoder
+from jsae.saes import (
+    abstopk,
+    batchtopk,
+    gated,
+    jumprelu,
+    matching_pursuit,
+    matryoshka,
+    standard,
+    temporal,
+    topk,
+    transcoder,
+)
 from jsae.saes._base import BaseSAEModule, ForwardOutput, InputState
 from jsae.saes._training import COMMON_LATENT_AXES, TrainOutput
 
@@ -49,6 +60,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             transcoder.JumpReLUSkipTranscoder,
             transcoder.fold_W_dec_norm,
         ),
+        Architecture("abstopk", abstopk.AbsTopKSAEConfig, abstopk.AbsTopKSAE, abstopk.fold_W_dec_norm),
+        Architecture("temporal", temporal.TemporalSAEConfig, temporal.TemporalSAE, temporal.fold_W_dec_norm),
+        Architecture("matching_pursuit", matching_pursuit.MatchingPursuitSAEConfig,
+                     matching_pursuit.MatchingPursuitSAE, matching_pursuit.fold_W_dec_norm),
     )
 }
 
@@ -148,6 +163,8 @@ TRAINING_ARCHITECTURES: dict[str, TrainingArchitecture] = {
         batchtopk.training_architecture("batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward),
         batchtopk.training_architecture("matryoshka_batchtopk", matryoshka.MatryoshkaBatchTopKTrainingSAEConfig,
                                         matryoshka.training_forward),
+        TrainingArchitecture("matching_pursuit", matching_pursuit.MatchingPursuitTrainingSAEConfig,
+                             matching_pursuit.training_forward, latent_axes=matching_pursuit.LATENT_AXES),
     )
 }
 

@@ -130,6 +130,7 @@ def init_training_params(cfg: SAEConfig, key: Array, extra: dict[str, Array] | N
     out = {name: jnp.zeros(s.shape, s.dtype) for name, s in params.items()}
     out["W_dec"] = W_dec.astype(dtype)
     out["W_enc"] = W_dec.T.astype(dtype)
+    out = {name: value for name, value in out.items() if name in params}  # tied encoders have no W_enc
     out.update(extra or {})
     return out
 
