@@ -42,9 +42,11 @@ def store_placement(act_store_device: str, model_device: str) -> tuple[str | Non
 class ShuffleBuffer:
     """Mixes tokens from many rows and documents; every token is served exactly once.
 
-    The buffer fills to `capacity` tokens, is permuted, and serves all but `keep_fraction` of
-    them as batches; the kept tokens stay to be mixed with the next refill (SAELens' mixing
-    buffer). A batch is a contiguous slice of a newly allocated permuted tensor, so handing it
+    The buffer fills to `capacity` tokens, is permuted, and serves all but `int(capacity *
+    keep_fraction)` of them as batches (at least one batch); the kept tokens stay to be mixed with
+    the next refill. This is SAELens' mixing_buffer (sae_lens/training/mixing_buffer.py) with
+    keep_fraction its activations_mixing_fraction: 0 permutes nothing and serves the tokens in
+    the order they came. A batch is a contiguous slice of a newly allocated permuted tensor, so handing it
     to JAX by DLPack shares memory and nothing later writes to it.
 
     Incoming activations are copied into one of two preallocated stores, and each refill
@@ -59,11 +61,12 @@ class ShuffleBuffer:
                 f"shuffle buffer: capacity ({capacity} tokens) must be at least twice the batch "
                 f"({batch_size} tokens); raise n_batches_in_buffer."
             )
-        if not 0 <= keep_fraction < 1:
-            raise ConfigError(f"shuffle buffer: keep_fraction must be in [0, 1), got {keep_fraction}.")
+        if not 0 <= keep_fraction <= 1:
+            raise ConfigError(f"activations_mixing_fraction must be in [0, 1], got {keep_fraction}.")
         self.capacity = capacity
         self.batch_size = batch_size
         self.keep = int(capacity * keep_fraction)
+        self.shuffles = keep_fraction > 0
         self.generator = torch.Generator().manual_seed(seed)
         self.pin_memory = pin_memory  # host stores and served batches in page-locked memory (CUDA copies)
         self.pending_tokens = 0  # tokens in the store, waiting to be served
@@ -100,8 +103,11 @@ class ShuffleBuffer:
         self.pending_tokens = n = start + activations.shape[0]
         if n < self.capacity:
             return
-        order = torch.randperm(n, generator=self.generator).to(self._store.device)
-        n_serve = ((n - self.keep) // self.batch_size) * self.batch_size
+        if self.shuffles:
+            order = torch.randperm(n, generator=self.generator).to(self._store.device)
+        else:
+            order = torch.arange(n, device=self._store.device)
+        n_serve = max(1, (n - self.keep) // self.batch_size) * self.batch_size
         stored = self._store[:n]
         served = torch.index_select(stored, 0, order[:n_serve], out=self._empty((n_serve, *stored.shape[1:]), stored))
         torch.index_select(stored, 0, order[n_serve:], out=self._spare[: n - n_serve])
@@ -115,7 +121,7 @@ class ActivationSource:
     """An endless, reproducible stream of activation batches for `jsae.train`.
 
     Args:
-        model: a HookedTransformer.
+        model: a HookedTransformer, or a bridge.hf_model.HookedHFModel.
         hook_names: one or several hook points; several give dict batches (one forward for all).
         token_rows: an iterator of token rows, each `context_size` ids (see bridge.data).
         batch_size: tokens per yielded batch.
@@ -133,6 +139,7 @@ class ActivationSource:
         act_store_device: where the shuffle buffer lives: "with_model" (the device the activations come
             from) or "cpu" (page-locked host memory when the model is on CUDA, so the copies out of the GPU
             are DMA transfers).
+        activations_mixing_fraction: the shuffle buffer's kept fraction (see `ShuffleBuffer`).
         fused_forward: run the model's blocks, attention and MLPs as fused forwards where nothing
             reads what they skip (see bridge.fused_forward); False runs TransformerLens' forward
             as written.
@@ -158,6 +165,7 @@ class ActivationSource:
         device: str | None = None,
         fused_forward: bool = True,
         act_store_device: str = "with_model",
+        activations_mixing_fraction: float = 0.5,
     ):
         self.single = isinstance(hook_names, str)
         self.hook_names = [hook_names] if self.single else list(hook_names)
@@ -176,7 +184,8 @@ class ActivationSource:
         capacity = max(n_batches_in_buffer * store_batch_size_prompts * context, 2 * batch_size)
         self.device = device or str(model.cfg.device)
         self.store_device, pin = store_placement(act_store_device, self.device)
-        self.buffer = ShuffleBuffer(capacity, batch_size, seed=seed, pin_memory=pin)
+        self.buffer = ShuffleBuffer(capacity, batch_size, keep_fraction=activations_mixing_fraction, seed=seed,
+                                    pin_memory=pin)
         self.stop_at_layer = stop_layer(model, self.hook_names)
         self.prefetch = prefetch
         self.as_jax = as_jax

@@ -315,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "read and write nothing else")
     p.set_defaults(func=_inspect)
 
+    from bridge.pretokenize import add_parser as add_pretokenize_parser
+
+    add_pretokenize_parser(sub)
+
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
     p.add_argument("--output-path", default=None, help="where to write the demo SAE folder")
     p.set_defaults(func=demo)

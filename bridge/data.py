@@ -123,6 +123,9 @@ def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
     local = Path(path).expanduser()
     if not local.exists() and looks_local(path):
         raise MissingFileError(f"dataset_path: {path} does not exist (a local path: it is not read from the Hub).")
+    if local.is_dir() and is_saved_dataset(local):
+        yield from _dataset_column(_load_saved(local, split or cfg.dataset_split), cfg)
+        return
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in (".txt", ".md", ".py", ".rst"))
         if not files:
@@ -145,12 +148,55 @@ def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
         dataset = datasets.load_dataset(kind, data_files=str(local), split="train")
     else:
         dataset = datasets.load_dataset(path, split=split or cfg.dataset_split, streaming=cfg.streaming)
-    column = next((c for c in ("tokens", "input_ids", "text") if c in (dataset.column_names or [])), None)
+    yield from _dataset_column(dataset, cfg)
+
+
+def _dataset_column(dataset, cfg: RunConfig) -> Iterator[Any]:
+    """The column a run reads, as SAELens' ActivationsStore picks it: with use_chat_formatting a conversation
+    column (else text), otherwise pretokenized rows before text."""
+    names = CHAT_COLUMNS if cfg.use_chat_formatting else ("tokens", "input_ids", "text")
+    column = next((c for c in names if c in (dataset.column_names or [])), None)
     if column is None:
-        raise InputError(f"dataset_path: {path} has no 'tokens', 'input_ids' or 'text' column "
-                         f"(columns: {dataset.column_names}).")
+        raise InputError(f"dataset_path: {cfg.dataset_path} has no {' / '.join(map(repr, names))} column"
+                         f"{' (use_chat_formatting is on)' if cfg.use_chat_formatting else ''} (columns: "
+                         f"{dataset.column_names}).")
     for row in dataset:
         yield row[column]
+
+
+CHAT_COLUMNS = ("conversation", "conversations", "messages", "text")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by the datasets library's save_to_disk (`jsae pretokenize`, SAELens'
+    PretokenizeRunner): a Dataset (state.json) or a DatasetDict (dataset_dict.json)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _load_saved(path: Path, split: str):
+    import datasets
+
+    dataset = datasets.load_from_disk(str(path))
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise InputError(f"dataset_path: {path} holds the splits {list(dataset)}, not dataset_split {split!r}.")
+        dataset = dataset[split]
+    return dataset.with_format(None)  # rows as lists, whatever format it was saved with
+
+
+def chat_token_sequences(documents: Iterator[Any], tokenizer, cfg: RunConfig) -> Iterator[list[int]]:
+    """Each document through the tokenizer's chat template (SAELens' tokenize_with_chat_template): a
+    conversation (a list of {"role", "content"} messages) as it is, a string as one user message."""
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError(f"use_chat_formatting is true, but the tokenizer of {cfg.model_name!r} has no chat template "
+                          "(tokenizer.chat_template); set use_chat_formatting: false or use a chat model's tokenizer.")
+    for index, doc in enumerate(documents):
+        conversation = [{"role": "user", "content": doc}] if isinstance(doc, str) else doc
+        if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
+            raise InputError(f"dataset_path: {cfg.dataset_path!r} document {index} is {type(doc).__name__}, not text or "
+                             "a conversation (a list of messages); use_chat_formatting needs untokenized data.")
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_tensors="pt", return_dict=False)
+        yield ids[0].tolist()
 
 
 def looks_local(path: str) -> bool:
@@ -210,6 +256,11 @@ def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool =
         if first is None:
             raise InputError(f"dataset_path: {cfg.dataset_path!r} is empty.")
         documents = itertools.chain([first], documents)
+        if cfg.use_chat_formatting:
+            tokens = chat_token_sequences(_with_text(documents, cfg), tokenizer, cfg)
+            yield from pack_token_sequences(tokens, cfg.context_size, bos_token_id=bos, separator_token_id=separator,
+                                            disable_concat_sequences=cfg.disable_concat_sequences)
+            return
         if not isinstance(first, str):  # pretokenized rows are used as they are
             d_vocab = model.cfg.d_vocab
             for index, row in enumerate(documents):
@@ -266,3 +317,12 @@ def excluded_token_ids(cfg: RunConfig, model) -> list[int] | None:
 
 def heldout_split(cfg: RunConfig) -> str:
     return "heldout" if cfg.dataset_path in ("stdlib", "embedded") else cfg.dataset_split
+
+
+def eval_data_config(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the evals' data as its dataset_path: eval_dataset_path when set (read as dataset_path is)."""
+    import dataclasses
+
+    if cfg.eval_dataset_path is None:
+        return cfg
+    return dataclasses.replace(cfg, dataset_path=cfg.eval_dataset_path)

@@ -125,6 +125,12 @@ def dry_run_train(cfg: RunConfig, *, cache_path: str | None = None) -> list[str]
         lines.append(check_cache(cfg, width))
     row = check_first_row(cfg, model)
     lines.append(f"dataset: {cfg.dataset_path} (split {cfg.dataset_split}): read a first row of {len(row)} tokens")
+    if cfg.eval_dataset_path is not None and cfg.n_eval_batches:
+        from bridge.data import eval_data_config, heldout_split
+
+        eval_cfg = eval_data_config(cfg)
+        row = check_first_row(eval_cfg, model, split=heldout_split(eval_cfg))
+        lines.append(f"eval_dataset_path: {cfg.eval_dataset_path}: read a first row of {len(row)} tokens")
     if cache_path is not None:
         lines.append(f"activation_cache_path: {cache_path} ({check_absent(cache_path, 'activation_cache_path')})")
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from bridge.data import check_token_settings, excluded_token_ids, heldout_split, token_rows
+from bridge.data import check_token_settings, eval_data_config, excluded_token_ids, heldout_split, token_rows
 from bridge.run_config import RunConfig
 from jsae import ConfigError, InputError
 
@@ -16,6 +16,7 @@ def eval_token_batches(cfg: RunConfig, model, n_batches: int | None = None) -> l
 
     n_batches = cfg.n_eval_batches if n_batches is None else n_batches
     rows_per_batch = cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts
+    cfg = eval_data_config(cfg)  # eval_dataset_path, when set
     rows = token_rows(cfg, model, split=heldout_split(cfg), cycle=False)
     batches = []
     for _ in range(n_batches):

@@ -68,10 +68,14 @@ class RunConfig:
     """Where the activations come from (SAELens' runner field names).
 
     Attributes:
-        model_name: "embedded" (shipped), an official TransformerLens name, or a local folder.
-        model_class_name: "HookedTransformer".
-        model_from_pretrained_kwargs: passed to HookedTransformer.from_pretrained.
-        hook_name: the hook point the SAE reads, e.g. "blocks.2.hook_resid_pre".
+        model_name: "embedded" (shipped), an official TransformerLens name, or a local folder; with
+            AutoModelForCausalLM, a Hugging Face model name (Hub or local cache) or folder.
+        model_class_name: "HookedTransformer", or "AutoModelForCausalLM" for any transformers causal LM,
+            whose hook names are module paths (SAELens' HookedProxyLM; see bridge/hf_model.py).
+        model_from_pretrained_kwargs: passed to HookedTransformer.from_pretrained, or to the transformers
+            model's from_pretrained (dtype, revision, trust_remote_code: off unless set).
+        hook_name: the hook point the SAE reads, e.g. "blocks.2.hook_resid_pre" ("model.layers.8" for a
+            Hugging Face model: the module's output, its first element when a tuple).
         hook_head_index: keep one attention head of a hook_z-style hook.
         hook_names: several hook points (same width) read in one model forward, each training its own
             SAE (or sweep); replaces hook_name. Folders: <output_path>/<hook>[/<sweep member>].
@@ -87,8 +91,14 @@ class RunConfig:
         exclude_special_tokens: drop activations of BOS/EOS/PAD/SEP tokens (true), or of the listed ids.
         seqpos_slice: [start, stop(, step)] positions of each row that are kept.
         disable_concat_sequences: one row per document; shorter documents are dropped.
+        use_chat_formatting: tokenize each document with the tokenizer's chat template (SAELens' field): a
+            conversation column ("conversation", "conversations", "messages") as it is, text as one user message.
+        eval_dataset_path: where the evals' held-out rows come from instead of dataset_path's held-out split
+            (any value dataset_path takes; its dataset_split is read); null: dataset_path.
         store_batch_size_prompts: rows per model forward.
         n_batches_in_buffer: shuffle-buffer size, in model forwards.
+        activations_mixing_fraction: the fraction of the shuffle buffer kept to mix with the next refill
+            (SAELens' field and default); 0 serves activations in the order the model produced them.
         n_eval_batches: held-out batches the evals (during training and at the end) run on; 0 turns evals off.
         eval_batch_size_prompts: rows per eval batch (None: store_batch_size_prompts).
         device: torch device of the model: "auto" (CUDA when torch sees CUDA and JAX runs on a GPU, else
@@ -124,8 +134,11 @@ class RunConfig:
     exclude_special_tokens: bool | list = False
     seqpos_slice: tuple = (None,)
     disable_concat_sequences: bool = False
+    use_chat_formatting: bool = False
+    eval_dataset_path: str | None = None
     store_batch_size_prompts: int = 16
     n_batches_in_buffer: int = 32
+    activations_mixing_fraction: float = 0.5
     n_eval_batches: int = 10
     eval_batch_size_prompts: int | None = None
     device: str = "auto"
@@ -156,6 +169,15 @@ class RunConfig:
                               f"{fraction!r}.")
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a string (auto, cpu, cuda or cuda:N), got {self.device!r}.")
+        mixing = self.activations_mixing_fraction
+        if isinstance(mixing, bool) or not isinstance(mixing, int | float) or not 0 <= mixing <= 1:
+            raise ConfigError(f"activations_mixing_fraction must be a number in [0, 1] (the fraction of the shuffle "
+                              f"buffer kept for mixing; 0: no shuffling), got {mixing!r}.")
+        if not isinstance(self.use_chat_formatting, bool):
+            raise ConfigError(f"use_chat_formatting must be true or false, got {self.use_chat_formatting!r}.")
+        if self.eval_dataset_path is not None and (not isinstance(self.eval_dataset_path, str)
+                                                   or not self.eval_dataset_path):
+            raise ConfigError(f"eval_dataset_path must be a dataset path or null, got {self.eval_dataset_path!r}.")
         if not isinstance(self.fused_forward, bool):
             raise ConfigError(f"fused_forward must be true or false, got {self.fused_forward!r}.")
         if isinstance(self.n_eval_batches, bool) or not isinstance(self.n_eval_batches, int) or self.n_eval_batches < 0:
