@@ -31,7 +31,18 @@ builtin_registry = releases.snapshot_registry
 
 
 def resolve(release: str, sae_id: str) -> tuple[str, str, str, dict[str, Any], float | None]:
-    """(repo_id, folder, converter, config_overrides, norm_scaling_factor) for a release + id."""
+    """(repo_id, folder, converter, config_overrides, norm_scaling_factor) for a release + id.
+
+    ConfigError for an unknown release or id, and for a conversion func jsae does not implement.
+    """
+    located = locate(release, sae_id)
+    if located[2] != "auto":
+        converters.get_converter(located[2], release=release)  # fail before any download
+    return located
+
+
+def locate(release: str, sae_id: str) -> tuple[str, str, str, dict[str, Any], float | None]:
+    """`resolve` without checking that jsae implements the conversion func ('auto' for Hub ids)."""
     entry = get_release(release)
     if entry is None:
         if "/" in release:
@@ -51,7 +62,6 @@ def resolve(release: str, sae_id: str) -> tuple[str, str, str, dict[str, Any], f
     if info.get("neuronpedia") is not None:
         overrides["neuronpedia_id"] = info["neuronpedia"]
     converter = entry.conversion_func or "sae_lens"
-    converters.get_converter(converter, release=entry.name)  # fail before any download
     return entry.repo_id, entry.path(sae_id), converter, overrides, info.get("norm_scaling_factor")
 
 
@@ -95,6 +105,27 @@ def load(
     if converter == "auto":
         converter = saelens_converters.detect_hub_format(src)
     out = converters.get_converter(converter, release=release)(src)
-    return out.cfg, out.params, out.sparsity, norm_scaling_factor
+    cfg, params = out.cfg, out.params
+    if cfg.normalize_activations == "expected_average_only_in" and norm_scaling_factor is not None:
+        cfg, params = fold_norm_scaling_factor(cfg, params, norm_scaling_factor)
+    return cfg, params, out.sparsity, norm_scaling_factor
+
+
+def fold_norm_scaling_factor(
+    cfg: SAEConfig, params: dict[str, np.ndarray], scaling_factor: float
+) -> tuple[SAEConfig, dict[str, np.ndarray]]:
+    """The registry's input scale s folded in as SAELens folds it on load: W_enc * s, W_dec / s, b_dec / s.
+
+    Computed in numpy the way torch computes a tensor-by-Python-float product (in float32 for 16- and
+    32-bit weights, then rounded), so the weights equal SAELens' bit for bit; XLA may divide by
+    multiplying with the reciprocal, which differs in the last bit. `SAE.fold_activation_norm_scaling_factor`
+    is the same fold on device arrays.
+    """
+    params = dict(params)
+    for name, op in (("W_enc", np.multiply), ("W_dec", np.divide), ("b_dec", np.divide)):
+        value = np.asarray(params[name])
+        compute = np.float64 if value.dtype == np.float64 else np.float32
+        params[name] = op(value.astype(compute), compute(scaling_factor)).astype(value.dtype)
+    return cfg.replace(normalize_activations="none"), params
 
 

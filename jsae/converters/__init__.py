@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jsae._errors import ConfigError, close_names
-from jsae.converters import gemma, saelens
+from jsae.converters import checkpoints, gemma, llama_scope, saelens
 from jsae.converters._source import Converted, Source
 from jsae.converters.folders import (
     GEMMA_SCOPE_FILENAME,
@@ -36,6 +36,13 @@ CONVERTERS: dict[str, Converter] = {
     "sae_lens": saelens.convert_sae_lens,
     "sparsify": saelens.convert_sparsify,
     "gemma_2": gemma.convert_gemma_2,
+    "gemma_3": gemma.convert_gemma_3,
+    "connor_rob_hook_z": checkpoints.convert_connor_rob_hook_z,
+    "dictionary_learning_1": checkpoints.convert_dictionary_learning_1,
+    "deepseek_r1": checkpoints.convert_deepseek_r1,
+    "qwen_scope": checkpoints.convert_qwen_scope,
+    "llama_scope": llama_scope.convert_llama_scope,
+    "llama_scope_r1_distill": llama_scope.convert_llama_scope_r1_distill,
 }
 
 #: SAELens' conversion funcs (6.54.12), including those jsae does not convert.

@@ -54,3 +54,41 @@ class Converted:
     cfg: SAEConfig
     params: dict[str, np.ndarray]
     sparsity: np.ndarray | None = None
+
+
+def build(src: Source, cfg_dict: Mapping[str, Any], params: Mapping[str, np.ndarray], *, source: str) -> Converted:
+    """The Converted for a cfg dict built as SAELens' config getter builds it, and SAELens-named params.
+
+    `cfg_dict` goes through the same upgrade SAELens applies to loaded configs (a dict without
+    sae_lens_version is upgraded as a pre-6.0 config: top-level model / hook facts move into
+    metadata, `activation_fn: topk` becomes architecture topk); the release's overrides, the
+    requested dtype among them, apply last, as in SAELens. Params are checked against the
+    architecture's shapes and cast to the config's dtype.
+    """
+    from jsae.cfg_json import config_from_dict
+    from jsae.tensors import cast_params, check_params, check_tensor_dtypes
+
+    check_tensor_dtypes(params, source=source)
+    cfg = config_from_dict(cfg_dict, source=source, overrides=src.overrides)
+    check_params(params, cfg, source=source)
+    return Converted(cfg, cast_params(params, cfg.dtype, source=source))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; FormatError otherwise."""
+    from jsae._errors import FormatError
+    from jsae.cfg_json import describe_json, read_json
+
+    raw = read_json(path)
+    if not isinstance(raw, Mapping):
+        raise FormatError(f"{path}: expected a JSON object, found {describe_json(raw)}.")
+    return dict(raw)
+
+
+def require(mapping: Mapping[str, Any], keys: tuple[str, ...], *, source: Any, what: str = "key") -> None:
+    """FormatError naming the first of `keys` missing from `mapping` (a config or a state dict)."""
+    from jsae._errors import FormatError
+
+    for key in keys:
+        if key not in mapping:
+            raise FormatError(f"{source}: missing {what} {key!r} (found {sorted(mapping)}).")
