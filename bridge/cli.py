@@ -161,12 +161,13 @@ def cache(args: argparse.Namespace) -> int:
     """Write the configured run's activations to disk once, for repeated training."""
     from bridge.cache import write_cache
     from bridge.run import prepare
+    from bridge.saelens_cache import write_saelens_cache
 
     cfg = load_config(args)
     if args.cache_path:
         path = args.cache_path
-    elif cfg.activation_cache_path:
-        path = cfg.activation_cache_path
+    elif cfg.activations_cache:
+        path = cfg.activations_cache
     else:
         raise SystemExit("jsae cache: give --cache-path or set activation_cache_path in the config.")
     if args.dry_run:
@@ -175,7 +176,8 @@ def cache(args: argparse.Namespace) -> int:
         _print_report("cache", dry_run_train(cfg, cache_path=path), None)
         return 0
     model, cfg = prepare(cfg)
-    info = write_cache(cfg, model, path, n_tokens=args.tokens or cfg.train.total_training_tokens)
+    writer = write_saelens_cache if args.format == "saelens" else write_cache
+    info = writer(cfg, model, path, n_tokens=args.tokens or cfg.train.total_training_tokens)
     print(f"cache written to {path}: {info['n_tokens']:,} tokens in {info['n_shards']} shards")
     return 0
 
@@ -280,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("--cache-path", default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens to cache (default: total_training_tokens)")
+    p.add_argument("--format", choices=("jsae", "saelens"), default="jsae", help="jsae's layout (the default, "
+                   "read fastest) or SAELens' (a datasets folder sae_lens trains from as cached_activations_path)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--dry-run", action="store_true", help="check the config, model, hook, data and cache path; "
                    "write nothing")

@@ -91,21 +91,21 @@ def output_checks(cfg: RunConfig) -> list[tuple[str, str, str]]:
     return checks
 
 
-def check_cache(cfg: RunConfig, width: int) -> str:
+def check_cache(cfg: RunConfig, width: int, model=None) -> str:
     """The report's line on `activation_cache_path`. A cache not written yet is reported, not refused
     (`jsae cache` may be the step before); one that exists must be finished and hold every hook at `width`."""
-    from bridge.cache import CachedActivations
+    from bridge.saelens_cache import cache_format, cached_activations
 
-    path = Path(cfg.activation_cache_path).expanduser()
+    field = "activation_cache_path" if cfg.activation_cache_path is not None else "cached_activations_path"
+    path = Path(cfg.activations_cache).expanduser()
     if not path.exists():
-        return (f"activation_cache_path: {cfg.activation_cache_path} does not exist yet; write it with `jsae cache` "
+        return (f"{field}: {cfg.activations_cache} does not exist yet; write it with `jsae cache` "
                 "before training (training would fail now)")
     for hook in cfg.hooks:
-        cached = CachedActivations(path, hook, cfg.train.train_batch_size_tokens)
+        cached = cached_activations(cfg, hook, model)
         if cached.d_in != width:
-            raise ConfigError(f"activation_cache_path: {path} holds {hook!r} with width {cached.d_in}, "
-                              f"not sae.d_in={width}.")
-    return f"activation_cache_path: {cfg.activation_cache_path} (a finished cache of {', '.join(cfg.hooks)})"
+            raise ConfigError(f"{field}: {path} holds {hook!r} with width {cached.d_in}, not sae.d_in={width}.")
+    return f"{field}: {cfg.activations_cache} (a finished {cache_format(path)} cache of {', '.join(cfg.hooks)})"
 
 
 def dry_run_train(cfg: RunConfig, *, cache_path: str | None = None) -> list[str]:
@@ -121,8 +121,8 @@ def dry_run_train(cfg: RunConfig, *, cache_path: str | None = None) -> list[str]
     width = hook_width(model, cfg.hooks[0], cfg.hook_head_index)
     lines = [f"model: {cfg.model_name}, {'hooks' if cfg.hook_names else 'hook'} {', '.join(cfg.hooks)} "
              f"(width {width} = sae.d_in)"]
-    if cfg.activation_cache_path is not None and cache_path is None:
-        lines.append(check_cache(cfg, width))
+    if cfg.activations_cache is not None and cache_path is None:
+        lines.append(check_cache(cfg, width, model))
     row = check_first_row(cfg, model)
     lines.append(f"dataset: {cfg.dataset_path} (split {cfg.dataset_split}): read a first row of {len(row)} tokens")
     if cfg.eval_dataset_path is not None and cfg.n_eval_batches:

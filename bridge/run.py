@@ -110,10 +110,10 @@ def run(cfg: RunConfig):
 
 def batches_dtype(cfg: RunConfig) -> str:
     """The dtype of the batches `training_batches` yields: activations_dtype, or what the cache holds."""
-    if cfg.activation_cache_path is not None:
-        from bridge.cache import read_cache_meta
+    if cfg.activations_cache is not None:
+        from bridge.saelens_cache import cached_dtype
 
-        return read_cache_meta(cfg.activation_cache_path).get("dtype", "float32")
+        return cached_dtype(cfg)
     return cfg.activations_dtype
 
 

@@ -115,6 +115,8 @@ class RunConfig:
             products on CPU, wherever nothing reads what they skip (see bridge/fused_forward.py); the
             activations equal TransformerLens' within float error. false: TransformerLens' forward as written.
         activation_cache_path: train from a cache written by `jsae cache` instead of the model.
+        cached_activations_path: SAELens' name for the same: a cache folder of either layout (jsae's, or the
+            `datasets` folder sae_lens' CacheActivationsRunner and `jsae cache --format saelens` write).
         train: the SAE and training settings (None for a config that only evaluates).
     """
 
@@ -147,6 +149,7 @@ class RunConfig:
     activations_dtype: str = "float32"
     fused_forward: bool = True
     activation_cache_path: str | None = None
+    cached_activations_path: str | None = None
     train: TrainConfig | None = None
 
     def __post_init__(self) -> None:
@@ -194,6 +197,9 @@ class RunConfig:
             if len(set(names)) != len(names):
                 raise ConfigError(f"hook_names lists a hook twice: {names}.")
             object.__setattr__(self, "hook_names", list(names))
+        if self.activation_cache_path is not None and self.cached_activations_path is not None:
+            raise ConfigError("activation_cache_path and cached_activations_path name the same thing (the cache to "
+                              "train from); set one of them.")
         if not isinstance(self.sweep, Mapping):
             raise ConfigError(f"sweep must map fields to lists of values, got {self.sweep!r}.")
         if not 1 <= len(self.seqpos_slice) <= 3:
@@ -262,6 +268,11 @@ class RunConfig:
             else:
                 data[key] = value
         return cls.from_dict(data, where=str(path))
+
+    @property
+    def activations_cache(self) -> str | None:
+        """The activation cache this run trains from (activation_cache_path or cached_activations_path), or None."""
+        return self.activation_cache_path if self.activation_cache_path is not None else self.cached_activations_path
 
     @property
     def hooks(self) -> list[str]:

@@ -34,12 +34,12 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
     )
 
 
-def cached_source(cfg: RunConfig):
-    """Batches read from `cfg.activation_cache_path`, shaped as `activation_source`'s."""
-    from bridge.cache import CachedActivations
+def cached_source(cfg: RunConfig, model=None):
+    """Batches read from `cfg.activations_cache` (jsae's layout or SAELens'), shaped as `activation_source`'s;
+    `model` names the special tokens a SAELens cache excludes as it is read."""
+    from bridge.saelens_cache import cached_activations
 
-    per_hook = {hook: CachedActivations(cfg.activation_cache_path, hook, cfg.train.train_batch_size_tokens,
-                                        seed=cfg.train.seed) for hook in cfg.hooks}
+    per_hook = {hook: cached_activations(cfg, hook, model) for hook in cfg.hooks}
     if not cfg.hook_names:
         return per_hook[cfg.hook_name]
     # same seed, same shuffle: the hooks' batches stay aligned token by token
@@ -58,7 +58,7 @@ def training_batches(cfg: RunConfig, model):
     """The batches `jsae.Trainer.fit` trains on for `cfg`: (tokens, d_in) arrays for one hook point,
     (n_hooks, tokens, d_in) for `hook_names` (the stream axis of a sweep over hooks).
 
-    From `cfg.activation_cache_path` when set (the model is not run), else from `model`.
+    From `cfg.activations_cache` when set (the model is not run), else from `model`.
     """
-    source = cached_source(cfg) if cfg.activation_cache_path is not None else activation_source(cfg, model)
+    source = cached_source(cfg, model) if cfg.activations_cache is not None else activation_source(cfg, model)
     return stacked_hooks(source, cfg.hooks) if cfg.hook_names else source
