@@ -138,10 +138,11 @@ class CachedActivations:
         capacity: shuffle-buffer size in tokens (default: as the live run computes it from the
             cached run's store_batch_size_prompts and n_batches_in_buffer).
         as_jax: yield jax.Arrays (zero copy from the buffer).
+        keep_fraction: the shuffle buffer's kept fraction (the run's activations_mixing_fraction).
     """
 
     def __init__(self, path, hook_name: str, batch_size: int, *, seed: int = 0, capacity: int | None = None,
-                 as_jax: bool = True):
+                 as_jax: bool = True, keep_fraction: float = 0.5):
         self.path = Path(path)
         self.meta = read_cache_meta(self.path)
         if hook_name not in self.meta["hook_names"]:
@@ -155,6 +156,7 @@ class CachedActivations:
         self.capacity = capacity or max(run["n_batches_in_buffer"] * run["store_batch_size_prompts"] * context,
                                         2 * batch_size)
         self.as_jax = as_jax
+        self.keep_fraction = keep_fraction
 
     @property
     def d_in(self) -> int:
@@ -177,7 +179,7 @@ class CachedActivations:
         from bridge.activations import ShuffleBuffer
         from bridge.dlpack import torch_to_jax
 
-        buffer = ShuffleBuffer(self.capacity, self.batch_size, seed=self.seed)
+        buffer = ShuffleBuffer(self.capacity, self.batch_size, seed=self.seed, keep_fraction=self.keep_fraction)
         for chunk in self.chunks():
             for batch in buffer.add(chunk):
                 yield torch_to_jax(batch) if self.as_jax else batch

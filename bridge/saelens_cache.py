@@ -72,8 +72,9 @@ def cached_activations(cfg: RunConfig, hook_name: str, model=None) -> CachedActi
     cache excludes them as it is read; jsae's cache holds none).
     """
     path, batch, seed = cfg.activations_cache, cfg.train.train_batch_size_tokens, cfg.train.seed
+    keep = cfg.activations_mixing_fraction
     if cache_format(path) == "jsae":
-        return CachedActivations(path, hook_name, batch, seed=seed)
+        return CachedActivations(path, hook_name, batch, seed=seed, keep_fraction=keep)
     from bridge.data import excluded_token_ids
 
     excluded = None
@@ -85,7 +86,7 @@ def cached_activations(cfg: RunConfig, hook_name: str, model=None) -> CachedActi
     return SAELensCachedActivations(
         path, hook_name, batch, rows_per_chunk=rows, context=sliced_context(cfg), seed=seed,
         capacity=max(cfg.n_batches_in_buffer * rows * sliced_context(cfg), 2 * batch),
-        exclude_token_ids=excluded, dtype=cfg.activations_dtype)
+        exclude_token_ids=excluded, dtype=cfg.activations_dtype, keep_fraction=keep)
 
 
 def cached_dtype(cfg: RunConfig) -> str:
@@ -111,10 +112,12 @@ class SAELensCachedActivations(CachedActivations):
         exclude_token_ids: activations of these tokens are dropped (needs the token_ids column).
         dtype: "float32" or "bfloat16": the dtype of the batches.
         as_jax: yield jax.Arrays (zero copy from the buffer).
+        keep_fraction: the shuffle buffer's kept fraction (the run's activations_mixing_fraction).
     """
 
     def __init__(self, path, hook_name: str, batch_size: int, *, rows_per_chunk: int, context: int,
-                 seed: int = 0, capacity: int, exclude_token_ids=None, dtype: str = "float32", as_jax: bool = True):
+                 seed: int = 0, capacity: int, exclude_token_ids=None, dtype: str = "float32", as_jax: bool = True,
+                 keep_fraction: float = 0.5):
         import datasets
 
         self.path = Path(path)
@@ -142,7 +145,7 @@ class SAELensCachedActivations(CachedActivations):
         self.rows_per_chunk, self.context, self._d_in = rows_per_chunk, context, shape[1]
         self.exclude = None if exclude_token_ids is None else torch.tensor(list(exclude_token_ids), dtype=torch.long)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        self.as_jax = as_jax
+        self.as_jax, self.keep_fraction = as_jax, keep_fraction
 
     @property
     def d_in(self) -> int:

@@ -164,8 +164,9 @@ def test_jsae_saelens_cache_trains_in_sae_lens(tmp_path, model):
     assert jsae.SAE.load_from_disk(tmp_path / "sl_sae").cfg.d_sae == 64
 
 
-def test_exclusion_is_applied_as_the_cache_is_read(tmp_path, model):
-    """A SAELens cache holds every position; exclude_special_tokens drops BOS as sae_lens' store does."""
+def test_exclusion_and_mixing_apply_as_the_cache_is_read(tmp_path, model):
+    """A SAELens cache holds every position; exclude_special_tokens drops BOS as sae_lens' store does; the
+    shuffle buffer keeps the run's activations_mixing_fraction."""
     from bridge.runner import prepare
     from bridge.saelens_cache import cached_activations, write_saelens_cache
 
@@ -178,6 +179,12 @@ def test_exclusion_is_applied_as_the_cache_is_read(tmp_path, model):
     keep = ids[:ROWS].reshape(-1) != bos
     assert 0 < (~keep).sum() and chunk.shape[0] == keep.sum()
     np.testing.assert_array_equal(chunk.numpy(), acts[:ROWS].reshape(-1, 128)[keep])
+    # activations_mixing_fraction: 0 serves the cache in its order, as sae_lens' mixing_buffer does
+    in_order = dataclasses.replace(cfg, cached_activations_path=str(tmp_path / "c"), activations_mixing_fraction=0.0)
+    reader = cached_activations(in_order, HOOK, model)
+    reader.as_jax = False
+    served = torch.cat(list(itertools.islice(iter(reader), 2)))
+    np.testing.assert_array_equal(served.numpy(), acts.reshape(-1, 128)[:1024])
 
 
 def test_bad_saelens_caches_are_refused(tmp_path, model):
