@@ -118,9 +118,11 @@ def saelens_registry() -> dict[str, Release]:
     path = saelens_registry_path()
     if path is None:
         return {}
+    import yaml
+
     try:
         return releases_from_data(read_saelens_yaml(path))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
@@ -132,9 +134,15 @@ def _newer(version: str | None, than: str) -> bool:
 
 
 def registries() -> tuple[dict[str, Release], dict[str, Release]]:
-    """(preferred, fallback): the installed sae_lens' registry first only when it is newer than the snapshot."""
-    if _newer(saelens_version(), snapshot_version()):
+    """(preferred, fallback): the installed sae_lens' registry first only when it is newer than the snapshot.
+
+    The same sae_lens version as the snapshot's has the same registry, so it is not read again.
+    """
+    version = saelens_version()
+    if _newer(version, snapshot_version()):
         return saelens_registry(), snapshot_registry()
+    if version == snapshot_version():
+        return snapshot_registry(), {}
     return snapshot_registry(), saelens_registry()
 
 
@@ -188,15 +196,20 @@ def search(
 ) -> list[dict[str, Any]]:
     """Registry rows (one per SAE id) matching every filter given; case-insensitive substrings.
 
-    `text` matches the release, repo_id, model, sae_id, path or neuronpedia id; `model` the
+    `text` matches the release, repo_id, model, sae_id, path or neuronpedia id (a release's exact
+    name selects that release alone); `model` the
     release's model; `hook` the sae_id or path; `width` a width named in the sae_id or path.
     """
     from jsae.converters import CONVERTERS
 
     want_width = None if width is None else parse_width(str(width))
+    known = all_releases()
+    exact = RELEASE_ALIASES.get(text, text) if text is not None else None
+    if releases is None and exact in known:  # a release's exact name lists that release alone
+        releases, text = [known[exact]], None
     low = [None if v is None else v.lower() for v in (text, model, hook)]
     rows = []
-    for rel in releases if releases is not None else all_releases().values():
+    for rel in releases if releases is not None else known.values():
         if low[1] is not None and low[1] not in str(rel.model).lower():
             continue
         for sae_id, info in rel.saes.items():
