@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from jsae._errors import ConfigError, close_names
-from jsae.converters import checkpoints, gemma, llama_scope, saelens
+from jsae.converters import checkpoints, gemma, goodfire, llama_scope, saelens, temporal, transcoders
 from jsae.converters._source import Converted, Source
 from jsae.converters.folders import (
     GEMMA_SCOPE_FILENAME,
@@ -43,6 +43,11 @@ CONVERTERS: dict[str, Converter] = {
     "qwen_scope": checkpoints.convert_qwen_scope,
     "llama_scope": llama_scope.convert_llama_scope,
     "llama_scope_r1_distill": llama_scope.convert_llama_scope_r1_distill,
+    "gemma_2_transcoder": transcoders.convert_gemma_2_transcoder,
+    "mwhanna_transcoder": transcoders.convert_mwhanna_transcoder,
+    "mntss_clt_layer_transcoder": transcoders.convert_mntss_clt_layer_transcoder,
+    "temporal": temporal.convert_temporal,
+    "goodfire": goodfire.convert_goodfire,
 }
 
 #: SAELens' conversion funcs (6.54.12), including those jsae does not convert.
