@@ -185,6 +185,9 @@ class HookedHFModel:
     def modules(self):
         return self.model.modules()
 
+    def parameters(self):
+        return self.model.parameters()
+
     def to(self, device: str) -> HookedHFModel:
         self.model.to(device)
         self.cfg = dataclasses.replace(self.cfg, device=str(device))

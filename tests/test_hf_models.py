@@ -206,9 +206,24 @@ def test_model_from_pretrained_kwargs_and_bad_names(folders, tmp_path):
     assert hook_width(model, "model.layers.1.self_attn") == 32  # a tuple output: its first element
     with pytest.raises(jsae.ConfigError, match=r"'model.layer.0' is not a module.*Did you mean 'model.layers.0'"):
         check_hook(model, "model.layer.0")
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.model.parameters()) > 0
     with pytest.raises(jsae.MissingFileError, match="no such folder"):
         load(str(tmp_path / "absent"))
     with pytest.raises(jsae.ConfigError, match="model_class_name: expected"):
         from bridge.model import load_model
 
         load_model(folders["llama"], model_class_name="HookedMamba")
+
+
+def test_train_dry_run_and_plan_on_a_hugging_face_model(folders, tmp_path, capsys):
+    from bridge.cli import main
+
+    config = tmp_path / "hf.yaml"
+    config.write_text(f"model_name: {folders['gemma2']}\nmodel_class_name: AutoModelForCausalLM\n"
+                      "hook_name: model.layers.1.mlp\ncontext_size: 32\nsae: {architecture: topk, d_in: 32, "
+                      "d_sae: 64, k: 4}\ntotal_training_tokens: 4096\ntrain_batch_size_tokens: 256\n")
+    assert main(["train", str(config), "--dry-run", "--output-path", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "hook model.layers.1.mlp (width 32 = sae.d_in)" in printed and "dry run: every check passed" in printed
+    assert main(["train", str(config), "--dry-run", "--set", "hook_name=model.layers.1.mlpp"]) == 2
+    assert "Did you mean 'model.layers.1.mlp'" in capsys.readouterr().err
