@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -69,30 +71,30 @@ class SparsityVarianceMetrics:
         self.per_token.setdefault(name, []).append(np.asarray(values, np.float64))
 
     def update(self, x, x_hat, feature_acts, mask=None) -> None:
+        """Add one batch. feature_acts may be a jax.Array on any device: the latents are reduced there
+        (`latent_reductions`) and only per-token and per-latent figures come to the host."""
         x = np.asarray(x, np.float32)
         x_hat = np.asarray(x_hat, np.float32)
-        acts = np.asarray(feature_acts, np.float32)
         mask = np.ones(x.shape[:2], bool) if mask is None else np.asarray(mask, bool)
         flat = mask.reshape(-1)
         xi = x.reshape(-1, x.shape[-1])[flat].astype(np.float64)
         xo = x_hat.reshape(-1, x_hat.shape[-1])[flat].astype(np.float64)
-        fa = acts.reshape(-1, acts.shape[-1])[flat]
+        reduced = {k: np.asarray(v) for k, v in latent_reductions(feature_acts, mask).items()}
         norm_in = np.linalg.norm(xi, axis=-1)
         norm_out = np.linalg.norm(xo, axis=-1)
         self._add("l2_norm_in", norm_in)
         self._add("l2_norm_out", norm_out)
         self._add("l2_ratio", norm_out / np.where(np.abs(norm_in) < 1e-4, 1.0, norm_in))
         self.per_batch_bias.append(float(np.mean(norm_out**2) / np.mean(np.sum(xi * xo, axis=-1))))
-        self._add("l0", np.sum(fa != 0, axis=-1))
-        self._add("l1", np.sum(np.abs(fa), axis=-1))
+        self._add("l0", reduced["l0"].reshape(-1)[flat])
+        self._add("l1", reduced["l1"].reshape(-1)[flat])
         rss = np.sum((xi - xo) ** 2, axis=-1)
         self._add("explained_variance_legacy", 1 - rss / np.sum((xi - xi.mean(0)) ** 2, axis=-1))
         self._add("mse", rss)
         self._add("cossim", np.sum(xi * xo, axis=-1) / (norm_in * norm_out))
         self.variance.update(xi, xo)
-        fired = (acts * mask[..., None]) != 0
-        self.feature_acts += fired.sum(axis=(0, 1))
-        self.feature_prompts += (fired.sum(axis=1) > 0).sum(axis=0)
+        self.feature_acts += reduced["fired"]
+        self.feature_prompts += reduced["prompts"]
         self.tokens += int(mask.sum())
 
     def result(self) -> dict[str, float]:
@@ -107,6 +109,25 @@ class SparsityVarianceMetrics:
                 "feature_density": self.feature_acts / self.tokens,
                 "consistent_activation_heuristic": self.feature_acts / self.feature_prompts,
             }
+
+
+@jax.jit
+def latent_reductions(feature_acts, mask) -> dict[str, jax.Array]:
+    """What the sparsity evals need of a batch's latents, computed where they are.
+
+    Args:
+        feature_acts: (rows, ctx, d_sae) latent activations.
+        mask: (rows, ctx) positions that count.
+
+    Returns:
+        l0, l1: (rows, ctx) per-token count of active latents and sum of |activation| (float32);
+        fired: (d_sae,) masked positions where each latent is active; prompts: (d_sae,) rows where it is.
+    """
+    acts = jnp.asarray(feature_acts).astype(jnp.float32)
+    active = acts != 0
+    fired = active & jnp.asarray(mask, bool)[..., None]
+    return {"l0": active.sum(-1), "l1": jnp.abs(acts).sum(-1), "fired": fired.sum((0, 1)),
+            "prompts": fired.any(1).sum(0)}
 
 
 def featurewise_weight_metrics(params: dict) -> dict[str, np.ndarray]:
