@@ -32,6 +32,8 @@ N_LOGITS = 10
 N_QUANTILE_GROUPS = 4
 EXAMPLES_PER_QUANTILE = 5
 JSON_NAME, HTML_NAME = "latents.json", "index.html"
+# --top-density's second pass reuses the first pass's activations when they take at most this much memory
+KEEP_ACTIVATIONS_BYTES = 1 << 30
 
 
 def parse_latents(spec: str, d_sae: int) -> list[int]:
@@ -95,17 +97,24 @@ def _encode_latents(sae, x, latents, shape):
     return sae.encode(x)[:, latents].reshape(*shape, latents.shape[0])
 
 
-def _batches(rows: np.ndarray, model_activations, desc: str, verbose: bool):
-    """(first row, its token rows, their activations as a jax.Array (tokens, d_in)) per batch of rows."""
+def _batches(rows: np.ndarray, activations, desc: str, verbose: bool):
+    """(first row, its token rows, their activations as a jax.Array (tokens, d_in)) per batch of rows.
+
+    `activations`: a reader (token rows -> torch activations) that runs the model, or the list of arrays
+    an earlier pass over the same rows kept.
+    """
     import torch
     from tqdm.auto import tqdm
 
     from bridge.dlpack import torch_to_jax
 
     starts = range(0, len(rows), ROWS_PER_BATCH)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not verbose):
+    for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not verbose)):
         tokens = rows[start : start + ROWS_PER_BATCH]
-        yield start, tokens, torch_to_jax(model_activations(torch.as_tensor(tokens, dtype=torch.long)).float())
+        if isinstance(activations, list):
+            yield start, tokens, activations[b]
+        else:
+            yield start, tokens, torch_to_jax(activations(torch.as_tensor(tokens, dtype=torch.long)).float())
 
 
 def _activation_reader(model, cfg: RunConfig):
@@ -116,19 +125,26 @@ def _activation_reader(model, cfg: RunConfig):
     return source.model_activations
 
 
-def latent_densities(sae, model, cfg: RunConfig, rows: np.ndarray, mask: np.ndarray, *, verbose: bool = False):
-    """Each latent's firing density over the counted tokens of `rows`: (d_sae,) float64."""
+def latent_densities(sae, model, cfg: RunConfig, rows: np.ndarray, mask: np.ndarray, *, keep: bool = False,
+                     verbose: bool = False):
+    """Each latent's firing density over the counted tokens of `rows`: ((d_sae,) float64, the model's
+    activations of each batch when `keep`, for a second pass without the model, else None)."""
     read = _activation_reader(model, cfg)
     counts = jnp.zeros((sae.cfg.d_sae,), jnp.int32)
+    kept = [] if keep else None
     for start, tokens, x in _batches(rows, read, "inspect: densities", verbose):
         counts = counts + _fired_counts(sae, x, jnp.asarray(mask[start : start + len(tokens)]))
-    return np.asarray(counts, dtype=np.float64) / max(int(mask.sum()), 1)
+        if keep:
+            kept.append(x)
+    return np.asarray(counts, dtype=np.float64) / max(int(mask.sum()), 1), kept
 
 
 def gather_stats(sae, model, cfg: RunConfig, rows: np.ndarray, mask: np.ndarray, latents: list[int],
-                 stats_cfg: LatentStatsConfig, *, seed: int = 0, verbose: bool = False) -> dict[str, np.ndarray]:
-    """jsae.latent_stats over `rows` for `latents`: the host copy of the final state."""
-    read = _activation_reader(model, cfg)
+                 stats_cfg: LatentStatsConfig, *, seed: int = 0, activations: list | None = None,
+                 verbose: bool = False) -> dict[str, np.ndarray]:
+    """jsae.latent_stats over `rows` for `latents`: the host copy of the final state (`activations`: the
+    batches `latent_densities` kept, else the model runs)."""
+    read = _activation_reader(model, cfg) if activations is None else activations
     stats = init_latent_stats(stats_cfg)
     index = jnp.asarray(latents, dtype=jnp.int32)
     key = jax.random.key(seed)
@@ -286,14 +302,15 @@ def inspect_sae(sae, cfg: RunConfig, out_dir: str | os.PathLike, *, latents: lis
     model = load_eval_model(sae, cfg)
     rows = read_rows(cfg, model, math.ceil(n_tokens / cfg.context_size))
     mask = counted_mask(cfg, model, rows)
-    densities = None
+    densities = kept = None
     if latents is None:
-        densities = latent_densities(sae, model, cfg, rows, mask, verbose=verbose)
+        keep = rows.size * sae.cfg.d_in * 4 <= KEEP_ACTIVATIONS_BYTES
+        densities, kept = latent_densities(sae, model, cfg, rows, mask, keep=keep, verbose=verbose)
         latents = [int(i) for i in np.argsort(-densities, kind="stable")[:top_density]]
     stats_cfg = stats_cfg or LatentStatsConfig(n_latents=len(latents))
     if stats_cfg.n_latents != len(latents):
         raise ConfigError(f"LatentStatsConfig.n_latents={stats_cfg.n_latents} but {len(latents)} latents are shown.")
-    stats = gather_stats(sae, model, cfg, rows, mask, latents, stats_cfg, verbose=verbose)
+    stats = gather_stats(sae, model, cfg, rows, mask, latents, stats_cfg, activations=kept, verbose=verbose)
     report = build_report(sae, model, cfg, rows, latents, stats, stats_cfg, sae_dir=sae_dir, densities=densities)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / JSON_NAME, json.dumps(report, allow_nan=False))

@@ -96,7 +96,7 @@ def test_jsae_commands_dry_run(where, argv, tmp_path, monkeypatch):
     # relative paths in the commands (configs/, runs/, cache/, out/) resolve inside tmp_path
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    if argv[0] == "eval":
+    if argv[0] in ("eval", "inspect"):
         make_sae_folder(tmp_path / argv[1])
     try:
         code = main([*argv, "--dry-run"])
