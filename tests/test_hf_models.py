@@ -140,7 +140,8 @@ def _train(folder, family, tmp_path, **changes):
     return run(RunConfig.from_dict(data))
 
 
-@pytest.mark.parametrize("family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_train_on_each_family_and_the_folder_loads_in_saelens(folders, family, tmp_path):
     import sae_lens
 
