@@ -1,6 +1,7 @@
-"""A jsae SAE spliced into a running model: its output replaces the hook's activation.
+"""A jsae SAE spliced into a running model: its output replaces the hook's activation (a
+transcoder's, the activation at metadata.hook_name_out).
 
-The activation goes to JAX by DLPack, the SAE runs there (jit-compiled once per shape), and the
+The activation goes to JAX by DLPack, the SAE runs there (bridge/hooked_sae.py), and the
 reconstruction comes back to torch by DLPack. CE-loss and KL metrics follow SAELens'
 `get_recons_loss` / `get_downstream_reconstruction_metrics` exactly.
 """
@@ -8,86 +9,73 @@ reconstruction comes back to torch by DLPack. CE-loss and KL metrics follow SAEL
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from functools import partial
 from typing import Any
 
-import jax
 import torch
 
-from bridge.dlpack import device_context, jax_to_torch, torch_to_jax
-
-
-@partial(jax.jit, static_argnames=("use_error_term",))
-def _sae_forward(sae, x, use_error_term: bool):
-    return sae(x, use_error_term=use_error_term)
+from bridge.dlpack import torch_to_jax
+from bridge.hooked_sae import HOOK_POINTS, SAEWrapper, io_hooks, splice_hooks, with_hook_name
 
 
 def sae_hook(sae, *, use_error_term: bool = False, mask: torch.Tensor | None = None):
     """A TransformerLens forward hook that replaces the activation by the SAE's output.
 
     Args:
-        sae: a jsae.SAE (hook_z SAEs take the (..., n_heads, d_head) activation as it is).
+        sae: a jsae.SAE (hook_z SAEs take the (..., n_heads, d_head) activation as it is); a
+            transcoder needs `splice_hooks` (it reads one hook and writes another).
         use_error_term: add the SAE's error, so the model computes exactly what it did without it.
         mask: (batch, pos) booleans; positions where it is False keep the original activation.
     """
-
-    def hook(activations: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        # the activation's own GPU is the current one for the way to JAX and back (a no-op on CPU)
-        with device_context(activations):
-            out = jax_to_torch(_sae_forward(sae, torch_to_jax(activations), use_error_term))
-            out = out.to(device=activations.device, dtype=activations.dtype)
-            if mask is not None:
-                extra = (None,) * (activations.ndim - mask.ndim)
-                out = torch.where(mask[(...,) + extra].to(out.device), out, activations)
-        return out
-
-    return hook
+    wrapper = SAEWrapper(sae, use_error_term=use_error_term)
+    if mask is not None:
+        wrapper.set_token_mask(~mask)
+    return lambda activations, hook=None: wrapper(activations)
 
 
 def run_with_saes(model, tokens, saes: Mapping[str, Any] | Sequence, *, use_error_term: bool = False, **kwargs):
-    """`model(tokens)` with each SAE spliced in at its hook (SAELens' HookedSAETransformer.run_with_saes)."""
-    hooks = [(name, sae_hook(sae, use_error_term=use_error_term)) for name, sae in _by_hook(saes).items()]
+    """`model(tokens)` with each SAE spliced in (`{input hook: sae}` or SAEs naming their hooks); a
+    plain HookedTransformer's one-call form of `HookedSAETransformer.run_with_saes`."""
+    hooks = [pair for sae in _by_hook(saes) for pair in splice_hooks(SAEWrapper(sae, use_error_term=use_error_term))]
     return model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
 
 
 def run_with_cache_with_saes(model, tokens, saes, *, use_error_term: bool = False, **kwargs):
-    """Logits and a cache holding, per SAE, hook_sae_input / acts_pre / acts_post / recons / error / output."""
+    """Logits and a dict of each SAE's hook_sae_* values, keyed as `HookedSAETransformer` caches them
+    (`{output hook}.hook_sae_acts_post`, ...; hook_sae_error only with the error term)."""
     cache: dict[str, torch.Tensor] = {}
 
-    def make(name, sae):
-        def hook(activations, hook=None):
-            with device_context(activations):  # as in sae_hook
-                details = sae.forward_with_details(torch_to_jax(activations))
-                recons = jax_to_torch(details.sae_out).to(device=activations.device, dtype=activations.dtype)
-                error = activations - recons
-                cache[f"{name}.hook_sae_input"] = activations.detach().clone()
-                cache[f"{name}.hook_sae_acts_pre"] = jax_to_torch(details.hidden_pre)
-                cache[f"{name}.hook_sae_acts_post"] = jax_to_torch(details.feature_acts)
-                cache[f"{name}.hook_sae_recons"] = recons
-                cache[f"{name}.hook_sae_error"] = error
-                out = recons + error if use_error_term else recons
-                cache[f"{name}.hook_sae_output"] = out
-            return out
+    def store(tensor, hook):
+        cache[hook.name] = tensor.detach()
 
-        return hook
-
-    hooks = [(name, make(name, sae)) for name, sae in _by_hook(saes).items()]
+    hooks = []
+    for sae in _by_hook(saes):
+        wrapper = SAEWrapper(sae, use_error_term=use_error_term)
+        _, write = io_hooks(sae)
+        for name in HOOK_POINTS:
+            point = getattr(wrapper, name)
+            point.name = f"{write}.{name}"
+            point.add_hook(store)
+        hooks += splice_hooks(wrapper)
     logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **kwargs)
     return logits, cache
 
 
-def _by_hook(saes) -> dict[str, Any]:
+def _by_hook(saes) -> list:
     if isinstance(saes, Mapping):
-        return dict(saes)
-    out = {}
+        return [with_hook_name(sae, name) for name, sae in saes.items()]
     for sae in saes:
-        name = sae.cfg.metadata.hook_name
-        if name is None:
-            from jsae import ConfigError
+        io_hooks(sae)  # an SAE that names no hook is refused here
+    return list(saes)
 
-            raise ConfigError("an SAE without metadata.hook_name cannot be spliced; pass {hook_name: sae}.")
-        out[name] = sae
-    return out
+
+def with_hooks(model, names: Sequence[str]):
+    """`model`, or a HookedSAETransformer sharing its weights where a name is a hook point only that
+    class adds (`blocks.N.mlp.hook_in`, a transcoder's usual input)."""
+    if all(name in model.hook_dict for name in names):
+        return model
+    from bridge.hooked_sae_transformer import HookedSAETransformer
+
+    return HookedSAETransformer.from_model(model)
 
 
 def _kl(original_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
@@ -100,17 +88,26 @@ def _kl(original_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def recons_loss(model, sae, tokens: torch.Tensor, *, hook_name: str | None = None,
                 ignore_tokens: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Per-position CE losses and KL divergences with the SAE, without it and with the hook zeroed."""
-    hook_name = hook_name or sae.cfg.metadata.hook_name
+    """Per-position CE losses and KL divergences with the SAE, without it and with the hook zeroed.
+
+    A transcoder reads `hook_name` (default metadata.hook_name) and replaces metadata.hook_name_out,
+    the hook that is zeroed for the ablation.
+    """
+    if hook_name is not None:
+        sae = with_hook_name(sae, hook_name)
+    read, write = io_hooks(sae)
+    model = with_hooks(model, [read, write])
     original_logits, original_ce = model(tokens, return_type="both", loss_per_token=True)
     if ignore_tokens:
         mask = ~torch.isin(tokens, torch.as_tensor(list(ignore_tokens), device=tokens.device))
     else:
         mask = torch.ones_like(tokens, dtype=torch.bool)
+    wrapper = SAEWrapper(sae)
+    wrapper.set_token_mask(~mask)
     recons_logits, recons_ce = model.run_with_hooks(
-        tokens, return_type="both", loss_per_token=True, fwd_hooks=[(hook_name, sae_hook(sae, mask=mask))])
+        tokens, return_type="both", loss_per_token=True, fwd_hooks=splice_hooks(wrapper))
     zero_logits, zero_ce = model.run_with_hooks(
-        tokens, return_type="both", loss_per_token=True, fwd_hooks=[(hook_name, lambda a, hook=None: torch.zeros_like(a))])
+        tokens, return_type="both", loss_per_token=True, fwd_hooks=[(write, lambda a, hook=None: torch.zeros_like(a))])
     return {
         "kl_div_with_sae": _kl(original_logits, recons_logits),
         "kl_div_with_ablation": _kl(original_logits, zero_logits),
@@ -147,14 +144,20 @@ def sparsity_and_variance_metrics(model, sae, token_batches: Iterable[torch.Tens
                                   ignore_tokens: Sequence[int] | None = None):
     """SAELens' L0 / L1 / explained variance / MSE / cossim / l2 metrics and feature density, on token rows.
 
-    Returns (metrics, feature_metrics) like sae_lens.evals.get_sparsity_and_variance_metrics.
+    Returns (metrics, feature_metrics) like sae_lens.evals.get_sparsity_and_variance_metrics. A
+    transcoder's reconstruction (its forward, skip term included) is compared with the activation at
+    metadata.hook_name_out.
     """
     import numpy as np
 
     from bridge.model import stop_layer
     from jsae.evals import SparsityVarianceMetrics
 
-    hook_name = hook_name or sae.cfg.metadata.hook_name
+    if hook_name is not None:
+        sae = with_hook_name(sae, hook_name)
+    hook_name, write = io_hooks(sae)
+    names = [hook_name] if write == hook_name else [hook_name, write]
+    model = with_hooks(model, names)
     if hook_head_index is None:
         hook_head_index = sae.cfg.metadata.hook_head_index
     acc = SparsityVarianceMetrics(sae.cfg.d_sae)
@@ -162,16 +165,20 @@ def sparsity_and_variance_metrics(model, sae, token_batches: Iterable[torch.Tens
         mask = torch.ones_like(tokens, dtype=torch.bool)
         if ignore_tokens:
             mask = ~torch.isin(tokens, torch.as_tensor(list(ignore_tokens), device=tokens.device))
-        _, cache = model.run_with_cache(tokens, prepend_bos=False, names_filter=[hook_name],
-                                        stop_at_layer=stop_layer(model, [hook_name]))
+        _, cache = model.run_with_cache(tokens, prepend_bos=False, names_filter=names,
+                                        stop_at_layer=stop_layer(model, names))
         act = cache[hook_name]
         if hook_head_index is not None:
             act = act[:, :, hook_head_index]
         elif any(s in hook_name for s in ("hook_q", "hook_k", "hook_v", "hook_z")):
             act = act.flatten(-2, -1)
         feature_acts = sae.encode(torch_to_jax(act.contiguous()))
-        x_hat = sae.decode(feature_acts)
-        acc.update(act.cpu().numpy(), np.asarray(x_hat), np.asarray(feature_acts), mask.cpu().numpy())
+        if write != hook_name:
+            x_hat, act = sae(torch_to_jax(act.contiguous())), cache[write]
+        else:
+            x_hat = sae.decode(feature_acts)
+        # the latents stay on their device; only x and the reconstruction (rows, ctx, d_in) come to the host
+        acc.update(act.cpu().numpy(), np.asarray(x_hat), feature_acts, mask.cpu().numpy())
     return acc.result(), acc.feature_metrics()
 
 

@@ -166,16 +166,16 @@ def test_cpu_tensors_still_hand_over_without_a_copy():
 
 def test_eval_hooks_enter_the_activation_device_context(monkeypatch):
     import jsae
-    from bridge import evals
+    from bridge import evals, hooked_sae
 
     entered = []
-    original = evals.device_context
+    original = hooked_sae.device_context
 
     def spy(t):
         entered.append(t.device)
         return original(t)
 
-    monkeypatch.setattr(evals, "device_context", spy)
+    monkeypatch.setattr(hooked_sae, "device_context", spy)
     sae = jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=16, d_sae=32, k=4), seed=0)
     acts = torch.randn(2, 3, 16)
     out = evals.sae_hook(sae)(acts)
