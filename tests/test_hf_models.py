@@ -79,9 +79,18 @@ def test_forward_stops_after_the_last_hook_and_leaves_no_hooks(folders):
     handle = model.hook_dict["model.layers.1"].register_forward_hook(lambda *a: ran.append(1))
     source = ActivationSource(model, ["model.layers.0.self_attn", "model.layers.0"], iter([]), batch_size=8,
                               context_size=8, as_jax=False)
-    acts = source.model_activations(torch.randint(1, VOCAB, (2, 8)))
+    tokens = torch.randint(1, VOCAB, (2, 8))
+    acts = source.model_activations(tokens)
     assert acts.shape == (16, 64) and ran == []  # layer 1 never ran
     handle.remove()
+    seen = {}  # the attention module returns a tuple: its first element is the activation
+    handle = model.hook_dict["model.layers.0.self_attn"].register_forward_hook(
+        lambda module, args, output: seen.setdefault("attn", output[0]))
+    with torch.no_grad():
+        model.model(tokens)
+    handle.remove()
+    assert isinstance(seen["attn"], torch.Tensor)
+    torch.testing.assert_close(acts[:, :32], seen["attn"].reshape(16, 32))
     assert all(not m._forward_hooks for m in model.modules())
     model(torch.randint(1, VOCAB, (1, 8)))
     assert ran == []  # the handle was removed; the model's own forward runs to the end without hooks
