@@ -140,6 +140,7 @@ class ActivationSource:
             from) or "cpu" (page-locked host memory when the model is on CUDA, so the copies out of the GPU
             are DMA transfers).
         activations_mixing_fraction: the shuffle buffer's kept fraction (see `ShuffleBuffer`).
+        autocast_lm: run the model's forward under torch.autocast in bfloat16.
         fused_forward: run the model's blocks, attention and MLPs as fused forwards where nothing
             reads what they skip (see bridge.fused_forward); False runs TransformerLens' forward
             as written.
@@ -166,6 +167,7 @@ class ActivationSource:
         fused_forward: bool = True,
         act_store_device: str = "with_model",
         activations_mixing_fraction: float = 0.5,
+        autocast_lm: bool = False,
     ):
         self.single = isinstance(hook_names, str)
         self.hook_names = [hook_names] if self.single else list(hook_names)
@@ -179,6 +181,7 @@ class ActivationSource:
         self.exclude = None if not exclude_token_ids else torch.tensor(list(exclude_token_ids), dtype=torch.long)
         self.hook_head_index = hook_head_index
         self.fused_forward = fused_forward
+        self.autocast_lm = autocast_lm
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         context = len(range(context_size or model.cfg.n_ctx)[self.seqpos])
         capacity = max(n_batches_in_buffer * store_batch_size_prompts * context, 2 * batch_size)
@@ -212,7 +215,10 @@ class ActivationSource:
                 raise _AllHooksFired
 
         # an eval may run the same model in another thread
-        with model_lock(self.model), fused_forward.fused_forward(self.model, self.fused_forward):
+        # autocast_lm: the forward under torch.autocast in bfloat16 (sae_lens/training/activations_store.py)
+        autocast = torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16,
+                                  enabled=self.autocast_lm)
+        with model_lock(self.model), fused_forward.fused_forward(self.model, self.fused_forward), autocast:
             try:
                 self.model.run_with_hooks(
                     tokens.to(self.device), fwd_hooks=[(name, capture) for name in sorted(wanted)],

@@ -115,6 +115,10 @@ class RunConfig:
             products on CPU, wherever nothing reads what they skip (see bridge/fused_forward.py); the
             activations equal TransformerLens' within float error. false: TransformerLens' forward as written.
         activation_cache_path: train from a cache written by `jsae cache` instead of the model.
+        autocast: SAELens' flag for training the SAE under torch.autocast: true sets the training
+            products' `compute_dtype` to bfloat16 (float32 accumulation; see docs/gpu.md).
+        autocast_lm: run the model's forwards that produce activations under torch.autocast (bfloat16),
+            as SAELens' activation store does.
         cached_activations_path: SAELens' name for the same: a cache folder of either layout (jsae's, or the
             `datasets` folder sae_lens' CacheActivationsRunner and `jsae cache --format saelens` write).
         train: the SAE and training settings (None for a config that only evaluates).
@@ -148,6 +152,8 @@ class RunConfig:
     act_store_device: str = "with_model"
     activations_dtype: str = "float32"
     fused_forward: bool = True
+    autocast: bool = False
+    autocast_lm: bool = False
     activation_cache_path: str | None = None
     cached_activations_path: str | None = None
     train: TrainConfig | None = None
@@ -170,6 +176,9 @@ class RunConfig:
                                      or not 0 < fraction <= 1):
             raise ConfigError(f"jax_memory_fraction must be a number in (0, 1] or null (allocate on demand), got "
                               f"{fraction!r}.")
+        for name in ("autocast", "autocast_lm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if not isinstance(self.device, str):
             raise ConfigError(f"device must be a string (auto, cpu, cuda or cuda:N), got {self.device!r}.")
         mixing = self.activations_mixing_fraction
@@ -247,7 +256,13 @@ class RunConfig:
                 )
         _check_numbers(data, {f.name: f.type for f in dataclasses.fields(TrainConfig)}, where)
         run = {k: v for k, v in data.items() if k in run_fields}
-        train = TrainConfig.from_dict({k: v for k, v in data.items() if k in train_fields}, where=where)
+        train_data = {k: v for k, v in data.items() if k in train_fields}
+        if data.get("autocast") is True:  # SAELens' autocast: the SAE's products in bfloat16
+            if train_data.get("compute_dtype", "bfloat16") != "bfloat16":
+                raise ConfigError(f"{where}: autocast: true runs the products in bfloat16, but compute_dtype is "
+                                  f"{train_data['compute_dtype']!r}; drop one of them.")
+            train_data["compute_dtype"] = "bfloat16"
+        train = TrainConfig.from_dict(train_data, where=where)
         return cls(**run, train=train)
 
     @classmethod

@@ -30,7 +30,7 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
         seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
         hook_head_index=cfg.hook_head_index, dtype=cfg.activations_dtype, seed=cfg.train.seed if seed is None else seed,
         fused_forward=cfg.fused_forward, act_store_device=cfg.act_store_device,
-        activations_mixing_fraction=cfg.activations_mixing_fraction,
+        activations_mixing_fraction=cfg.activations_mixing_fraction, autocast_lm=cfg.autocast_lm,
     )
 
 

@@ -68,6 +68,10 @@ class ExecutionPlan:
         sweep: how a sweep's members share a step, "vmap", "map" or "unroll"; None for one SAE.
         dead_latent_branch: the step branches once on whether any latent is dead.
         blas: the BLAS library the CPU kernels call, where one is loaded.
+        compute_dtype: the products' input dtype, "float32" or "bfloat16" (float32 accumulation;
+            `jsae.backends.precision`); the CPU kernels' products are float32-only, so a bfloat16 plan
+            runs XLA's (dense_step, encoder_product and sparse_products "xla").
+        matmul_precision: XLA's precision for float32 products, "default", "tf32" or "float32".
         compiler_options: XLA options for `jax.jit` of the step, as (name, value) pairs.
     """
 
@@ -82,6 +86,8 @@ class ExecutionPlan:
     sweep: str | None = None
     dead_latent_branch: bool = False
     blas: str | None = None
+    compute_dtype: str = "float32"
+    matmul_precision: str = "default"
     compiler_options: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +99,8 @@ class ExecutionPlan:
     def describe(self) -> str:
         """One line: the platform and every choice that applies."""
         parts = [f"{name} {value}" for name, value in self.to_dict().items()
-                 if name not in ("platform", "compiler_options") and value not in (None, False, {})]
+                 if name not in ("platform", "compiler_options") and value not in (None, False, {})
+                 and (name, value) not in (("compute_dtype", "float32"), ("matmul_precision", "default"))]
         return f"{self.platform}: " + ", ".join(parts)
 
     def ops(self) -> Ops:
@@ -107,14 +114,18 @@ class ExecutionPlan:
 
 @functools.cache
 def _ops_for(plan: ExecutionPlan) -> Ops:
+    from jsae.backends.precision import with_compute_dtype
+
     sparse = plan.topk == "sparse"
     if plan.platform != "cpu":
-        return REFERENCE.replace(sparse_topk=sparse)
-    from jsae.backends import cpu
+        ops = REFERENCE.replace(sparse_topk=sparse)
+    else:
+        from jsae.backends import cpu
 
-    return cpu.ops(top_k=plan.top_k, sparse_products=plan.sparse_products or "xla",
-                   encoder_product=plan.encoder_product, dense_step=plan.dense_step or "xla",
-                   encoder_screen=plan.encoder_screen, sparse_topk=sparse)
+        ops = cpu.ops(top_k=plan.top_k, sparse_products=plan.sparse_products or "xla",
+                      encoder_product=plan.encoder_product, dense_step=plan.dense_step or "xla",
+                      encoder_screen=plan.encoder_screen, sparse_topk=sparse)
+    return with_compute_dtype(ops, plan.compute_dtype)
 
 
 def default_platform() -> str:
@@ -155,6 +166,9 @@ def resolve_plan(cfg, *, platform: str | None = None, devices: Sequence | None =
     float32 = sae.jnp_dtype == jnp.float32
     on_cpu = platform == "cpu" and present == "cpu"
     kernels, dense_kernels, amx, blas = _cpu_kernels() if on_cpu and float32 else (False, False, False, None)
+    # The kernels' products are float32: a lower compute dtype runs XLA's (top-k and Adam stay).
+    product_kernels = kernels and cfg.compute_dtype == "float32"
+    dense_kernels, amx = dense_kernels and product_kernels, amx and product_kernels
 
     topk = getattr(sae, "topk_implementation", None)
     if topk == "auto":
@@ -182,13 +196,15 @@ def resolve_plan(cfg, *, platform: str | None = None, devices: Sequence | None =
         platform=platform,
         topk=topk,
         top_k=top_k,
-        sparse_products=("cpu_kernel" if kernels else "xla") if sparse else None,
+        sparse_products=("cpu_kernel" if product_kernels else "xla") if sparse else None,
         encoder_product="blas" if sparse and dense_kernels else "xla",
         encoder_screen=sparse and amx and sae.d_sae >= SCREEN_MIN_D_SAE,
         dense_step=dense_step,
         optimizer="fused_adam" if fused_adam else "optax",
         sweep=strategy,
         dead_latent_branch=dead_branch,
+        compute_dtype=cfg.compute_dtype,
+        matmul_precision="float32" if cfg.matmul_precision == "highest" else cfg.matmul_precision,
         blas=_blas_name(blas) if (fused_adam or dense_step == "cpu_fused" or sparse) and blas else None,
         compiler_options=tuple(sorted((step_compiler_options(platform) or {}).items())) if platform == present
         else (),

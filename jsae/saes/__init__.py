@@ -122,6 +122,8 @@ class TrainingArchitecture:
         state_metrics: (state, cfg) -> metrics to log from that state.
         dead_latent_loss: has a loss on dead latents behind a `lax.cond` (aux-k); the step may then
             branch once on whether any latent is dead (`ExecutionPlan.dead_latent_branch`).
+        mixed_precision: its forward runs its products on `ops` (`Ops.dot`, `dense_forward`, the
+            sparse path's), so a plan may run them in a lower `compute_dtype`.
         latent_axes: parameter name -> its d_sae axis (negative), for feature sharding; parameters
             not named are replicated.
         to_inference: (params, state, cfg, input_scale) -> params as SAELens saves the trained SAE,
@@ -138,6 +140,7 @@ class TrainingArchitecture:
     update_state: Callable[..., Any] = _same_state
     state_metrics: Callable[[Any, SAEConfig], dict] = _no_metrics
     dead_latent_loss: bool = False
+    mixed_precision: bool = False
     latent_axes: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(COMMON_LATENT_AXES))
     to_inference: Callable[[dict, Any, SAEConfig, float], dict] = _as_saved
 
@@ -145,7 +148,8 @@ class TrainingArchitecture:
 TRAINING_ARCHITECTURES: dict[str, TrainingArchitecture] = {
     arch.name: arch
     for arch in (
-        TrainingArchitecture("standard", standard.StandardTrainingSAEConfig, standard.training_forward),
+        TrainingArchitecture("standard", standard.StandardTrainingSAEConfig, standard.training_forward,
+                             mixed_precision=True),
         TrainingArchitecture("gated", gated.GatedTrainingSAEConfig, gated.training_forward,
                              latent_axes=gated.LATENT_AXES),
         TrainingArchitecture(
@@ -155,10 +159,11 @@ TRAINING_ARCHITECTURES: dict[str, TrainingArchitecture] = {
             init_extra=jumprelu.init_training_extra,
             project=jumprelu.project_params,
             latent_axes=jumprelu.LATENT_AXES,
+            mixed_precision=True,
         ),
         TrainingArchitecture(
             "topk", topk.TopKTrainingSAEConfig, topk.training_forward, dead_latent_loss=True,
-            to_inference=topk.to_inference_params,
+            to_inference=topk.to_inference_params, mixed_precision=True,
         ),
         batchtopk.training_architecture("batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward),
         batchtopk.training_architecture("matryoshka_batchtopk", matryoshka.MatryoshkaBatchTopKTrainingSAEConfig,

@@ -270,13 +270,14 @@ def training_input(module: BaseSAEModule, params: dict, x: Array) -> tuple[Array
     return sae_in, state, shift
 
 
-def training_hidden_pre(module: BaseSAEModule, params: dict, x: Array) -> tuple[Array, InputState]:
+def training_hidden_pre(module: BaseSAEModule, params: dict, x: Array, dot=jnp.matmul) -> tuple[Array, InputState]:
     """(x̃ - b_dec) W_enc + b_enc for a training forward, and the input state: the module's encoder,
-    with b_dec's gradient through the input taken as `training_input` says."""
+    with b_dec's gradient through the input taken as `training_input` says. `dot` runs the products
+    (`Ops.dot`)."""
     sae_in, state, shift = training_input(module, params, x)
-    hidden_pre = sae_in @ params["W_enc"] + params["b_enc"]
+    hidden_pre = dot(sae_in, params["W_enc"]) + params["b_enc"]
     if shift is not None:
-        hidden_pre = hidden_pre - shift @ params["W_enc"]
+        hidden_pre = hidden_pre - dot(shift, params["W_enc"])
     return hidden_pre, state
 
 

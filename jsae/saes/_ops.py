@@ -76,6 +76,12 @@ def top_k_affine(product: Array, b_enc: Array, norms: Array | None, k: int, *,
 
 
 # --------------------------------------------------------------------------- products
+def dot(a: Array, b: Array) -> Array:
+    """a @ b with gradients: the products of an architecture's training forward (a back end may run
+    them in a lower compute dtype with float32 accumulation, `jsae.backends.precision`)."""
+    return a @ b
+
+
 def matmul(a: Array, b: Array) -> Array:
     """a @ b where no gradient is taken through the product (the sparse TopK step's encoder product:
     its custom VJPs form W_enc's gradient themselves)."""
@@ -96,11 +102,12 @@ def _rows(x: Array, start, size: int) -> Array:
     return jax.lax.dynamic_slice_in_dim(x, start, size, 0)
 
 
-def gather_rows_weighted(weights: Array, indices: Array, table: Array) -> Array:
+def gather_rows_weighted(weights: Array, indices: Array, table: Array, *, out_dtype=None) -> Array:
     """Σ_j weights[t, j] · table[indices[t, j]] for every token t: (n, k), (n, k), (m, d) -> (n, d).
 
     A loop over groups of SLOT_GROUP slots, each one fused pass that gathers and adds its slots:
-    no (n, k, d) array is formed. Accumulates in float32 (or wider), returns table's dtype.
+    no (n, k, d) array is formed. Accumulates in float32 (or wider), returns `out_dtype` (default:
+    table's dtype).
     """
     n, k = weights.shape
     acc = _acc_dtype(table.dtype)
@@ -121,7 +128,7 @@ def gather_rows_weighted(weights: Array, indices: Array, table: Array) -> Array:
     if groups:
         out = jax.lax.fori_loop(0, groups, group, out)
     out = add_slots(out, weights[:, groups * SLOT_GROUP:], indices[:, groups * SLOT_GROUP:])
-    return out.astype(table.dtype)
+    return out.astype(out_dtype or table.dtype)
 
 
 def gather_rows_dot(rows: Array, indices: Array, table: Array) -> Array:
@@ -138,8 +145,9 @@ def gather_rows_dot(rows: Array, indices: Array, table: Array) -> Array:
     return _token_blocks(n, body, jnp.zeros((n, k), acc))
 
 
-def scatter_rows(weights: Array, indices: Array, rows: Array, m: int) -> Array:
-    """out[i] = Σ over (t, j) with indices[t, j] = i of weights[t, j] · rows[t]: -> (m, d) in rows' dtype.
+def scatter_rows(weights: Array, indices: Array, rows: Array, m: int, *, out_dtype=None) -> Array:
+    """out[i] = Σ over (t, j) with indices[t, j] = i of weights[t, j] · rows[t]: -> (m, d) in `out_dtype`
+    (default: rows' dtype).
 
     The transpose of `gather_rows_weighted` with respect to the table; accumulates in float32 (or wider).
     """
@@ -152,7 +160,7 @@ def scatter_rows(weights: Array, indices: Array, rows: Array, m: int) -> Array:
         updates = (w[:, :, None] * _rows(rows, start, size).astype(acc)[:, None, :]).reshape(size * k, -1)
         return out.at[idx].add(updates, mode="promise_in_bounds")
 
-    return _token_blocks(n, body, jnp.zeros((m, rows.shape[1]), acc)).astype(rows.dtype)
+    return _token_blocks(n, body, jnp.zeros((m, rows.shape[1]), acc)).astype(out_dtype or rows.dtype)
 
 
 # --------------------------------------------------------------------------- the dense step
@@ -178,7 +186,7 @@ class DenseForward(NamedTuple):
 
 def dense_forward(sae_in: Array, shift: Array | None, W_enc: Array, b_enc: Array, W_dec: Array,
                   threshold: Array | None = None, *, bandwidth: float = 1.0,
-                  ste_to_input: bool = False) -> DenseForward:
+                  ste_to_input: bool = False, dot: Callable = dot) -> DenseForward:
     """A ReLU (threshold None) or JumpReLU SAE's dense training forward.
 
     pre = sae_in W_enc + b_enc - shift W_enc; h = relu(pre), or pre · (pre > threshold) with the
@@ -187,19 +195,20 @@ def dense_forward(sae_in: Array, shift: Array | None, W_enc: Array, b_enc: Array
     `jsae.saes._base.training_input`'s (None: none): it carries b_dec's gradient through the input
     as one vector-matrix product. Every output but `fired` is differentiable here; a replacement
     needs only lin, sums and l0 to be (the plan asks the architecture whether its loss reads more).
+    `dot` runs the three products (`Ops.dot`).
     """
     from jsae.saes.jumprelu import jumprelu_and_step
 
-    pre = sae_in @ W_enc + b_enc
+    pre = dot(sae_in, W_enc) + b_enc
     if shift is not None:
-        pre = pre - shift @ W_enc
+        pre = pre - dot(shift, W_enc)
     if threshold is None:
         h = jax.nn.relu(pre)
         step = jax.lax.stop_gradient((h > 0).astype(h.dtype))
     else:
         h, step = jumprelu_and_step(pre, threshold.astype(pre.dtype), bandwidth, ste_to_input)
     fired = jnp.sum(jax.lax.stop_gradient(step).astype(jnp.float32), axis=0)
-    return DenseForward(h, pre, h @ W_dec, jnp.sum(h, axis=0), fired, jnp.sum(step, axis=-1))
+    return DenseForward(h, pre, dot(h, W_dec), jnp.sum(h, axis=0), fired, jnp.sum(step, axis=-1))
 
 
 # --------------------------------------------------------------------------- the bundle
@@ -209,17 +218,19 @@ class Ops:
 
     Attributes:
         name: what supplied them ("reference", "cpu", ...), for messages.
-        top_k, top_k_affine, matmul, gather_rows_weighted, gather_rows_dot, scatter_rows,
+        top_k, top_k_affine, dot, matmul, gather_rows_weighted, gather_rows_dot, scatter_rows,
             dense_forward: the functions above or their replacements.
         encoder_top_k: (x, W, bias, scale, k) -> (values, pre, indices): the top k of
             (x W + bias) · scale without the dense product, or None where the back end has none.
         sparse_topk: TopK training takes the sparse path (`jsae.saes._sparse_topk`) rather than the
             dense one; both give the same losses and gradients.
+        compute_dtype: the dtype the products' inputs are rounded to ("float32": none rounded).
     """
 
     name: str = "reference"
     top_k: Callable = top_k
     top_k_affine: Callable = top_k_affine
+    dot: Callable = dot
     matmul: Callable = matmul
     gather_rows_weighted: Callable = gather_rows_weighted
     gather_rows_dot: Callable = gather_rows_dot
@@ -227,6 +238,7 @@ class Ops:
     dense_forward: Callable = dense_forward
     encoder_top_k: Callable | None = None
     sparse_topk: bool = False
+    compute_dtype: str = "float32"
 
     def replace(self, **changes) -> Ops:
         return dataclasses.replace(self, **changes)

@@ -190,7 +190,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
         acts = jnp.put_along_axis(jnp.zeros_like(full), indices, values, axis=-1, inplace=False)
         if rescale:
             acts = acts * (1 / norms)
-        error = acts @ W_dec - residual
+        error = ops.dot(acts, W_dec) - residual
         loss = coefficient * scale * jnp.mean(jnp.sum(jnp.square(error), axis=-1))
         return loss.astype(jnp.float32), values, indices, error
 
@@ -203,7 +203,7 @@ def _aux_k_fwd(product, x, residual, dead_mask, b_dec, W_enc, b_enc, W_dec, resc
                               None if norms is None else norms[idx])
         values = jnp.where(valid, pre, 0.0)
         scaled = values * (1 / norms[idx]) if rescale else values
-        error = scaled @ W_dec[idx] - residual
+        error = ops.dot(scaled, W_dec[idx]) - residual
         loss = coefficient * scale * jnp.mean(jnp.sum(jnp.square(error), axis=-1))
         # The dead columns' indices, typed like x (device-varying under shard_map) as the other branches' are.
         indices = _zeros(x[0, 0], (n, k_static), jnp.int32) + idx
@@ -241,13 +241,13 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, ops, residuals, d_loss):
         if rescale:
             norms, norms_vjp = jax.vjp(decoder_row_norms, W_dec)
             inv = 1 / norms
-            d_W_dec = (acts * inv).T @ d_error
-            d_scaled = d_error @ W_dec.T
+            d_W_dec = ops.dot((acts * inv).T, d_error)
+            d_scaled = ops.dot(d_error, W_dec.T)
             d_norms = -jnp.sum(d_scaled * acts, axis=0) / jnp.square(norms)
             d_acts = d_scaled * inv
         else:
-            d_W_dec = acts.T @ d_error
-            d_acts = d_error @ W_dec.T
+            d_W_dec = ops.dot(acts.T, d_error)
+            d_acts = ops.dot(d_error, W_dec.T)
         d_values = jnp.where(jnp.arange(k_static) < num_dead, jnp.take_along_axis(d_acts, indices, axis=-1), 0.0)
         d_hidden = jnp.put_along_axis(jnp.zeros((n, d_sae), W_enc.dtype), indices, d_values, axis=-1, inplace=False)
         # The dense encoder backward of d_hidden.
@@ -260,9 +260,9 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, ops, residuals, d_loss):
         else:
             d_pre = d_hidden
         d_b_enc = jnp.sum(d_pre, axis=0)
-        d_x = d_pre @ W_enc.T
+        d_x = ops.dot(d_pre, W_enc.T)
         d_b_dec = -(W_enc @ d_b_enc) if apply_b_dec else jnp.zeros_like(b_dec)
-        return d_x, d_b_dec, sae_in.T @ d_pre, d_b_enc, d_W_dec
+        return d_x, d_b_dec, ops.dot(sae_in.T, d_pre), d_b_enc, d_W_dec
 
     def few_dead_grads(_):
         # `few_dead`'s backward: values are the dead columns' pre-activations (zero past num_dead),
@@ -275,23 +275,23 @@ def _aux_k_bwd(rescale, apply_b_dec, coefficient, ops, residuals, d_loss):
         if rescale:
             norms, norms_vjp = jax.vjp(decoder_row_norms, W_dec)
             inv = 1 / norms[idx]
-            d_W_rows = (values * inv).T @ d_error
-            d_scaled = d_error @ W_rows.T
+            d_W_rows = ops.dot((values * inv).T, d_error)
+            d_scaled = ops.dot(d_error, W_rows.T)
             d_norms = -jnp.sum(d_scaled * values, axis=0) * jnp.square(inv)
             d_values = jnp.where(valid, d_scaled * inv, 0.0)
             columns = encoder_product(product, x, b_dec, W_enc, apply_b_dec, idx, ops=ops)
             d_norms = d_norms + jnp.sum(d_values * pre_activations(columns, b_enc[idx], None), axis=0)
             d_pre = d_values * norms[idx]
         else:
-            d_W_rows = values.T @ d_error
-            d_pre = jnp.where(valid, d_error @ W_rows.T, 0.0)
+            d_W_rows = ops.dot(values.T, d_error)
+            d_pre = jnp.where(valid, ops.dot(d_error, W_rows.T), 0.0)
         d_b_enc_cols = jnp.sum(d_pre, axis=0)
         W_enc_cols = W_enc[:, idx]
         d_W_dec = jnp.zeros_like(W_dec).at[idx].add(d_W_rows.astype(W_dec.dtype))
         if rescale:
             d_W_dec = d_W_dec + norms_vjp(jnp.zeros_like(norms).at[idx].add(d_norms.astype(norms.dtype)))[0]
         d_b_dec = -(W_enc_cols @ d_b_enc_cols) if apply_b_dec else jnp.zeros_like(b_dec)
-        return (d_pre @ W_enc_cols.T, d_b_dec, jnp.zeros_like(W_enc).at[:, idx].add(sae_in.T @ d_pre),
+        return (ops.dot(d_pre, W_enc_cols.T), d_b_dec, jnp.zeros_like(W_enc).at[:, idx].add(ops.dot(sae_in.T, d_pre)),
                 jnp.zeros_like(b_enc).at[idx].add(d_b_enc_cols), d_W_dec)
 
     def nothing_dead(_):

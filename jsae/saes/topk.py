@@ -120,11 +120,12 @@ def check_topk_training(cfg) -> None:
         )
 
 
-def act_times_W_dec(feature_acts: Array, W_dec: Array, rescale: bool) -> Array:
-    """feature_acts @ W_dec, dividing by the decoder row norms first when rescaling (no b_dec)."""
+def act_times_W_dec(feature_acts: Array, W_dec: Array, rescale: bool, dot=jnp.matmul) -> Array:
+    """feature_acts @ W_dec, dividing by the decoder row norms first when rescaling (no b_dec); `dot`
+    runs the product (`Ops.dot`)."""
     if rescale:
         feature_acts = feature_acts * (1 / decoder_row_norms(W_dec))
-    return feature_acts @ W_dec
+    return dot(feature_acts, W_dec)
 
 
 def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array, W_dec: Array, *,
@@ -143,7 +144,7 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
         values, indices = ops.top_k(masked, k_static)
         values = jnp.where(jnp.arange(k_static) < num_dead, values, 0.0)  # only the dead ones
         acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
-        recons = act_times_W_dec(acts, W_dec, rescale)
+        recons = act_times_W_dec(acts, W_dec, rescale, ops.dot)
         scale = jnp.minimum(num_dead / k_aux, 1.0)
         return (coefficient * scale * mse(recons, residual)).astype(jnp.float32)
 
@@ -161,7 +162,7 @@ def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coef
     if ops.sparse_topk:
         return sparse_training_forward(params, x, cfg=cfg, dead_mask=dead_mask, k=k, ops=ops)
     module = TopKSAE(training_module_cfg(cfg))
-    hidden_pre, state = training_hidden_pre(module, params, x)
+    hidden_pre, state = training_hidden_pre(module, params, x, ops.dot)
     if cfg.rescale_acts_by_decoder_norm:
         hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
     if k is None:
@@ -170,7 +171,9 @@ def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coef
         values, indices = ops.top_k(hidden_pre, cfg.k)
         values = jnp.where(jnp.arange(cfg.k) < k, jax.nn.relu(values), 0)  # ranks below k only
         feature_acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
-    sae_out = module.apply({"params": params}, feature_acts, state, method="decode")
+    # The module's decode, its product on the plan's primitives.
+    lin = act_times_W_dec(feature_acts, params["W_dec"], cfg.rescale_acts_by_decoder_norm, ops.dot)
+    sae_out = module.apply({"params": params}, lin + params["b_dec"], state, method="finish_output")
     aux = topk_aux_loss(x, sae_out, hidden_pre, dead_mask, params["W_dec"],
                         rescale=cfg.rescale_acts_by_decoder_norm, coefficient=cfg.aux_loss_coefficient, ops=ops)
     losses = {"mse_loss": mse(sae_out, x), "auxiliary_reconstruction_loss": aux}

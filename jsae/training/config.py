@@ -15,6 +15,11 @@ SWEEP_STRATEGIES = ("auto", "vmap", "unroll", "map")
 
 NONFINITE_POLICIES = ("error", "skip")
 
+# The products' input dtype (float32 accumulation either way) and XLA's float32 product precision;
+# see jsae.backends.precision.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "tf32", "float32", "highest")
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -54,6 +59,12 @@ class TrainConfig:
         adam_implementation: "auto": the execution plan may take a back end's fused update (on CPU
             with float32 parameters, one in-place pass over each parameter; the values optax gives,
             up to float rounding); "optax": optax's transformations everywhere.
+        compute_dtype: the dtype of the training products' inputs, "float32" or "bfloat16" (SAELens'
+            `autocast: true`); products accumulate in float32 and everything else (losses, Adam) runs in
+            the parameters' `sae.dtype`. bfloat16 needs an architecture whose forward runs its products
+            on the plan's primitives (topk, standard, jumprelu).
+        matmul_precision: XLA's precision for float32 products: "default" (XLA's: TF32 on recent NVIDIA
+            GPUs), "tf32", or "float32" / "highest" (full float32).
         sync_every_n_steps: wait for the device every n steps (None: every step on multi-device CPU,
             where XLA's collectives otherwise deadlock, else never).
         progress_bar: show a tqdm bar.
@@ -92,6 +103,8 @@ class TrainConfig:
     sync_every_n_steps: int | None = None
     sweep_strategy: str = "auto"
     adam_implementation: str = "auto"
+    compute_dtype: str = "float32"
+    matmul_precision: str = "default"
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -125,6 +138,17 @@ class TrainConfig:
         if self.adam_implementation not in ("auto", "optax"):
             raise ConfigError(f"TrainConfig.adam_implementation must be one of ['auto', 'optax'], "
                               f"got {self.adam_implementation!r}.")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"TrainConfig.compute_dtype must be one of {list(COMPUTE_DTYPES)}, "
+                              f"got {self.compute_dtype!r}.")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ConfigError(f"TrainConfig.matmul_precision must be one of {list(MATMUL_PRECISIONS)}, "
+                              f"got {self.matmul_precision!r}.")
+        if self.compute_dtype != "float32" and not get_training_architecture(self.sae.architecture).mixed_precision:
+            raise ConfigError(
+                f"TrainConfig.compute_dtype={self.compute_dtype!r}: architecture {self.sae.architecture!r} does not "
+                "run its products on the plan's primitives; use compute_dtype 'float32' (or topk, standard, jumprelu)."
+            )
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(
                 f"TrainConfig.on_nonfinite must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}."

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsae.backends import ExecutionPlan, resolve_plan
+from jsae.backends.precision import matmul_precision_context
 from jsae.saes import get_training_architecture
 from jsae.saes._training import init_training_params
 from jsae.training.config import TrainConfig
@@ -257,7 +258,15 @@ def build_step(cfg: TrainConfig, axis_name: str | None = None, *, none_dead: boo
         metrics |= arch.state_metrics(new_state.extra, sae_cfg)
         return new_state, metrics
 
-    return step
+    if plan.matmul_precision == "default":
+        return step
+
+    def traced_with_precision(state: TrainState, hyper: Hyperparameters, batch: Array):
+        # The float32 products take the plan's precision as they are traced (forward and backward).
+        with matmul_precision_context(plan.matmul_precision):
+            return step(state, hyper, batch)
+
+    return traced_with_precision
 
 
 def feature_density(state: TrainState) -> Array:
