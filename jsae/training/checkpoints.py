@@ -22,7 +22,7 @@ from jsae._errors import ConfigError
 NOT_FINGERPRINTED = frozenset({
     "output_path", "checkpoint_path", "log_path", "progress_bar", "resume", "log_to_wandb", "wandb_project",
     "run_name", "log_every_n_steps", "eval_every_n_steps", "checkpoint_every_n_steps", "keep_checkpoints",
-    "sync_every_n_steps", "model_axis_size", "sweep_strategy",
+    "sync_every_n_steps", "model_axis_size", "sweep_strategy", "n_checkpoints", "log_weights_to_wandb",
 })
 # Metadata that describes the result rather than deciding it.
 METADATA_NOT_FINGERPRINTED = frozenset({"eval_metrics", "l0", "num_dead_features", "jsae_version", "jsae_execution"})

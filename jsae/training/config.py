@@ -39,12 +39,18 @@ class TrainConfig:
         output_path: where the trained SAE folder is written (None: not written).
         checkpoint_path: orbax checkpoints go here (None: no checkpoints, no resume).
         checkpoint_every_n_steps: checkpoint period (0: only on interrupt and at the end).
+        n_checkpoints: SAELens folders of the SAE(s) written during the run at SAELens' n_checkpoints evenly
+            spaced token counts, to <checkpoint_path>/saes/<tokens seen>/, with the orbax state of that step
+            (see jsae.training.sae_checkpoints); 0: none. Needs checkpoint_path, or log_to_wandb (then the
+            folders only go to wandb, as in SAELens).
         keep_checkpoints: how many recent checkpoints to keep.
         resume: continue from the newest checkpoint in checkpoint_path when there is one.
         log_path: JSONL metrics file (default: <output_path>/metrics.jsonl when output_path is set).
         log_every_n_steps: metrics are fetched, logged and shown this often.
         eval_every_n_steps: run the evaluator given to `Trainer.fit` this often (0: only at the end).
-        log_to_wandb, wandb_project, run_name: optional Weights & Biases logging.
+        log_to_wandb, wandb_project, run_name: optional Weights & Biases logging (with SAELens' artifacts of
+            the saved folders and its feature-density and decoder-norm histograms every feature_sampling_window).
+        log_weights_to_wandb: the artifacts hold sae_weights.safetensors too (SAELens' default), else cfg.json only.
         on_nonfinite: "error" stops on a batch with NaN/inf; "skip" leaves the parameters untouched,
             counts it and goes on. Either way parameters never take a non-finite update.
         n_devices: devices of the mesh (None: all).
@@ -89,12 +95,14 @@ class TrainConfig:
     output_path: str | None = None
     checkpoint_path: str | None = None
     checkpoint_every_n_steps: int = 0
+    n_checkpoints: int = 0
     keep_checkpoints: int = 3
     resume: bool = True
     log_path: str | None = None
     log_every_n_steps: int = 10
     eval_every_n_steps: int = 0
     log_to_wandb: bool = False
+    log_weights_to_wandb: bool = True
     wandb_project: str = "jsae"
     run_name: str | None = None
     on_nonfinite: str = "error"
@@ -121,7 +129,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
         nonnegative = ("lr_warm_up_steps", "lr_decay_steps", "checkpoint_every_n_steps",
-                       "n_batches_for_norm_estimate")
+                       "n_batches_for_norm_estimate", "n_checkpoints")
         for name in nonnegative:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -153,6 +161,9 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.on_nonfinite must be one of {list(NONFINITE_POLICIES)}, got {self.on_nonfinite!r}."
             )
+        if self.n_checkpoints and self.checkpoint_path is None and not self.log_to_wandb:
+            raise ConfigError(f"TrainConfig.n_checkpoints={self.n_checkpoints} writes SAE folders under checkpoint_path, "
+                              "which is null (and log_to_wandb is off); set checkpoint_path or n_checkpoints: 0.")
         if self.total_training_steps < 1:
             raise ConfigError(
                 f"TrainConfig.total_training_tokens ({self.total_training_tokens}) is less than one batch "

@@ -35,6 +35,7 @@ from jsae.training.hooks import (
 from jsae.training.memory import refuse_if_too_large, step_memory
 from jsae.training.mesh import DATA_AXIS, check_fits, compile_step, make_mesh, state_sharding
 from jsae.training.results import SweepResult, saved_sae
+from jsae.training.sae_checkpoints import log_final_artifacts, sae_folder_hooks
 from jsae.training.step import TrainState, estimate_scaling_factor, init_train_state, make_train_step
 from jsae.training.sweep import Sweep, check_members, init_sweep_state, make_sweep_step, member_state
 
@@ -226,6 +227,7 @@ class Trainer:
             hooks.append(Hook(evaluate, cfg.eval_every_n_steps))
         if checkpoints is not None:
             hooks.append(Hook(save, cfg.checkpoint_every_n_steps))
+        hooks += sae_folder_hooks(self, logger, save if checkpoints is not None else None)  # n_checkpoints, wandb
         return [*hooks, *self.hooks, Hook(stop, 1)], finite
 
     def _finish(self, state: TrainState, evaluator, logger: MetricsLogger) -> Any:
@@ -248,6 +250,7 @@ class Trainer:
             saes = [SAE(sae.cfg.replace(metadata=sae.cfg.metadata.replace(eval_metrics=final)), sae.params,
                         sae.sparsity) for sae, final in zip(saes, finals, strict=True)]
         self._save(saes)
+        log_final_artifacts(self, logger, saes)
         return saes[0] if self.sweep is None else SweepResult(tuple(self.sweep.names), tuple(saes))
 
     def _save(self, saes: list[SAE]) -> None:
