@@ -296,19 +296,26 @@ def test_encoder_split_equals_encode():
                                       err_msg=variant)
 
 
-def docs_python_blocks(section: str) -> list[str]:
+def docs_python_blocks(*sections: str) -> list[str]:
     text = (Path(__file__).parents[1] / "docs" / "analysis.md").read_text()
-    body = re.split(r"^## ", text, flags=re.M)
-    chosen = next(part for part in body if part.startswith(section))
-    return re.findall(r"```python\n(.*?)```", chosen, flags=re.S)
+    parts = re.split(r"^## ", text, flags=re.M)
+    return [block for section in sections for part in parts if part.startswith(section)
+            for block in re.findall(r"```python\n(.*?)```", part, flags=re.S)]
 
 
-def test_docs_basic_usage_runs():
-    blocks = docs_python_blocks("Basic usage")
-    assert blocks
+def test_docs_examples_run():
+    """The basic example (load, attach, run with the cache, read latents), then the page's others."""
     scope: dict = {}
+    for block in docs_python_blocks("Basic usage"):
+        exec(compile(block, "docs/analysis.md", "exec"), scope)
+    latents, sae = scope["latents"], scope["sae"]
+    assert latents.shape == (*scope["tokens"].shape, sae.cfg.d_sae)
+    assert int((latents > 0).sum(-1).max()) <= sae.cfg.k
+    assert not scope["model"].acts_to_saes
+    blocks = docs_python_blocks("Attaching", "Ablation and steering", "Transcoders")
+    assert len(blocks) == 3
     for block in blocks:
         exec(compile(block, "docs/analysis.md", "exec"), scope)
-    latents = scope["latents"]
-    assert latents.shape[-1] == scope["sae"].cfg.d_sae and latents.ndim == 3
+    assert not torch.equal(scope["steered"], scope["ablated"])
+    assert scope["latents"].shape[-1] == scope["transcoder"].cfg.d_sae
     assert not scope["model"].acts_to_saes
