@@ -318,3 +318,22 @@ def test_gemma_3_cross_layer_transcoder(tmp_path, monkeypatch, gemma_3_shapes_of
     sae, _ = assert_matches_saelens(release, sae_id, x, rounded=("W_dec",))
     assert sae.cfg.architecture == "jumprelu_transcoder" and sae.cfg.d_out == 6
     np.testing.assert_allclose(np.asarray(sae.W_dec), tensors["w_dec"].sum(axis=1), rtol=1e-6)
+
+
+def test_sparsify_hub_folder_detected(tmp_path):
+    """An 'owner/repo' id outside the registry holding a sparsify folder loads as the local folder does.
+
+    (No registry release uses SAELens' sparsify loader, and that loader transposes sparsify's
+    (num_latents, d_in) W_dec, so it rejects non-square files: jsae keeps sparsify's own layout,
+    checked against sparsify's formula in test_formats.)
+    """
+    from test_formats import sparsify_folder
+
+    sparsify_folder(tmp_path / "layers.3", np.random.default_rng(9), d_in=8, n_latents=32, k=4)
+    populate_hub_cache("someone/sparsify-saes", {f"layers.3/{f}": tmp_path / "layers.3" / f
+                                                  for f in ("cfg.json", "sae.safetensors")})
+    sae = jsae.SAE.from_pretrained("someone/sparsify-saes", "layers.3")
+    local = jsae.SAE.load_from_disk(tmp_path / "layers.3")
+    assert sae.cfg == local.cfg and sae.cfg.architecture == "topk" and sae.cfg.k == 4
+    for name, value in local.params.items():
+        np.testing.assert_array_equal(bits(np.asarray(sae.params[name])), bits(np.asarray(value)), err_msg=name)
