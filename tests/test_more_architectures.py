@@ -169,3 +169,48 @@ def test_matching_pursuit_training_init_and_config():
     np.testing.assert_allclose(np.linalg.norm(np.asarray(params["W_dec"]), axis=-1), 1.0, rtol=1e-5)
     with pytest.raises(ConfigError, match="decoder_init_norm"):
         cfg_cls(d_in=D_IN, d_sae=D_SAE, decoder_init_norm=0.1)
+
+
+@pytest.mark.slow
+def test_matching_pursuit_trains_in_jsae_as_in_saelens(tmp_path):
+    """One step of jsae's Trainer equals one step of sae_lens' SAETrainer from the same init and batch
+    (matching pursuit's discrete picks amplify float rounding afterwards, so runs are compared a step
+    apart), and the trained SAE saves as a folder sae_lens loads and computes the same with."""
+    import json
+
+    from sae_lens import SAE
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    extra, batch = {"residual_threshold": 0.5}, 64
+    trainer_cfg = dict(lr=3e-3, lr_scheduler_name="constant", lr_warm_up_steps=0, lr_decay_steps=0)
+    data = [np.random.default_rng(7).normal(size=(batch, D_IN)).astype(np.float32) + 0.4]
+    torch.manual_seed(0)
+    sae_cls, cfg_cls = get_sae_training_class("matching_pursuit")
+    ref_sae = sae_cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **extra))
+    init = {k: to_numpy(v).copy() for k, v in ref_sae.state_dict().items()}
+    ref = SAETrainer(cfg=SAETrainerConfig(total_training_samples=batch, train_batch_size_samples=batch, lr_end=3e-4,
+                                          **trainer_cfg),
+                     sae=ref_sae, data_provider=iter([torch.from_numpy(b) for b in data]))
+    ref.fit()
+
+    cfg = jsae.TrainConfig(sae=TRAINING_ARCHITECTURES["matching_pursuit"].config_cls(d_in=D_IN, d_sae=D_SAE, **extra),
+                           total_training_tokens=batch, train_batch_size_tokens=batch, log_every_n_steps=1,
+                           log_path=str(tmp_path / "m.jsonl"), progress_bar=False, n_devices=1, **trainer_cfg)
+    trainer = jsae.Trainer(cfg)
+    sae = trainer.fit(iter(data), params=init)
+    for name, want in ref.sae.state_dict().items():
+        got = np.asarray(trainer.state.params[name], np.float64)
+        assert np.linalg.norm(got - to_numpy(want)) <= 1e-4 * np.linalg.norm(to_numpy(want)), name
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    losses = [row["losses/mse_loss"] for row in rows if "losses/mse_loss" in row]
+    assert set(sae.params) == {"W_dec", "b_dec"} and len(losses) == 1
+
+    sae.save_model(tmp_path / "mp")
+    back = SAE.load_from_disk(tmp_path / "mp")
+    assert back.cfg.architecture() == "matching_pursuit" and back.cfg.residual_threshold == 0.5
+    x = inputs("matching_pursuit")
+    acts, _, out = outputs(back, x)
+    got_acts, _, got_out = jsae_outputs(jsae.SAE.load_from_disk(tmp_path / "mp"), x.numpy(), acts.numpy())
+    assert rel_err(got_acts, acts.numpy()) <= 1e-5 and rel_err(got_out, out.numpy()) <= 1e-5
