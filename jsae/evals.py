@@ -132,8 +132,8 @@ def latent_reductions(feature_acts, mask) -> dict[str, jax.Array]:
 
 def featurewise_weight_metrics(params: dict) -> dict[str, np.ndarray]:
     """Per latent: encoder norm, encoder/decoder cosine similarity and encoder bias (SAELens' names)."""
-    W_enc = np.asarray(params["W_enc"], np.float64)
     W_dec = np.asarray(params["W_dec"], np.float64)
+    W_enc = np.asarray(params["W_enc"], np.float64) if "W_enc" in params else W_dec.T  # tied: W_decᵀ
     enc_norm = np.linalg.norm(W_enc, axis=0)
     dec_norm = np.linalg.norm(W_dec, axis=1)
     out = {

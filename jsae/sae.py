@@ -179,7 +179,8 @@ class SAE:
 
     @property
     def W_enc(self) -> Array:
-        return self.params["W_enc"]
+        """The encoder (d_in, d_sae); W_decᵀ for tied architectures (matching_pursuit, tied temporal)."""
+        return self.params["W_enc"] if "W_enc" in self.params else self.params["W_dec"].T
 
     @property
     def W_dec(self) -> Array:

@@ -214,3 +214,13 @@ def test_matching_pursuit_trains_in_jsae_as_in_saelens(tmp_path):
     acts, _, out = outputs(back, x)
     got_acts, _, got_out = jsae_outputs(jsae.SAE.load_from_disk(tmp_path / "mp"), x.numpy(), acts.numpy())
     assert rel_err(got_acts, acts.numpy()) <= 1e-5 and rel_err(got_out, out.numpy()) <= 1e-5
+
+
+def test_tied_architectures_expose_their_encoder():
+    from jsae.evals import featurewise_weight_metrics
+
+    cfg = jsae.saes.get_architecture("matching_pursuit").config_cls(d_in=D_IN, d_sae=D_SAE)
+    sae = random_sae(cfg, 4)
+    np.testing.assert_array_equal(np.asarray(sae.W_enc), np.asarray(sae.W_dec).T)
+    metrics = featurewise_weight_metrics(sae.params)
+    np.testing.assert_allclose(metrics["encoder_decoder_cosine_sim"], 1.0, rtol=1e-6)
