@@ -114,7 +114,8 @@ def gemma_2_transcoder_config(repo_id: str, folder: str) -> dict[str, Any]:
 
 
 def convert_gemma_2_transcoder(src: Source) -> Converted:
-    """JumpReLU transcoders read as float32 from `{path}/params.npz` (any other arrays are ignored)."""
+    """JumpReLU transcoders read as float32 from `{path}/params.npz` (any other arrays are ignored);
+    the widths are the arrays' (SAELens reads the same ones off the names)."""
     npz = src.file(GEMMA_SCOPE_FILENAME)
     raw = read_npz(npz)
     check_tensor_dtypes(raw, source=str(npz), what="array")

@@ -21,7 +21,16 @@ import jax.numpy as jnp
 
 from jsae._errors import ConfigError, InputError
 from jsae.config import NORMALIZE_MODES, SAEConfig
-from jsae.saes._base import Array, BaseSAEModule, InputState, kaiming_uniform_rows, l2_norm, normalize, zeros
+from jsae.saes._base import (
+    Array,
+    BaseSAEModule,
+    ForwardOutput,
+    InputState,
+    kaiming_uniform_rows,
+    l2_norm,
+    normalize,
+    zeros,
+)
 
 SCALAR_RESCALE = "constant_scalar_rescale"
 DIFF_TYPES = ("relu", "topk")
@@ -188,10 +197,8 @@ class TemporalSAE(BaseSAEModule):
         out = feature_acts @ self.W_dec
         return out + self.b_dec if (not self.cfg.tied_weights or self.cfg.apply_b_dec_to_input) else out
 
-    def forward_with_details(self, x: Array, use_error_term: bool = False):
+    def forward_with_details(self, x: Array, use_error_term: bool = False) -> ForwardOutput:
         """The full reconstruction: decode(z_novel + z_pred) (SAELens' TemporalSAE.forward)."""
-        from jsae.saes._base import ForwardOutput
-
         if use_error_term:
             raise ConfigError("use_error_term is not supported for temporal SAEs (SAELens' forward ignores it).")
         sae_in, state = self.prepare_input(x)
