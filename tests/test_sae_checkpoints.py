@@ -191,3 +191,18 @@ def test_log_weights_to_wandb_false_sends_the_config_alone(tmp_path, monkeypatch
     run = Run()
     log_artifacts(run, tmp_path / "s", sae, train_cfg(tmp_path, log_weights_to_wandb=False), aliases=["final_model"])
     assert run.logged == [("sae_m_h_8", ["cfg.json"], ["final_model"]), ("sae_m_h_8_log_feature_sparsity", [], None)]
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_a_folder_per_member(tmp_path):
+    from jsae.training.sae_checkpoints import artifact_name
+    from jsae.training.sweep import Sweep, sweep_configs
+
+    base = train_cfg(tmp_path, steps=4, n_checkpoints=1, output_path=None)
+    members = sweep_configs(base, {"sae.k": [2, 4]})
+    result = jsae.Trainer(base, sweep=Sweep(members, ["k=2", "k=4"])).fit(batches(4))
+    folder = tmp_path / "ckpt" / FOLDERS / str(3 * BATCH)  # the threshold 128 is passed after step 3
+    assert sorted(p.name for p in folder.iterdir()) == ["k=2", "k=4"]
+    for name, k in (("k=2", 2), ("k=4", 4)):
+        assert sae_lens.SAE.load_from_disk(str(folder / name)).cfg.k == k
+    assert artifact_name(result["k=2"], "k=2") == "sae_toy__model_blocks.1.hook_resid_pre_32_k_2"
