@@ -216,3 +216,16 @@ def test_bfloat16_compute_trains_the_default_run_as_well_as_float32(tmp_path):
         evs[dtype] = summary["explained_variance"]
     assert evs["float32"] > 0.5
     assert abs(evs["bfloat16"] - evs["float32"]) < 0.01, evs
+
+
+def test_bfloat16_sparse_step_runs_under_shard_map():
+    # the reference gathers' and scatters' loops under jsae's shard_map driver (bfloat16 takes them on CPU)
+    from jax.sharding import Mesh, PartitionSpec
+
+    cfg = train_config("topk-sparse", compute_dtype="bfloat16")
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    step = make_train_step(cfg, "data", plan=jsae.resolve_plan(cfg))
+    sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data")),
+                                    out_specs=(PartitionSpec(), PartitionSpec())))
+    _, metrics = sharded(init_train_state(cfg), jax.random.normal(jax.random.key(2), (N, D_IN)))
+    assert np.isfinite(float(metrics["losses/overall_loss"]))

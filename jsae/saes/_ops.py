@@ -88,6 +88,14 @@ def matmul(a: Array, b: Array) -> Array:
     return a @ b
 
 
+def _varying_zeros(shape: tuple[int, ...], dtype, like: Array) -> Array:
+    """Zeros typed to vary over the manual (shard_map) axes `like` varies over: a loop's initial carry
+    must have the type its body returns, which varies where the inputs do."""
+    axis_type = getattr(jax.typeof(like), "manual_axis_type", None)
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, tuple(axis_type.varying), to="varying") if axis_type and axis_type.varying else zeros
+
+
 def _token_blocks(n: int, body: Callable, carry, block: int = TOKEN_BLOCK):
     """carry = body(start, size, carry) over tokens [0, n) in blocks of `block` (a static tail last)."""
     full = n // block
@@ -124,7 +132,7 @@ def gather_rows_weighted(weights: Array, indices: Array, table: Array, *, out_dt
                          jax.lax.dynamic_slice_in_dim(indices, start, SLOT_GROUP, 1))
 
     groups = k // SLOT_GROUP
-    out = jnp.zeros((n, table.shape[1]), acc)
+    out = _varying_zeros((n, table.shape[1]), acc, weights)
     if groups:
         out = jax.lax.fori_loop(0, groups, group, out)
     out = add_slots(out, weights[:, groups * SLOT_GROUP:], indices[:, groups * SLOT_GROUP:])
@@ -142,7 +150,7 @@ def gather_rows_dot(rows: Array, indices: Array, table: Array) -> Array:
         dots = jnp.einsum("tkd,td->tk", picked, _rows(rows, start, size), preferred_element_type=acc)
         return jax.lax.dynamic_update_slice_in_dim(out, dots, start, 0)
 
-    return _token_blocks(n, body, jnp.zeros((n, k), acc))
+    return _token_blocks(n, body, _varying_zeros((n, k), acc, rows))
 
 
 def scatter_rows(weights: Array, indices: Array, rows: Array, m: int, *, out_dtype=None) -> Array:
@@ -160,7 +168,7 @@ def scatter_rows(weights: Array, indices: Array, rows: Array, m: int, *, out_dty
         updates = (w[:, :, None] * _rows(rows, start, size).astype(acc)[:, None, :]).reshape(size * k, -1)
         return out.at[idx].add(updates, mode="promise_in_bounds")
 
-    return _token_blocks(n, body, jnp.zeros((m, rows.shape[1]), acc)).astype(out_dtype or rows.dtype)
+    return _token_blocks(n, body, _varying_zeros((m, rows.shape[1]), acc, rows)).astype(out_dtype or rows.dtype)
 
 
 # --------------------------------------------------------------------------- the dense step
