@@ -350,6 +350,10 @@ def plan(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        # its pass alternates torch forwards and JAX steps on the same cores: OpenMP threads spinning
+        # after each torch operation would take them from XLA (libgomp reads this once, when torch loads)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from jsae import JsaeError, enable_compilation_cache
 
     try:
