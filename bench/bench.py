@@ -37,7 +37,7 @@ for bf16 tile work.
     python bench/bench.py --xla                 # ... and jsae's dense steps on XLA's products too
     python bench/bench.py --cases topk --dense-topk   # TopK: jsae sparse vs jsae dense vs sae_lens
     python bench/bench.py --cases default --dense-topk   # the default run's TopK 128 -> 1024 (a sweep's member)
-    python bench/bench.py --libs jsae --cases gpu --dtypes float32,bfloat16   # on a GPU
+    python bench/bench.py --cases gpu --compute-dtypes float32,bfloat16 --sparse-topk   # on a GPU
     python bench/bench.py --write               # also append the table to bench/RESULTS.md
 """
 
@@ -65,14 +65,10 @@ CASES = {
         ("jumprelu", 768, 16384, 4096, {"l0_coefficient": 1.0}),
         ("topk", 768, 16384, 4096, {"k": 32}),
     ],
-    "gpu": [
-        ("standard", 768, 16384, 4096, {"l1_coefficient": 1.0}),
-        ("topk", 768, 16384, 4096, {"k": 32}),
-        ("jumprelu", 768, 16384, 4096, {"l0_coefficient": 1.0}),
-        ("standard", 2304, 16384, 4096, {"l1_coefficient": 1.0}),
-        ("topk", 2304, 16384, 4096, {"k": 64}),
-        ("jumprelu", 2304, 16384, 4096, {"l0_coefficient": 1.0}),
-    ],
+    # Gemma-2-2B's residual width, 16k and 64k latents, 4096 and 8192 tokens a step
+    "gpu": [(arch, 2304, d_sae, tokens, extra) for d_sae in (16384, 65536) for tokens in (4096, 8192)
+            for arch, extra in (("standard", {"l1_coefficient": 1.0}), ("topk", {"k": 64}),
+                                ("jumprelu", {"l0_coefficient": 1.0}))],
     "quick": [("standard", 128, 1024, 1024, {"l1_coefficient": 1.0}), ("topk", 128, 1024, 1024, {"k": 16})],
     "topk": [("topk", 768, 16384, 4096, {"k": 32}), ("topk", 768, 6144, 4096, {"k": 32})],
     # the default run's SAE (configs/default.yaml), the member of bench/sweep.py's sweep
@@ -204,7 +200,9 @@ class CeilingProducts:
 
 # ---------------------------------------------------------------------- one step, each library
 class JsaeStep:
-    def __init__(self, arch, d_in, d_sae, tokens, extra, dtype):
+    """One jsae training step (`steps_per_call` of them back to back, waited for once at the end)."""
+
+    def __init__(self, arch, d_in, d_sae, tokens, extra, dtype, compute_dtype="float32", steps_per_call=1):
         import jax
         import numpy as np
 
@@ -213,7 +211,8 @@ class JsaeStep:
 
         sae_cfg = TRAINING_ARCHITECTURES[arch].config_cls(d_in=d_in, d_sae=d_sae, dtype=dtype, **extra)
         cfg = jsae.TrainConfig(sae=sae_cfg, total_training_tokens=10**9, train_batch_size_tokens=tokens,
-                               dead_feature_window=10**6)
+                               dead_feature_window=10**6, compute_dtype=compute_dtype)
+        self.steps_per_call = steps_per_call
         self.plan = jsae.resolve_plan(cfg)
         self.sparse = self.plan.topk == "sparse"
         self.screened = self.sparse and self.plan.encoder_screen
@@ -228,7 +227,8 @@ class JsaeStep:
         self.metrics = None
 
     def __call__(self):
-        self.state, self.metrics = self.step(self.state, self.batch)
+        for _ in range(self.steps_per_call):
+            self.state, self.metrics = self.step(self.state, self.batch)
         self.metrics["losses/overall_loss"].block_until_ready()
 
 
@@ -266,7 +266,7 @@ class KernelProducts:
 class SaelensStep:
     """What SAETrainer._train_step does: forward, backward, clip_grad_norm_(1.0), Adam, zero_grad."""
 
-    def __init__(self, arch, d_in, d_sae, tokens, extra, dtype, device):
+    def __init__(self, arch, d_in, d_sae, tokens, extra, dtype, device, autocast=False, steps_per_call=1):
         import torch
         from sae_lens.registry import get_sae_training_class
         from sae_lens.saes.sae import TrainStepInput
@@ -280,17 +280,21 @@ class SaelensStep:
         self.input_cls = TrainStepInput
         self.device = device
         self.dead = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        # SAELens' autocast: the SAE's forward and backward under torch.autocast (bfloat16)
+        self.autocast, self.steps_per_call = autocast, steps_per_call
 
     def __call__(self):
         import torch
 
-        out = self.sae.training_forward_pass(self.input_cls(
-            sae_in=self.x, coefficients=self.coefficients, dead_neuron_mask=self.dead, n_training_steps=0,
-            is_logging_step=False))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad()
+        for _ in range(self.steps_per_call):
+            with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.sae.training_forward_pass(self.input_cls(
+                    sae_in=self.x, coefficients=self.coefficients, dead_neuron_mask=self.dead, n_training_steps=0,
+                    is_logging_step=False))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad()
         if self.device != "cpu":
             torch.cuda.synchronize()
 
@@ -423,8 +427,17 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--settle", type=float, default=0.5,
-                        help="seconds of pause before each timed step (the other library's threads go idle)")
+    parser.add_argument("--settle", type=float, default=None,
+                        help="seconds of pause before each timed call, so the other library's threads go idle "
+                             "(default: 0.5 on CPU, 0 on GPU, which is timed for throughput)")
+    parser.add_argument("--steps-per-call", type=int, default=None,
+                        help="steps run back to back per timed call, waited for once (default: 1 on CPU, 10 on GPU: "
+                             "throughput, not the latency of one step from idle)")
+    parser.add_argument("--compute-dtypes", default="float32",
+                        help="jsae's compute_dtype (the products' inputs), and sae_lens under autocast for bfloat16")
+    parser.add_argument("--sparse-topk", action="store_true",
+                        help="on topk cases also time jsae's sparse TopK path (topk_implementation='sparse'), the "
+                             "accelerator path auto does not pick yet")
     parser.add_argument("--dense-topk", action="store_true",
                         help="on topk cases also time jsae's dense TopK path (topk_implementation='dense') "
                              "and print the top-k selection's own timings")
@@ -443,6 +456,8 @@ def main() -> None:
 
     gpu = jax.default_backend() == "gpu"
     torch_device = "cuda" if gpu else "cpu"
+    settle = args.settle if args.settle is not None else (0.0 if gpu else 0.5)
+    per_call = args.steps_per_call or (10 if gpu else 1)
     info = machine()
     print(json.dumps(info))
     n = 8192 if gpu else 2048
@@ -469,33 +484,43 @@ def main() -> None:
                 print(json.dumps({"top_k": f"({tokens}, {d_sae}) k={extra['k']} float32"} | timings), flush=True)
 
     rows = []
-    for dtype in args.dtypes.split(","):
+    for dtype, compute in ((d, c) for d in args.dtypes.split(",") for c in args.compute_dtypes.split(",")):
+        # the products' dtype: the ceiling to compare with
+        product_dtype = "bfloat16" if "bfloat16" in (dtype, compute) else dtype
         for arch, d_in, d_sae, tokens, extra in CASES[args.cases]:
             fns = {}
             if "jsae" in libs:
-                fns["jsae"] = JsaeStep(arch, d_in, d_sae, tokens, extra, dtype)
+                case = (arch, d_in, d_sae, tokens)
+
+                def jsae_step(changes=None, case=case, extra=extra, dtype=dtype, compute=compute):
+                    return JsaeStep(*case, extra | (changes or {}), dtype, compute, per_call)
+
+                fns["jsae"] = jsae_step()
                 if arch == "topk" and args.dense_topk:
-                    fns["jsae_dense"] = JsaeStep(arch, d_in, d_sae, tokens, extra | {"topk_implementation": "dense"},
-                                                 dtype)
+                    fns["jsae_dense"] = jsae_step({"topk_implementation": "dense"})
+                if arch == "topk" and args.sparse_topk and not fns["jsae"].sparse:
+                    fns["jsae_sparse"] = jsae_step({"topk_implementation": "sparse"})
                 if fns["jsae"].kernels:
                     fns["jsae_products"] = KernelProducts(fns["jsae"])
                 if arch in ("standard", "jumprelu") and args.xla:
-                    fns["jsae_xla"] = JsaeStep(arch, d_in, d_sae, tokens, extra | {"dense_implementation": "xla"},
-                                               dtype)
+                    fns["jsae_xla"] = jsae_step({"dense_implementation": "xla"})
             if "saelens" in libs:
-                fns["sae_lens"] = SaelensStep(arch, d_in, d_sae, tokens, extra, dtype, torch_device)
+                fns["sae_lens"] = SaelensStep(arch, d_in, d_sae, tokens, extra, dtype, torch_device,
+                                              autocast=compute == "bfloat16", steps_per_call=per_call)
             # the ceiling's products too, among the steps: the machine's rate over the same minutes
             for name, product in products.items():
-                if name.endswith(f"_{dtype}"):
+                if name.endswith(f"_{product_dtype}"):
                     fns[f"ceiling_{name}"] = CeilingProducts(product, sizes[name])
-            secs = time_steps(fns, args.warmup, args.reps, args.settle)
-            row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens, "dtype": dtype}
+            secs = time_steps(fns, args.warmup, args.reps, settle)
+            secs = {name: s / getattr(fns[name], "steps_per_call", 1) for name, s in secs.items()}  # per step
+            row = {"arch": arch, "d_in": d_in, "d_sae": d_sae, "tokens": tokens,
+                   "dtype": dtype if compute == "float32" else f"{dtype}, {compute} compute"}
             alongside = {name: fns[name].flops / secs.pop(name) for name in list(secs) if name.startswith("ceiling_")}
             row |= {f"{name}_tflops": rate / 1e12 for name, rate in alongside.items()}
             # the best median rate any library's products reached among this case's steps (the
             # machine's ceiling, not one library's), else the best rate measured at the start
             ceiling = max(alongside.values(), default=None) or max(
-                v for k, v in ceilings.items() if k.endswith(f"_{dtype}"))
+                v for k, v in ceilings.items() if k.endswith(f"_{product_dtype}"))
             row["ceiling_tflops"] = ceiling / 1e12
             if "jsae" in fns:
                 row["jsae_path"] = "sparse, screened" if fns["jsae"].screened else \
@@ -511,6 +536,8 @@ def main() -> None:
                 row["speedup"] = row["sae_lens_s"] / row["jsae_s"]
             if "jsae_s" in row and "jsae_dense_s" in row:
                 row["speedup_over_dense"] = row["jsae_dense_s"] / row["jsae_s"]
+            if "jsae_s" in row and "jsae_sparse_s" in row:
+                row["sparse_over_dense"] = row["jsae_s"] / row["jsae_sparse_s"]
             if "jsae_s" in row and "jsae_xla_s" in row:
                 row["speedup_over_xla"] = row["jsae_xla_s"] / row["jsae_s"]
             rows.append(row)
@@ -535,6 +562,7 @@ def ceiling_list(ceilings: dict, sizes: dict, default_n: int) -> str:
 def format_table(rows, ceilings, info) -> str:
     date = datetime.date.today().isoformat()
     dense_column = any("jsae_dense_tok_s" in r for r in rows)
+    sparse_column = any("jsae_sparse_tok_s" in r for r in rows)
     xla_column = any("jsae_xla_tok_s" in r for r in rows)
     products_column = any("jsae_products_ceiling_share" in r for r in rows)
     lines = [
@@ -554,9 +582,11 @@ def format_table(rows, ceilings, info) -> str:
         "| arch | d_in → d_sae | tokens | dtype | ceiling alongside TFLOP/s | jsae tok/s | sae_lens tok/s | speed-up "
         "| jsae share of ceiling |"
         + (" jsae dense tok/s | jsae vs dense |" if dense_column else "")
+        + (" jsae sparse tok/s | sparse vs dense |" if sparse_column else "")
         + (" jsae on XLA tok/s | kernels vs XLA |" if xla_column else "")
         + (" kernels' products alone: share of ceiling |" if products_column else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else "") + ("---|---|" if xla_column else "")
+        "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if dense_column else "")
+        + ("---|---|" if sparse_column else "") + ("---|---|" if xla_column else "")
         + ("---|" if products_column else ""),
     ]
     for r in rows:
@@ -571,6 +601,10 @@ def format_table(rows, ceilings, info) -> str:
             dense_tok = f"{r['jsae_dense_tok_s']:,.0f}" if "jsae_dense_tok_s" in r else "—"
             over = f"{r['speedup_over_dense']:.2f}x" if "speedup_over_dense" in r else "—"
             line += f" {dense_tok} | {over} |"
+        if sparse_column:
+            sparse_tok = f"{r['jsae_sparse_tok_s']:,.0f}" if "jsae_sparse_tok_s" in r else "—"
+            over = f"{r['sparse_over_dense']:.2f}x" if "sparse_over_dense" in r else "—"
+            line += f" {sparse_tok} | {over} |"
         if xla_column:
             xla_tok = f"{r['jsae_xla_tok_s']:,.0f}" if "jsae_xla_tok_s" in r else "—"
             over = f"{r['speedup_over_xla']:.2f}x" if "speedup_over_xla" in r else "—"
