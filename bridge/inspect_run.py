@@ -156,21 +156,32 @@ def gather_stats(sae, model, cfg: RunConfig, rows: np.ndarray, mask: np.ndarray,
     return stats_to_numpy(stats)
 
 
+RESIDUAL_HOOKS = ("resid", "_out", "hook_mlp_in", "mlp.hook_in", "hook_normalized")
+
+
 def residual_directions(sae, model, hook_name: str, hook_head_index: int | None, latents: list[int]):
-    """The latents' decoder rows as residual-stream directions (d_model), or None where the hook's
-    space has no single map to the residual stream. Attention hook_z rows go through W_O and MLP
-    hook_post rows through W_out (as sae-dashboard does); rows of width d_model are used as they are."""
+    """The latents' decoder rows as residual-stream directions (latents, d_model), or None for a hook
+    with no single linear map to the residual stream (e.g. attention hook_q / hook_k / hook_v).
+
+    As sae-dashboard's to_resid_direction: rows at residual-stream hooks (resid_*, *_out, the MLP's
+    input, ln hook_normalized) are used as they are; at an MLP's hook_pre / hook_post they go through
+    that layer's W_out, at an attention hook_z through its W_O (one head with hook_head_index). A
+    transcoder's rows live at its output hook (metadata.hook_name_out).
+    """
     rows = np.asarray(sae.W_dec, dtype=np.float32)[latents]
-    d_model = model.cfg.d_model
+    hook_name = sae.cfg.metadata.get("hook_name_out") or hook_name
     parts = hook_name.split(".")
-    if parts[0] == "blocks" and len(parts) > 2 and parts[-1] == "hook_z":
-        W_O = model.blocks[int(parts[1])].attn.W_O.detach().float().cpu().numpy()  # (n_heads, d_head, d_model)
+    layer = int(parts[1]) if parts[0] == "blocks" and len(parts) > 2 and parts[1].isdigit() else None
+    if layer is not None and parts[-1] == "hook_z":
+        W_O = model.blocks[layer].attn.W_O.detach().float().cpu().numpy()  # (n_heads, d_head, d_model)
         if hook_head_index is not None:
             return rows @ W_O[hook_head_index]
-        return np.einsum("lhd,hdm->lm", rows.reshape(len(latents), *W_O.shape[:2]), W_O)
-    if parts[0] == "blocks" and parts[-2:] == ["mlp", "hook_post"]:
-        return rows @ model.blocks[int(parts[1])].mlp.W_out.detach().float().cpu().numpy()
-    return rows if rows.shape[1] == d_model else None
+        return rows @ W_O.reshape(-1, W_O.shape[-1])  # rows are flattened (n_heads d_head)
+    if layer is not None and parts[-2:] in (["mlp", "hook_pre"], ["mlp", "hook_post"]):
+        return rows @ model.blocks[layer].mlp.W_out.detach().float().cpu().numpy()
+    if any(key in hook_name for key in RESIDUAL_HOOKS) and rows.shape[1] == model.cfg.d_model:
+        return rows
+    return None
 
 
 class _TokenText:

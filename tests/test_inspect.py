@@ -179,6 +179,36 @@ def test_promoted_and_suppressed_tokens_are_the_decoder_row_through_W_U(report, 
         np.testing.assert_allclose([t["logit"] for t in lat["promoted"]], np.sort(logits)[::-1][:10], rtol=1e-5)
 
 
+def test_decoder_rows_reach_the_residual_stream_as_sae_dashboard_maps_them(recomputed):
+    from bridge.inspect_run import residual_directions
+
+    model, latents = recomputed[3], [1, 5]
+
+    def sae_at(hook, d_in, **meta):
+        cfg = jsae.StandardSAEConfig(d_in=d_in, d_sae=8, metadata=jsae.Metadata(hook_name=hook, **meta))
+        sae = jsae.SAE.from_config(cfg, seed=1)
+        return sae, np.asarray(sae.W_dec)[latents]
+
+    W_O = model.blocks[1].attn.W_O.detach().numpy()  # (n_heads 4, d_head 32, d_model 128)
+    sae, rows = sae_at("blocks.1.attn.hook_z", 128)
+    np.testing.assert_allclose(residual_directions(sae, model, "blocks.1.attn.hook_z", None, latents),
+                               np.einsum("lhd,hdm->lm", rows.reshape(2, 4, 32), W_O), rtol=1e-5, atol=1e-6)
+    sae, rows = sae_at("blocks.1.attn.hook_z", 32)
+    np.testing.assert_allclose(residual_directions(sae, model, "blocks.1.attn.hook_z", 2, latents), rows @ W_O[2],
+                               rtol=1e-5, atol=1e-6)
+    sae, rows = sae_at("blocks.0.mlp.hook_post", 512)
+    np.testing.assert_allclose(residual_directions(sae, model, "blocks.0.mlp.hook_post", None, latents),
+                               rows @ model.blocks[0].mlp.W_out.detach().numpy(), rtol=1e-5, atol=1e-6)
+    sae, rows = sae_at(HOOK, 128)
+    np.testing.assert_array_equal(residual_directions(sae, model, HOOK, None, latents), rows)
+    sae, rows = sae_at("blocks.1.attn.hook_q", 128)  # d_model wide, but not a residual-stream direction
+    assert residual_directions(sae, model, "blocks.1.attn.hook_q", None, latents) is None
+    transcoder = jsae.SAE.from_config(jsae.TranscoderConfig(d_in=128, d_sae=8, d_out=128, metadata=jsae.Metadata(
+        hook_name="blocks.1.attn.hook_q", hook_name_out="blocks.1.hook_mlp_out")), seed=1)
+    np.testing.assert_array_equal(residual_directions(transcoder, model, "blocks.1.attn.hook_q", None, latents),
+                                  np.asarray(transcoder.W_dec)[latents])
+
+
 def test_the_page_data_survives_markup_in_tokens():
     from jsae.dashboard import render_dashboard
 
