@@ -119,6 +119,8 @@ class SAEWrapper(nn.Module):
         self._captured_input: torch.Tensor | None = None
         self._token_mask: torch.Tensor | None = None
         self._flatten = flattens_hook_z(sae.cfg)
+        meta = sae.cfg.metadata
+        self._reads_elsewhere = meta.hook_name_out not in (None, meta.hook_name)
 
     @property
     def sae(self):
@@ -134,6 +136,10 @@ class SAEWrapper(nn.Module):
 
     def forward(self, original_output: torch.Tensor) -> torch.Tensor:
         x = self._captured_input if self._captured_input is not None else original_output
+        if self._reads_elsewhere and self._captured_input is None:
+            meta = self.sae.cfg.metadata
+            raise InputError(f"the transcoder writing {meta.hook_name_out!r} saw no input at {meta.hook_name!r} "
+                             "in this forward (a forward that starts after that hook, or a hook that replaced it).")
         self._captured_input = None
         with device_context(x):
             return self._forward(x, original_output)

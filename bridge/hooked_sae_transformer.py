@@ -54,6 +54,13 @@ def _add_hook_in(mlp: torch.nn.Module) -> None:
     mlp.forward = lambda x, *args, **kwargs: forward(mlp.hook_in(x), *args, **kwargs)
 
 
+def _remove_hook(point: HookPoint, fn: Callable) -> None:
+    """Remove the forward hook `fn` (and only it) from `point`."""
+    for handle in [h for h in point.fwd_hooks if h.user_hook is fn]:
+        handle.hook.remove()
+        point.fwd_hooks.remove(handle)
+
+
 class HookedSAETransformer(HookedTransformer):
     """A HookedTransformer to which jsae SAEs attach at their hooks (SAELens' HookedSAETransformer).
 
@@ -105,29 +112,47 @@ class HookedSAETransformer(HookedTransformer):
             exclude_special_tokens: bypass the SAE at the tokenizer's special tokens (True) or at the given ids.
         """
         read, write = io_hooks(sae)
-        if read in self._acts_to_saes:
-            self._reset_sae(read)
-        taken = {w for r, w in self._writes().items() if r != read}
+        writes = self._writes()
+        own = writes.pop(read, None)  # the output hook of the SAE this one replaces
+        taken = set(writes.values())
         for role, name in (("metadata.hook_name", read), ("metadata.hook_name_out", write)):
-            if name not in self.hook_dict and name not in taken and name not in self._acts_to_saes:
+            if name not in self.hook_dict and name not in taken and name != own:
                 raise ConfigError(f"{role}: the model has no hook {name!r}." + close_names(name, self.hook_dict))
         if write in taken:
             raise ConfigError(f"metadata.hook_name_out: {write!r} is already written by another attached SAE.")
+        if own is not None:
+            self._reset_sae(read)
         wrapper = SAEWrapper(sae, use_error_term=bool(use_error_term), exclude_special_tokens=exclude_special_tokens)
         if read != write:
-            point = _get(self, read)
-            if isinstance(point, SAEWrapper):
-                point = point.hook_sae_output  # the input is another SAE's output
-
             def capture(tensor, hook=None):
                 wrapper.capture_input(tensor)
 
-            point.add_hook(capture, dir="fwd", is_permanent=True)
-            self._input_hooks[read] = (point, capture)
-        self._replaced[write] = _get(self, write)
+            self._input_hooks[read] = (None, capture)
+            self._place_capture(read)
+        replaced = _get(self, write)
+        self._replaced[write] = replaced
         self._acts_to_saes[read] = wrapper
         _set(self, write, wrapper)
+        self._move_captures(replaced, wrapper.hook_sae_output)
         self.setup()
+
+    def _place_capture(self, read: str) -> None:
+        """Hook a transcoder's input capture on what flows at `read`: the hook point, or the output
+        of the SAE that stands in for it."""
+        _, fn = self._input_hooks[read]
+        point = _get(self, read)
+        if isinstance(point, SAEWrapper):
+            point = point.hook_sae_output
+        point.add_hook(fn, dir="fwd", is_permanent=True)
+        self._input_hooks[read] = (point, fn)
+
+    def _move_captures(self, old: Any, new: Any) -> None:
+        """Captures on `old` (a hook point leaving the forward) move to `new`, which takes its place."""
+        for read, (point, fn) in list(self._input_hooks.items()):
+            if point is old:
+                _remove_hook(point, fn)
+                new.add_hook(fn, dir="fwd", is_permanent=True)
+                self._input_hooks[read] = (new, fn)
 
     def _writes(self) -> dict[str, str]:
         return {read: io_hooks(w.sae)[1] for read, w in self._acts_to_saes.items()}
@@ -138,10 +163,10 @@ class HookedSAETransformer(HookedTransformer):
         write = self._writes()[act_name]
         if act_name in self._input_hooks:
             point, fn = self._input_hooks.pop(act_name)
-            for handle in [h for h in point.fwd_hooks if h.user_hook is fn]:
-                handle.hook.remove()
-                point.fwd_hooks.remove(handle)
-        _set(self, write, self._replaced.pop(write))
+            _remove_hook(point, fn)
+        wrapper, original = self._acts_to_saes[act_name], self._replaced.pop(write)
+        _set(self, write, original)
+        self._move_captures(wrapper.hook_sae_output, original)
         del self._acts_to_saes[act_name]
         self.setup()
         if prev_wrapper is not None:

@@ -250,6 +250,54 @@ def test_errors(tmp_path, model, tokens):
     assert not model.acts_to_saes
 
 
+@pytest.mark.parametrize("first_attached_first", [True, False])
+def test_a_transcoder_reads_what_another_writes(model, tokens, first_attached_first):
+    def transcoder(read, write, seed):
+        meta = jsae.Metadata(hook_name=read, hook_name_out=write)
+        return jsae.SAE.from_config(jsae.TranscoderConfig(d_in=D, d_sae=64, d_out=D, metadata=meta), seed=seed)
+
+    first, second = transcoder(MLP_IN, MLP_OUT, 0), transcoder(MLP_OUT, RESID, 1)
+    for attached in ([first, second] if first_attached_first else [second, first]):
+        model.add_sae(attached)
+    _, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(cache[f"{RESID}.hook_sae_input"], cache[f"{MLP_OUT}.hook_sae_output"])
+    model.reset_saes(MLP_IN)  # the second reads the model's own MLP output again
+    _, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(cache[f"{RESID}.hook_sae_input"], cache[MLP_OUT])
+    # an SAE at a transcoder's input hook replaces it: both are keyed by the hook they read (as in SAELens)
+    model.add_sae(first)
+    model.add_sae(jsae.SAE.from_config(jsae.StandardSAEConfig(d_in=D, d_sae=64, metadata=jsae.Metadata(hook_name=MLP_IN))))
+    assert model.acts_to_saes[MLP_IN].cfg.architecture == "standard"
+    assert MLP_OUT in model.hook_dict
+
+
+def test_a_failed_add_keeps_the_attached_sae(tmp_path, model):
+    from jsae import ConfigError
+
+    _, sae = pair(tmp_path, "standard")
+    model.add_sae(sae)
+    meta = sae.cfg.metadata.replace(hook_name_out="blocks.9.hook_mlp_out")
+    with pytest.raises(ConfigError, match="hook_name_out"):
+        model.add_sae(sae.replace(cfg=sae.cfg.replace(metadata=meta)))
+    assert model.acts_to_saes[RESID] is sae
+
+
+def test_constructor_and_no_gradient_through_the_sae(tmp_path, base, tokens):
+    from bridge import HookedSAETransformer
+
+    tiny = HookedSAETransformer({"n_layers": 1, "d_model": 16, "n_heads": 2, "d_head": 8, "d_mlp": 32, "n_ctx": 8,
+                                 "d_vocab": 50, "act_fn": "relu"})
+    assert "blocks.0.mlp.hook_in" in tiny.hook_dict
+    cfg = jsae.StandardSAEConfig(d_in=16, d_sae=32, metadata=jsae.Metadata(hook_name="blocks.0.hook_resid_pre"))
+    sae = jsae.SAE.from_config(cfg)
+    rows = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():
+        logits = tiny.run_with_saes(rows, saes=[sae])
+        logits.sum().backward()
+    # the unembedding after the SAE gets a gradient; the embedding before it none
+    assert tiny.W_U.grad is not None and tiny.W_E.grad is None
+
+
 @pytest.mark.parametrize("variant", ["transcoder", "skip_transcoder"])
 def test_transcoder_in_the_evals_reads_hook_name_and_writes_hook_name_out(tmp_path, base, tokens, variant):
     from bridge.evals import recons_loss, sparsity_and_variance_metrics
