@@ -20,7 +20,17 @@ from jsae.saes.transcoder import (
     JumpReLUSkipTranscoderConfig,
     JumpReLUTranscoderConfig,
     SkipTranscoderConfig,
+    TopKSkipTranscoderConfig,
+    TopKTranscoderConfig,
     TranscoderConfig,
+)
+from jsae.saes.transcoder_training import (
+    JumpReLUSkipTranscoderTrainingConfig,
+    JumpReLUTranscoderTrainingConfig,
+    SkipTranscoderTrainingConfig,
+    TopKSkipTranscoderTrainingConfig,
+    TopKTranscoderTrainingConfig,
+    TranscoderTrainingConfig,
 )
 from jsae.training.config import TrainConfig
 from jsae.training.step import TrainState, init_train_state, make_train_step
@@ -38,6 +48,12 @@ __all__ = [
     "MatryoshkaBatchTopKTrainingSAEConfig",
     "StandardTrainingSAEConfig",
     "TopKTrainingSAEConfig",
+    "TranscoderTrainingConfig",
+    "SkipTranscoderTrainingConfig",
+    "JumpReLUTranscoderTrainingConfig",
+    "JumpReLUSkipTranscoderTrainingConfig",
+    "TopKTranscoderTrainingConfig",
+    "TopKSkipTranscoderTrainingConfig",
     "TrainConfig",
     "Sweep",
     "TrainState",
@@ -69,6 +85,8 @@ __all__ = [
     "SkipTranscoderConfig",
     "StandardSAEConfig",
     "TopKSAEConfig",
+    "TopKTranscoderConfig",
+    "TopKSkipTranscoderConfig",
     "TranscoderConfig",
     "__version__",
     "init_params",

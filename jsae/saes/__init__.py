@@ -19,6 +19,7 @@ from jsae.saes import (
     temporal,
     topk,
     transcoder,
+    transcoder_training,
 )
 from jsae.saes._base import BaseSAEModule, ForwardOutput, InputState
 from jsae.saes._training import COMMON_LATENT_AXES, TrainOutput
@@ -60,6 +61,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             transcoder.JumpReLUSkipTranscoder,
             transcoder.fold_W_dec_norm,
         ),
+        Architecture("topk_transcoder", transcoder.TopKTranscoderConfig, transcoder.TopKTranscoder,
+                     transcoder.fold_W_dec_norm),
+        Architecture("topk_skip_transcoder", transcoder.TopKSkipTranscoderConfig, transcoder.TopKSkipTranscoder,
+                     transcoder.fold_W_dec_norm),
         Architecture("abstopk", abstopk.AbsTopKSAEConfig, abstopk.AbsTopKSAE, abstopk.fold_W_dec_norm),
         Architecture("temporal", temporal.TemporalSAEConfig, temporal.TemporalSAE, temporal.fold_W_dec_norm),
         Architecture("matching_pursuit", matching_pursuit.MatchingPursuitSAEConfig,
@@ -168,6 +173,7 @@ TRAINING_ARCHITECTURES: dict[str, TrainingArchitecture] = {
         batchtopk.training_architecture("batchtopk", batchtopk.BatchTopKTrainingSAEConfig, batchtopk.training_forward),
         batchtopk.training_architecture("matryoshka_batchtopk", matryoshka.MatryoshkaBatchTopKTrainingSAEConfig,
                                         matryoshka.training_forward),
+        *transcoder_training.training_architectures(TrainingArchitecture),
         TrainingArchitecture("matching_pursuit", matching_pursuit.MatchingPursuitTrainingSAEConfig,
                              matching_pursuit.training_forward, latent_axes=matching_pursuit.LATENT_AXES),
     )

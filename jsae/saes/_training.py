@@ -83,6 +83,15 @@ class TrainingFields:
         """Loss coefficient name -> (final value, warm-up steps)."""
         return {}
 
+    @property
+    def batch_width(self) -> int:
+        """Width of a training batch row: d_in (a transcoder's rows hold its input and target side by side)."""
+        return self.d_in
+
+    def split_batch(self, batch: Array) -> tuple[Array, Array]:
+        """(input, target) of a training batch: an autoencoder's target is its input."""
+        return batch, batch
+
     def inference_config(self) -> SAEConfig:
         """The config the trained SAE is saved with (training fields move into metadata)."""
         from jsae.saes import get_architecture
@@ -115,7 +124,8 @@ def check_dense_implementation(cfg: Any) -> None:
 
 
 def init_training_params(cfg: SAEConfig, key: Array, extra: dict[str, Array] | None = None) -> dict[str, Array]:
-    """SAELens' training init: kaiming-uniform W_dec rows rescaled to decoder_init_norm, W_enc = W_dec.T.
+    """SAELens' training init: kaiming-uniform W_dec rows rescaled to decoder_init_norm, W_enc = W_dec.T
+    (a config with `tied_encoder_init` False: W_enc's rows drawn the same way, independently).
 
     Every other parameter starts at zero unless given in `extra`.
     """
@@ -129,7 +139,14 @@ def init_training_params(cfg: SAEConfig, key: Array, extra: dict[str, Array] | N
         W_dec = W_dec / jnp.linalg.norm(W_dec, axis=-1, keepdims=True) * norm
     out = {name: jnp.zeros(s.shape, s.dtype) for name, s in params.items()}
     out["W_dec"] = W_dec.astype(dtype)
-    out["W_enc"] = W_dec.T.astype(dtype)
+    if getattr(cfg, "tied_encoder_init", True):
+        out["W_enc"] = W_dec.T.astype(dtype)
+    else:
+        # Input and output spaces differ (transcoders): encoder rows drawn alike, over d_in, independently.
+        W_enc = kaiming_uniform_rows(jax.random.fold_in(key, 1), (cfg.d_sae, cfg.d_in), jnp.float32)
+        if norm is not None:
+            W_enc = W_enc / jnp.linalg.norm(W_enc, axis=-1, keepdims=True) * norm
+        out["W_enc"] = W_enc.T.astype(dtype)
     out = {name: value for name, value in out.items() if name in params}  # tied encoders have no W_enc
     out.update(extra or {})
     return out

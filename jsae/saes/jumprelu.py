@@ -205,6 +205,13 @@ def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, 
     out = ops.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"], params["threshold"],
                             bandwidth=cfg.jumprelu_bandwidth, ste_to_input=cfg.jumprelu_ste_to_input)
     sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
+    losses = {"mse_loss": mse(sae_out, x)} | sparsity_losses(out, params, cfg, coefficients["l0"], dead_mask)
+    return finish(losses, out.h, out.pre, sae_out)._replace(fired_count=out.fired)
+
+
+def sparsity_losses(out, params: dict, cfg: JumpReLUTrainingSAEConfig, coefficient: Array,
+                    dead_mask: Array) -> dict[str, Array]:
+    """l0_loss of `jumprelu_sparsity_loss_mode` (and pre_act_loss when configured) of a dense forward `out`."""
     mode = cfg.jumprelu_sparsity_loss_mode
     if mode == "tanh":
         W_dec_norm = decoder_row_norms(params["W_dec"])
@@ -213,11 +220,11 @@ def training_forward(params: dict, x: Array, *, cfg: JumpReLUTrainingSAEConfig, 
         per_item = out.l0
     else:
         per_item = 2 / cfg.target_l0 * (out.l0 - cfg.target_l0) ** 2
-    losses = {"mse_loss": mse(sae_out, x), "l0_loss": jnp.mean(coefficients["l0"] * per_item)}
+    losses = {"l0_loss": jnp.mean(coefficient * per_item)}
     if cfg.pre_act_loss_coefficient is not None:
         # Anthropic's pre-activation loss, on dead latents only (zero when none is dead).
         threshold = params["threshold"].astype(out.pre.dtype)
         W_dec_norm = decoder_row_norms(params["W_dec"])
         gap = jax.nn.relu(threshold - out.pre) * dead_mask.astype(out.pre.dtype) * W_dec_norm
         losses["pre_act_loss"] = cfg.pre_act_loss_coefficient * jnp.mean(jnp.sum(gap, axis=-1))
-    return finish(losses, out.h, out.pre, sae_out)._replace(fired_count=out.fired)
+    return losses

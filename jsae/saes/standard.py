@@ -98,12 +98,15 @@ def training_forward(params: dict, x: Array, *, cfg: StandardTrainingSAEConfig, 
     sae_in, state, shift = training_input(module, params, x)
     out = ops.dense_forward(sae_in, shift, params["W_enc"], params["b_enc"], params["W_dec"])
     sae_out = module.apply({"params": params}, out.lin + params["b_dec"], state, method="finish_output")
-    norms = decoder_row_norms(params["W_dec"])
+    losses = {"mse_loss": mse(sae_out, x), "l1_loss": l1_loss(out, params["W_dec"], cfg, coefficients["l1"])}
+    return finish(losses, out.h, out.pre, sae_out)._replace(fired_count=out.fired)
+
+
+def l1_loss(out, W_dec: Array, cfg: StandardTrainingSAEConfig, coefficient: Array) -> Array:
+    """coefficient * mean_tokens ‖f ⊙ ‖W_dec rows‖‖_p of a dense forward `out` (`jsae.saes._ops.DenseForward`)."""
+    norms = decoder_row_norms(W_dec)
     if cfg.lp_norm == 1:
         # f >= 0 and the norms >= 0, so ‖f ⊙ norms‖_1 = f · norms, whose mean over tokens is
         # (Σ_tokens f) · norms / tokens: one column sum instead of the (tokens, d_sae) product.
-        l1_loss = coefficients["l1"] * (out.sums @ norms) / x.shape[0]
-    else:
-        l1_loss = jnp.mean(coefficients["l1"] * lp_norm(out.h * norms, cfg.lp_norm))
-    losses = {"mse_loss": mse(sae_out, x), "l1_loss": l1_loss}
-    return finish(losses, out.h, out.pre, sae_out)._replace(fired_count=out.fired)
+        return coefficient * (out.sums @ norms) / out.h.shape[0]
+    return jnp.mean(coefficient * lp_norm(out.h * norms, cfg.lp_norm))

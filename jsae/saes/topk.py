@@ -155,6 +155,15 @@ def topk_aux_loss(x: Array, sae_out: Array, hidden_pre: Array, dead_mask: Array,
     return jax.lax.cond(num_dead > 0, compute, nothing_dead, None)
 
 
+def topk_acts(hidden_pre: Array, k_max: int, k: Array | None, ops: Ops = REFERENCE) -> Array:
+    """The top k_max of hidden_pre, relu'd, zeros elsewhere; with a (traced) `k` <= k_max, only ranks below k."""
+    if k is None:
+        return topk_scatter(hidden_pre, k_max, ops.top_k)
+    values, indices = ops.top_k(hidden_pre, k_max)
+    values = jnp.where(jnp.arange(k_max) < k, jax.nn.relu(values), 0)
+    return jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
+
+
 def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coefficients: dict,
                      dead_mask: Array, ops: Ops = REFERENCE, k: Array | None = None) -> TrainOutput:
     """The TopK training forward (sae_lens/saes/topk_sae.py); `k` (traced, <= cfg.k) keeps only the
@@ -165,12 +174,7 @@ def training_forward(params: dict, x: Array, *, cfg: TopKTrainingSAEConfig, coef
     hidden_pre, state = training_hidden_pre(module, params, x, ops.dot)
     if cfg.rescale_acts_by_decoder_norm:
         hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
-    if k is None:
-        feature_acts = topk_scatter(hidden_pre, cfg.k, ops.top_k)
-    else:
-        values, indices = ops.top_k(hidden_pre, cfg.k)
-        values = jnp.where(jnp.arange(cfg.k) < k, jax.nn.relu(values), 0)  # ranks below k only
-        feature_acts = jnp.put_along_axis(jnp.zeros_like(hidden_pre), indices, values, axis=-1, inplace=False)
+    feature_acts = topk_acts(hidden_pre, cfg.k, k, ops)
     # The module's decode, its product on the plan's primitives.
     lin = act_times_W_dec(feature_acts, params["W_dec"], cfg.rescale_acts_by_decoder_norm, ops.dot)
     sae_out = module.apply({"params": params}, lin + params["b_dec"], state, method="finish_output")

@@ -1,7 +1,8 @@
 """Transcoders: encode activations at one hook, reconstruct another (width d_out).
 
 transcoder: relu(x W_enc + b_enc) W_dec + b_dec; skip_transcoder adds x W_skip^T;
-jumprelu_transcoder gates with a threshold like JumpReLU. As in SAELens, the input is
+jumprelu_transcoder gates with a threshold like JumpReLU; topk_transcoder keeps the k largest
+(jsae's own, saved and loaded by jsae only). As in SAELens, the input is
 normalised but never reshaped or shifted by b_dec, and the output is not de-normalised.
 """
 
@@ -19,12 +20,15 @@ from jsae.saes._base import (
     BaseSAEModule,
     ForwardOutput,
     InputState,
+    decoder_row_norms,
     fold_decoder_norms,
     kaiming_uniform_rows,
     normalize,
+    topk_scatter,
     zeros,
 )
 from jsae.saes.jumprelu import jumprelu
+from jsae.saes.topk import act_times_W_dec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,6 +66,31 @@ class JumpReLUTranscoderConfig(TranscoderConfig):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class JumpReLUSkipTranscoderConfig(TranscoderConfig):
     architecture = "jumprelu_skip_transcoder"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopKTranscoderConfig(TranscoderConfig):
+    """Config of a TopK transcoder (jsae's; SAELens has no TopK transcoder to load it).
+
+    Attributes:
+        k: latents kept per token.
+        rescale_acts_by_decoder_norm: select and scale latents as if the decoder had unit rows.
+    """
+
+    architecture = "topk_transcoder"
+
+    k: int = 100
+    rescale_acts_by_decoder_norm: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
+            raise ConfigError(f"{type(self).__name__}.k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopKSkipTranscoderConfig(TopKTranscoderConfig):
+    architecture = "topk_skip_transcoder"
 
 
 class Transcoder(BaseSAEModule):
@@ -134,6 +163,32 @@ class JumpReLUSkipTranscoder(JumpReLUTranscoder):
     skip = SkipTranscoder.skip
 
 
+class TopKTranscoder(Transcoder):
+    cfg: TopKTranscoderConfig
+
+    def encode_prepared(self, sae_in: Array) -> tuple[Array, Array]:
+        hidden_pre = sae_in @ self.W_enc + self.b_enc
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * decoder_row_norms(self.W_dec)
+        return topk_scatter(hidden_pre, self.cfg.k), hidden_pre
+
+    def decode_linear(self, feature_acts: Array) -> Array:
+        return act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm) + self.b_dec
+
+
+class TopKSkipTranscoder(TopKTranscoder):
+    cfg: TopKSkipTranscoderConfig
+
+    def extra_params(self) -> None:
+        super().extra_params()
+        self.W_skip = self.param("W_skip", zeros, (self.cfg.d_out, self.cfg.d_in), self.cfg.jnp_dtype)
+
+    skip = SkipTranscoder.skip
+
+
 def fold_W_dec_norm(params: dict, cfg: TranscoderConfig) -> dict:
+    if isinstance(cfg, TopKTranscoderConfig) and not cfg.rescale_acts_by_decoder_norm:
+        raise ConfigError("fold_W_dec_norm on a TopK transcoder needs rescale_acts_by_decoder_norm=True: without it "
+                          "folding the decoder norms changes which latents are in the top k.")
     keys = ("b_enc", "threshold") if "threshold" in params else ("b_enc",)
     return fold_decoder_norms(params, scale_keys=keys)

@@ -146,7 +146,8 @@ def make_train_step(cfg: TrainConfig, axis_name: str | None = None, *,
             Compile with `compiler_options=plan.jit_compiler_options`.
 
     Returns:
-        step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard. Where
+        step(state, batch) -> (state, metrics); batch is (tokens, d_in) — this device's shard; a
+        transcoder's is (tokens, d_in + d_out), input and target side by side. Where
         `plan.dead_latent_branch` it is a `lax.cond` on whether any latent is dead
         (`state.steps_since_fired`, the same on every device) between two programs.
     """
@@ -237,8 +238,9 @@ def build_step(cfg: TrainConfig, axis_name: str | None = None, *, none_dead: boo
         new_state = jax.lax.cond(finite, apply, lambda state: state, state)
         new_state = new_state.replace(skipped_batches=state.skipped_batches + (~finite))
 
-        # Metrics, SAELens names. Explained variance over the global batch from summed moments.
-        xf = x.astype(jnp.float32)
+        # Metrics, SAELens names. Explained variance (of the target: a transcoder's output hook) over the
+        # global batch from summed moments.
+        xf = sae_cfg.split_batch(x)[1].astype(jnp.float32)
         sq_err = reduce_sum(jnp.sum(jnp.square(out.sae_out.astype(jnp.float32) - xf)))
         sum_x = reduce_sum(jnp.sum(xf, axis=0))
         sum_sq = reduce_sum(jnp.sum(jnp.square(xf)))

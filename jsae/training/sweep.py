@@ -29,7 +29,7 @@ Array = jax.Array
 SWEEPABLE_TRAIN_FIELDS = ("lr", "lr_end", "lr_scheduler_name", "lr_warm_up_steps", "lr_decay_steps",
                           "n_restart_cycles", "seed")
 SWEEPABLE_SAE_FIELDS = ("k", "l1_coefficient", "l1_warm_up_steps", "l0_coefficient", "l0_warm_up_steps")
-K_ARCHITECTURES = ("topk",)
+K_ARCHITECTURES = ("topk", "topk_transcoder", "topk_skip_transcoder")
 
 
 def sweep_configs(base: TrainConfig, axes: Mapping[str, Sequence[Any]], *, where: str = "sweep") -> list[TrainConfig]:

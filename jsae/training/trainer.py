@@ -261,14 +261,16 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _to_global(self, batch: Any) -> jax.Array:
         shape = tuple(getattr(batch, "shape", ()))
-        d_in, streams = self.cfg.sae.d_in, self._n_streams()
+        d_in, streams = self.cfg.sae.batch_width, self._n_streams()
+        # a transcoder's rows hold its input and target side by side
+        width = "d_in" if d_in == self.cfg.sae.d_in else "d_in + d_out"
         expected = (self.local_batch_size, d_in) if streams is None else (streams, self.local_batch_size, d_in)
         if len(shape) != len(expected) or shape[-1] != d_in or (streams is not None and shape[0] != streams):
-            want = f"({self.local_batch_size}, d_in={d_in})" if streams is None else (
-                f"(n_streams={streams}, {self.local_batch_size}, d_in={d_in})")
+            want = f"({self.local_batch_size}, {width}={d_in})" if streams is None else (
+                f"(n_streams={streams}, {self.local_batch_size}, {width}={d_in})")
             raise InputError(f"batch: expected shape {want} of activations"
                              + (" (one slice per activation stream)" if streams is not None else "")
-                             + f", got {shape}; the SAE config's d_in must match the activations' width.")
+                             + f", got {shape}; the SAE config's {width} must match the activations' width.")
         dtype = np.dtype(getattr(batch, "dtype", np.float32))
         if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
             raise InputError(f"batch: activations must be real floating-point numbers, got dtype {dtype}.")
@@ -284,7 +286,7 @@ class Trainer:
         return self.sweep.n_streams if self.sweep is not None and self.sweep.streams else None
 
     def _batch_struct(self, dtype: Any) -> jax.ShapeDtypeStruct:
-        tokens, d_in, streams = self.local_batch_size * self.n_processes, self.cfg.sae.d_in, self._n_streams()
+        tokens, d_in, streams = self.local_batch_size * self.n_processes, self.cfg.sae.batch_width, self._n_streams()
         shape = (tokens, d_in) if streams is None else (streams, tokens, d_in)
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=self.batch_sharding)
 
@@ -320,12 +322,14 @@ class Trainer:
     def _scaling_factor(self, sample: list) -> float | list[float]:
         """expected_average_only_in: one scale for one stream, else one per stream handed to its members.
         With on_nonfinite: skip, batches holding NaN/inf are left out of the estimate."""
-        d_in, skip = self.cfg.sae.d_in, self.cfg.on_nonfinite == "skip"
+        sae, skip = self.cfg.sae, self.cfg.on_nonfinite == "skip"
 
         def estimate(batches):
             if skip:
                 batches = [b for b in batches if np.all(np.isfinite(np.asarray(b)))]
-            factor = estimate_scaling_factor(batches, d_in) if batches else math.nan
+            # from the input alone (a transcoder's target is scaled by the same factor)
+            inputs = [sae.split_batch(b)[0] for b in batches]
+            factor = estimate_scaling_factor(inputs, sae.d_in) if batches else math.nan
             if not math.isfinite(factor):
                 raise InputError(f"normalize_activations: expected_average_only_in: the norm estimate over the first "
                                  f"{len(sample)} batches is not finite ({factor}): they hold NaN/inf values or only "
