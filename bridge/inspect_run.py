@@ -117,19 +117,24 @@ def _batches(rows: np.ndarray, activations, desc: str, verbose: bool):
             yield start, tokens, torch_to_jax(activations(torch.as_tensor(tokens, dtype=torch.long)).float())
 
 
-def _activation_reader(model, cfg: RunConfig):
+def _activation_reader(sae, model, cfg: RunConfig):
+    """token rows (rows, context) -> the SAE's input, one token per row of the result: the hook's activations
+    as training reads them, with an attention hook_z's heads split again for an SAE that reshapes hook_z input."""
     from bridge.activations import ActivationSource
 
     source = ActivationSource(model, cfg.hook_name, iter(()), batch_size=1, context_size=cfg.context_size,
                               hook_head_index=cfg.hook_head_index, as_jax=False, prefetch=0)
-    return source.model_activations
+    if sae.cfg.reshape_activations != "hook_z" or cfg.hook_head_index is not None:
+        return source.model_activations
+    n_heads = model.cfg.n_heads
+    return lambda tokens: source.model_activations(tokens).reshape(-1, n_heads, sae.cfg.d_in // n_heads)
 
 
 def latent_densities(sae, model, cfg: RunConfig, rows: np.ndarray, mask: np.ndarray, *, keep: bool = False,
                      verbose: bool = False):
     """Each latent's firing density over the counted tokens of `rows`: ((d_sae,) float64, the model's
     activations of each batch when `keep`, for a second pass without the model, else None)."""
-    read = _activation_reader(model, cfg)
+    read = _activation_reader(sae, model, cfg)
     counts = jnp.zeros((sae.cfg.d_sae,), jnp.int32)
     kept = [] if keep else None
     for start, tokens, x in _batches(rows, read, "inspect: densities", verbose):
@@ -144,7 +149,7 @@ def gather_stats(sae, model, cfg: RunConfig, rows: np.ndarray, mask: np.ndarray,
                  verbose: bool = False) -> dict[str, np.ndarray]:
     """jsae.latent_stats over `rows` for `latents`: the host copy of the final state (`activations`: the
     batches `latent_densities` kept, else the model runs)."""
-    read = _activation_reader(model, cfg) if activations is None else activations
+    read = _activation_reader(sae, model, cfg) if activations is None else activations
     stats = init_latent_stats(stats_cfg)
     index = jnp.asarray(latents, dtype=jnp.int32)
     key = jax.random.key(seed)

@@ -209,6 +209,28 @@ def test_decoder_rows_reach_the_residual_stream_as_sae_dashboard_maps_them(recom
                                   np.asarray(transcoder.W_dec)[latents])
 
 
+def test_an_attention_hook_z_sae_sees_its_heads(tmp_path, recomputed):
+    """An SAE with reshape_activations: hook_z gets (tokens, n_heads, d_head) input, as sae_lens feeds it."""
+    import torch
+
+    from bridge.inspect_run import inspect_config, inspect_sae
+
+    hook = "blocks.1.attn.hook_z"
+    meta = jsae.Metadata(hook_name=hook, model_name="embedded", dataset_path="stdlib", context_size=128,
+                         prepend_bos=True)
+    sae = jsae.SAE.from_config(jsae.StandardSAEConfig(d_in=128, d_sae=32, reshape_activations="hook_z",
+                                                      metadata=meta), seed=2)
+    cfg = inspect_config(sae, n_tokens=256)
+    doc = inspect_sae(sae, cfg, tmp_path / "page", latents=[0, 7, 31], n_tokens=256)
+    rows, model = recomputed[0][: doc["n_rows"]], recomputed[3]
+    _, cache = model.run_with_cache(torch.as_tensor(rows, dtype=torch.long), names_filter=[hook])
+    acts = np.asarray(sae.encode(cache[hook].reshape(-1, 4, 32).numpy())).reshape(*rows.shape, -1)
+    for lat in doc["latents"]:
+        assert lat["top_contexts"]
+        for ex in lat["top_contexts"]:
+            assert ex["value"] == pytest.approx(acts[ex["row"], ex["position"], lat["index"]], rel=1e-5, abs=1e-5)
+
+
 def test_the_page_data_survives_markup_in_tokens():
     from jsae.dashboard import render_dashboard
 
