@@ -46,7 +46,9 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
         if key in raw:
             check_json_type(raw[key], kind, field=key, source=str(cfg_path), optional=optional)
     if raw.get("transcode") or raw.get("skip_connection"):
-        raise FormatError(f"{cfg_path}: sparsify transcoders / skip connections are not supported yet.")
+        from jsae.converters.sparsify_coders import read_sparsify_transcoder
+
+        return read_sparsify_transcoder(path, raw, overrides=overrides)
     if raw.get("activation", "topk") != "topk":
         raise FormatError(f"{cfg_path}: sparsify activation {raw.get('activation')!r} is not supported (only 'topk').")
     weights_path = path / SPARSIFY_WEIGHTS_FILENAME
