@@ -5,7 +5,8 @@ Both caches are written from the same token rows of configs/default.yaml's datas
 forward is replaced by seeded random activations of the hook's width, so writing is quick and both
 folders hold identical arrays (the read cost does not depend on the values). Each cache is then read
 twice over, alternating the layouts, best of `--repeats`:
-- **chunks**: the stream as the reader produces it (file -> torch tensor per model batch): the layout's own cost;
+- **chunks**: the stream as the reader produces it (file -> torch tensor per model batch, copied out once
+  as the shuffle buffer copies it): the layout's own cost;
 - **batches**: the training batches (shuffle buffer included, torch tensors): what training waits on.
 Both read from the page cache (the files were just written): the cost of the format, not of the disk.
 
@@ -64,9 +65,15 @@ def write_both(folder: Path, tokens: int, rows: int):
 
 def read_rate(reader, tokens: int, batches: bool) -> float:
     """Tokens per second of `tokens` read from `reader` (its chunk stream, or its training batches)."""
+    import torch
+
     stream = iter(reader) if batches else reader.chunks()
-    start, seen = time.perf_counter(), 0
+    start, seen, landing = time.perf_counter(), 0, None
     for item in stream:
+        if not batches:  # a chunk may be a view of a memory map: copy it out, as the shuffle buffer does
+            if landing is None or landing.shape != item.shape:
+                landing = torch.empty_like(item)
+            landing.copy_(item)
         seen += item.shape[0]
         if seen >= tokens:
             break

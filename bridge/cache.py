@@ -18,8 +18,10 @@ import dataclasses
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,6 @@ import numpy as np
 import torch
 
 from jsae import FormatError, MissingFileError
-from jsae.io import read_safetensors
 
 CACHE_FORMAT = "jsae-activation-cache-v1"
 META_FILENAME = "cache.json"
@@ -127,6 +128,33 @@ def read_cache_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+                "I32": torch.int32}
+
+
+def mapped_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as read-only views of the memory-mapped file: no copy (the shuffle
+    buffer copies what it keeps). Layout: an 8-byte little-endian header length, the JSON header
+    (dtype, shape, data_offsets per tensor), then the data."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length)
+        out = {}
+        with warnings.catch_warnings():  # read-only views: nothing writes to them
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            for name in names:
+                entry = header[name]
+                start, stop = entry["data_offsets"]
+                raw = torch.from_numpy(data[start:stop])
+                out[name] = raw.view(TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return out
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:
+        raise FormatError(f"{path}: not a readable cache shard, truncated or corrupt ({type(err).__name__}: {err}).") \
+            from err
+
+
 class CachedActivations:
     """Training batches from a cache, through the same shuffle buffer as live activations.
 
@@ -166,8 +194,8 @@ class CachedActivations:
         """The cached stream, one model forward at a time, forever (epochs repeat)."""
         while True:
             for shard in self.meta["shards"]:
-                tensors = read_safetensors(self.path / shard["file"])
-                acts = torch.from_numpy(np.ascontiguousarray(tensors[self.hook_name]))
+                tensors = mapped_tensors(self.path / shard["file"], [self.hook_name, "chunk_lengths"])
+                acts = tensors[self.hook_name]
                 if acts.shape[0] != shard["tokens"]:
                     raise FormatError(f"{self.path / shard['file']}: {acts.shape[0]} tokens, expected {shard['tokens']}.")
                 start = 0
