@@ -7,6 +7,7 @@ import copy
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -335,18 +336,32 @@ def test_transcoder_in_the_evals_reads_hook_name_and_writes_hook_name_out(tmp_pa
 
 
 def test_encoder_split_equals_encode():
-    from jsae.saes._hook_split import encoder_split
+    """Every split composes to the module's latents: for the SAELens variants on sae_lens' weights,
+    for jsae's own architectures on random ones."""
+    from jsae.saes import get_architecture
+    from jsae.saes._hook_split import SPLITS, encoder_split
 
     x = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
+    saes = []
     for variant in VARIANTS:
         ref_sae = make_saelens_sae(variant)
         params = {k: np.asarray(v.detach()) for k, v in ref_sae.state_dict().items()}
-        sae = jsae.SAE(jsae.io.config_from_dict(ref_sae.cfg.to_dict()), params)
+        saes.append(jsae.SAE(jsae.io.config_from_dict(ref_sae.cfg.to_dict()), params))
+    for name, extra in (("abstopk", {}), ("topk_transcoder", {"d_out": 10}), ("topk_skip_transcoder", {"d_out": 10})):
+        for rescale in (False, True):
+            cfg = get_architecture(name).config_cls(d_in=16, d_sae=48, k=6, rescale_acts_by_decoder_norm=rescale, **extra)
+            sae = jsae.SAE.from_config(cfg, seed=1)
+            saes.append(sae.replace(params=sae.params | {"b_enc": jnp.linspace(-0.5, 0.5, 48)}))
+    cfg = get_architecture("jumprelu_skip_transcoder").config_cls(d_in=16, d_sae=48, d_out=10)
+    sae = jsae.SAE.from_config(cfg, seed=1)
+    saes.append(sae.replace(params=sae.params | {"threshold": jnp.linspace(0.0, 0.6, 48)}))
+    assert {sae.cfg.architecture for sae in saes} == set(SPLITS)
+    for sae in saes:
         split = encoder_split(sae.cfg.architecture)
         sae_in, _ = sae.apply("prepare_input", x)
         hidden_pre = split.pre_activations(sae.params, sae.cfg, sae_in)
         np.testing.assert_array_equal(split.activate(sae.params, sae.cfg, hidden_pre, sae_in), sae.encode(x),
-                                      err_msg=variant)
+                                      err_msg=sae.cfg.architecture)
 
 
 def docs_python_blocks(*sections: str) -> list[str]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jsae.saes._base import Array, decoder_row_norms, topk_scatter
+from jsae.saes.abstopk import abs_topk
 from jsae.saes.jumprelu import jumprelu
 
 
@@ -38,10 +39,18 @@ def _jumprelu(params: dict, cfg, hidden_pre: Array, sae_in: Array) -> Array:
     return jumprelu(hidden_pre, params["threshold"])
 
 
-def _topk(params: dict, cfg, hidden_pre: Array, sae_in: Array) -> Array:
+def _rescaled(params: dict, cfg, hidden_pre: Array) -> Array:
     if cfg.rescale_acts_by_decoder_norm:
-        hidden_pre = hidden_pre * decoder_row_norms(params["W_dec"])
-    return topk_scatter(hidden_pre, cfg.k)
+        return hidden_pre * decoder_row_norms(params["W_dec"])
+    return hidden_pre
+
+
+def _topk(params: dict, cfg, hidden_pre: Array, sae_in: Array) -> Array:
+    return topk_scatter(_rescaled(params, cfg, hidden_pre), cfg.k)
+
+
+def _abstopk(params: dict, cfg, hidden_pre: Array, sae_in: Array) -> Array:
+    return abs_topk(_rescaled(params, cfg, hidden_pre), cfg.k)
 
 
 def _gated_magnitude(params: dict, cfg, sae_in: Array) -> Array:
@@ -57,11 +66,14 @@ SPLITS: dict[str, EncoderSplit] = {
     "standard": EncoderSplit(_affine, _relu),
     "jumprelu": EncoderSplit(_affine, _jumprelu),
     "topk": EncoderSplit(_affine, _topk),
+    "abstopk": EncoderSplit(_affine, _abstopk),
     "gated": EncoderSplit(_gated_magnitude, _gated),
     "transcoder": EncoderSplit(_affine, _relu),
     "skip_transcoder": EncoderSplit(_affine, _relu),
     "jumprelu_transcoder": EncoderSplit(_affine, _jumprelu),
     "jumprelu_skip_transcoder": EncoderSplit(_affine, _jumprelu),
+    "topk_transcoder": EncoderSplit(_affine, _topk),
+    "topk_skip_transcoder": EncoderSplit(_affine, _topk),
 }
 
 
