@@ -20,6 +20,7 @@ from jsae import io
 from jsae._errors import ConfigError, InputError
 from jsae.config import SAEConfig
 from jsae.saes import ForwardOutput, InputState, get_architecture
+from jsae.tensors import check_finite_params
 
 Array = jax.Array
 
@@ -87,6 +88,7 @@ class SAE:
     ) -> SAE:
         """Load an SAELens folder (any version), a sparsify folder or a Gemma Scope params.npz folder."""
         cfg, params, sparsity = io.read_folder(path, dtype=dtype)
+        check_finite_params(params, source=str(path))
         sae = cls(cfg, params, sparsity).to(device)
         return sae.fold_W_dec_norm() if fold_W_dec_norm else sae
 
@@ -249,13 +251,11 @@ class SAE:
         return self.replace(params=fold(self.params, self.cfg))
 
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> SAE:
-        """Fold a training-time input scale s into the weights: W_enc*s, W_dec/s, b_dec/s; mode -> none."""
-        p = dict(self.params)
-        dtype = p["W_enc"].dtype
-        p["W_enc"] = (p["W_enc"] * scaling_factor).astype(dtype)
-        p["W_dec"] = (p["W_dec"] / scaling_factor).astype(dtype)
-        p["b_dec"] = (p["b_dec"] / scaling_factor).astype(dtype)
-        return self.replace(cfg=self.cfg.replace(normalize_activations="none"), params=p)
+        """Fold a training-time input scale s into the weights as the architecture does (SAELens: W_enc*s,
+        W_dec/s, b_dec/s); normalize_activations becomes "none"."""
+        fold = get_architecture(self.cfg.architecture).fold_activation_norm_scaling_factor
+        params, cfg = fold(dict(self.params), self.cfg, scaling_factor)
+        return self.replace(cfg=cfg, params=params)
 
 
 def as_real_array(x: Any, *, what: str) -> Array:

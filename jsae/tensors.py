@@ -79,6 +79,20 @@ def check_tensor_dtypes(tensors: Mapping[str, Any], *, source: str, what: str = 
             )
 
 
+def check_finite_params(params: Mapping[str, Any], *, source: str) -> None:
+    """Raise FormatError when a parameter holds NaN or infinity: such an SAE gives NaN outputs, which
+    read as results. (sparsity is not a parameter: -inf there is the log10 density of a dead feature.)"""
+    bad = []
+    for name, value in sorted(params.items()):
+        array = np.asarray(value, dtype=np.float32)
+        n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if n_bad:
+            bad.append(f"{name}: {n_bad} of {array.size}")
+    if bad:
+        raise FormatError(f"{source}: the SAE's weights are not finite (NaN or infinite values in {'; '.join(bad)}); "
+                          "its outputs would be NaN. Retrain it (a lower lr often helps), or load an earlier checkpoint.")
+
+
 def check_params(params: Mapping[str, Any], cfg: SAEConfig, *, source: str) -> None:
     """Raise FormatError unless params hold exactly the architecture's float tensors with the right shapes."""
     shapes = expected_shapes(cfg)

@@ -1,0 +1,34 @@
+"""Inputs bench/probes.py found accepted silently or refused unclearly, each refused by a jsae error that names
+the field or file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jsae
+from jsae.io import read_safetensors, write_safetensors
+
+
+@pytest.fixture
+def folder(tmp_path):
+    jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=16, d_sae=32, k=4), seed=0).save_model(tmp_path / "sae")
+    return tmp_path / "sae"
+
+
+@pytest.mark.parametrize("name,index,value", [("W_enc", (0, 0), np.nan), ("b_dec", (3,), np.inf)])
+def test_loading_non_finite_weights_is_refused_naming_the_tensor(folder, name, index, value):
+    path = folder / "sae_weights.safetensors"
+    tensors = read_safetensors(path)
+    tensors[name][index] = value
+    write_safetensors(path, tensors)
+    with pytest.raises(jsae.FormatError, match=rf"sae: the SAE's weights are not finite .*{name}: 1 of"):
+        jsae.SAE.load_from_disk(folder)
+
+
+def test_a_dead_feature_sparsity_of_minus_infinity_still_loads(folder):
+    sparsity = np.zeros(32, np.float32)
+    sparsity[5] = -np.inf  # log10 of a feature that never fired
+    sae = jsae.SAE.load_from_disk(folder).replace(sparsity=sparsity)
+    sae.save_model(folder)
+    assert np.isneginf(np.asarray(jsae.SAE.load_from_disk(folder).sparsity)[5])
