@@ -10,7 +10,8 @@ chose them. The plan is recorded with every run (metrics.jsonl) and every saved 
 (cfg.json `metadata.jsae_execution`).
 
 A plan for another platform can be resolved on any machine (`resolve_plan(cfg, platform="gpu")`)
-and run there: it then uses only the reference primitives, which every platform runs.
+and run there: it then uses the reference primitives, which every platform runs, and that platform's
+JAX-level ones (`jsae.backends.accelerator`), its Pallas kernels in Pallas' interpret mode.
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ class ExecutionPlan:
         platform: "cpu", "gpu" or "tpu".
         topk: TopK training's path, "dense" or "sparse" (same losses and gradients); None for
             architectures without that choice.
-        top_k: the row top-k: "cpu_kernel", "xla_split" (one XLA top-k per CPU core) or "xla".
-        sparse_products: the sparse TopK path's gathers and scatters, "cpu_kernel" or "xla"; None
-            off the sparse path.
+        top_k: the row top-k: "cpu_kernel", "xla_split" (one XLA top-k per CPU core), "blockwise"
+            (two stages, no sort of whole rows; an accelerator's sparse path,
+            `jsae.backends.accelerator`) or "xla".
+        sparse_products: the sparse TopK path's gathers and scatters, "cpu_kernel", "pallas" (the
+            decoder as a Pallas kernel on a GPU, XLA's scatters; interpret mode off the GPU) or "xla";
+            None off the sparse path.
         encoder_product: the sparse path's dense encoder product, "blas" (the CPU kernels' BLAS) or "xla".
         encoder_screen: the sparse path's top-k is screened on AMX tiles without the float32 product.
         dense_step: a ReLU / JumpReLU dense step, "cpu_fused" (BLAS kernels with the elementwise
@@ -118,7 +122,10 @@ def _ops_for(plan: ExecutionPlan) -> Ops:
 
     sparse = plan.topk == "sparse"
     if plan.platform != "cpu":
-        ops = REFERENCE.replace(sparse_topk=sparse)
+        from jsae.backends import accelerator
+
+        ops = accelerator.ops(platform=plan.platform, top_k=plan.top_k, sparse_products=plan.sparse_products or "xla",
+                              sparse_topk=sparse, interpret=plan.platform != default_platform())
     else:
         from jsae.backends import cpu
 
@@ -182,6 +189,15 @@ def resolve_plan(cfg, *, platform: str | None = None, devices: Sequence | None =
         from jsae.backends.cpu import cpu_cores
 
         top_k = "xla_split" if on_cpu and cpu_cores() > 1 else "xla"
+    if sparse and platform != "cpu":
+        top_k = "blockwise"  # the aux-k loss takes k = d_in / 2: no sort of whole rows
+    if not sparse:
+        sparse_products = None
+    elif platform != "cpu":
+        # the Pallas decoder is written for GPUs (Triton); a TPU keeps XLA's gathers
+        sparse_products = "pallas" if platform == "gpu" else "xla"
+    else:
+        sparse_products = "cpu_kernel" if product_kernels else "xla"
     dense_step = None
     if hasattr(sae, "dense_step_fusable"):
         fused = (sae.dense_implementation == "auto" and dense_kernels and not sharded and sae.dense_step_fusable())
@@ -196,7 +212,7 @@ def resolve_plan(cfg, *, platform: str | None = None, devices: Sequence | None =
         platform=platform,
         topk=topk,
         top_k=top_k,
-        sparse_products=("cpu_kernel" if product_kernels else "xla") if sparse else None,
+        sparse_products=sparse_products,
         encoder_product="blas" if sparse and dense_kernels else "xla",
         encoder_screen=sparse and amx and sae.d_sae >= SCREEN_MIN_D_SAE,
         dense_step=dense_step,

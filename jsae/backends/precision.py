@@ -21,7 +21,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jsae.saes import _ops
 from jsae.saes._ops import Ops
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -67,8 +66,8 @@ mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 def with_compute_dtype(ops: Ops, compute_dtype: str) -> Ops:
     """`ops` with its products in `compute_dtype` (float32 accumulation); `ops` itself for float32.
 
-    Only the reference products are replaced: a back end's kernels stay what they are, so the plan
-    must not pick float32-only kernels for a lower compute dtype (`resolve_plan` does not).
+    The products are `ops`' own with their inputs cast (which must take `out_dtype`, as the reference
+    and the Pallas decoder do); the plan picks no float32-only kernel for a lower compute dtype.
     """
     if compute_dtype == "float32":
         return ops
@@ -76,13 +75,13 @@ def with_compute_dtype(ops: Ops, compute_dtype: str) -> Ops:
     dot = functools.partial(mixed_dot, dtype=dtype)
 
     def gather_rows_weighted(weights, indices, table):
-        return _ops.gather_rows_weighted(weights.astype(dtype), indices, table.astype(dtype), out_dtype=table.dtype)
+        return ops.gather_rows_weighted(weights.astype(dtype), indices, table.astype(dtype), out_dtype=table.dtype)
 
     def gather_rows_dot(rows, indices, table):
-        return _ops.gather_rows_dot(rows.astype(dtype), indices, table.astype(dtype))
+        return ops.gather_rows_dot(rows.astype(dtype), indices, table.astype(dtype))
 
     def scatter_rows(weights, indices, rows, m):
-        return _ops.scatter_rows(weights.astype(dtype), indices, rows.astype(dtype), m, out_dtype=rows.dtype)
+        return ops.scatter_rows(weights.astype(dtype), indices, rows.astype(dtype), m, out_dtype=rows.dtype)
 
     return ops.replace(
         name=f"{ops.name}+{compute_dtype}", dot=dot, matmul=dot,
