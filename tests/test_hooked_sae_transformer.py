@@ -164,6 +164,21 @@ def test_ablation_matches_saelens(tmp_path, model, ref, tokens, variant, error):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gated", "topk_rescaled", "jumprelu_transcoder"])
+def test_pre_activation_edit_matches_saelens(tmp_path, model, ref, tokens, variant):
+    ref_sae, sae = pair(tmp_path, variant)
+    latent = most_active_latent(model, sae, tokens)
+
+    def boost(acts, hook):
+        return acts + 2.0 * (torch.arange(acts.shape[-1]) == latent)
+
+    point = f"{out_hook(sae)}.hook_sae_acts_pre"
+    want = ref.run_with_hooks_with_saes(tokens, saes=[ref_sae], fwd_hooks=[(point, boost)])
+    got = model.run_with_hooks_with_saes(tokens, saes=[sae], fwd_hooks=[(point, boost)])
+    assert rel_err(got, want) <= TOL
+    assert rel_err(got, model.run_with_saes(tokens, saes=[sae])) > 1e-4
+
+
 def test_steering_helpers_equal_the_hand_computation(tmp_path, base, model, tokens, clean_logits):
     from bridge.steering import add_decoder_direction, clamp_latent, scale_latent
 
