@@ -141,6 +141,9 @@ def mapped_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length)
+        end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+        if data.shape[0] != end:
+            raise ValueError(f"{data.shape[0]} bytes of data, the header describes {end}")
         out = {}
         with warnings.catch_warnings():  # read-only views: nothing writes to them
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")

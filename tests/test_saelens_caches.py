@@ -210,3 +210,24 @@ def test_bad_saelens_caches_are_refused(tmp_path, model):
     with pytest.raises(jsae.FormatError, match="already exists"):
         write_saelens_cache(cfg, model, tmp_path / "c", n_tokens=1024)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "no_ids"]  # nothing half-written left
+
+
+def test_a_cut_jsae_shard_is_a_format_error(tmp_path, model):
+    """jsae's cache is read from memory-mapped shards: one cut short is an error naming it, not a crash."""
+    from bridge.cache import CachedActivations, write_cache
+    from bridge.runner import prepare
+
+    _, cfg = prepare(run_cfg(tmp_path))
+    write_cache(cfg, model, tmp_path / "c", n_tokens=1024)
+    reader = CachedActivations(tmp_path / "c", HOOK, 512)
+    np.testing.assert_array_equal(next(reader.chunks()).numpy(), stored_jsae(tmp_path / "c")[: ROWS * CONTEXT])
+    shard = tmp_path / "c" / "shard_00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(jsae.FormatError, match="shard_00000.safetensors: not a readable cache shard"):
+        next(reader.chunks())
+
+
+def stored_jsae(path) -> np.ndarray:
+    from jsae.io import read_safetensors
+
+    return read_safetensors(path / "shard_00000.safetensors")[HOOK]
