@@ -194,6 +194,11 @@ def test_bad_saelens_caches_are_refused(tmp_path, model):
     _, cfg = prepare(run_cfg(tmp_path))
     write_saelens_cache(cfg, model, tmp_path / "c", n_tokens=1024)
     cached = dataclasses.replace(cfg, cached_activations_path=str(tmp_path / "c"))
+    from bridge.dry_run import check_cache
+
+    assert check_cache(cached, 128, model) == f"cached_activations_path: {tmp_path / 'c'} (a finished saelens cache of {HOOK})"
+    with pytest.raises(jsae.ConfigError, match="holds 'blocks.2.hook_resid_pre' with width 128, not sae.d_in=64"):
+        check_cache(cached, 64, model)
     with pytest.raises(jsae.FormatError, match="has no column 'blocks.1.hook_resid_pre'"):
         cached_activations(cached, "blocks.1.hook_resid_pre", model)
     with pytest.raises(jsae.FormatError, match=r"expected \(64, d_in\): context_size / seqpos_slice"):
