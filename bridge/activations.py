@@ -123,6 +123,8 @@ class ActivationSource:
     Args:
         model: a HookedTransformer, or a bridge.hf_model.HookedHFModel.
         hook_names: one or several hook points; several give dict batches (one forward for all).
+        joined: several hooks' activations side by side in one (tokens, sum of widths) array per batch
+            instead of a dict (a transcoder's input and target: rows of the buffer, shuffled as one).
         token_rows: an iterator of token rows, each `context_size` ids (see bridge.data).
         batch_size: tokens per yielded batch.
         context_size: tokens per row (default: the model's n_ctx); sizes the shuffle buffer.
@@ -166,10 +168,12 @@ class ActivationSource:
         device: str | None = None,
         fused_forward: bool = True,
         act_store_device: str = "with_model",
+        joined: bool = False,
         activations_mixing_fraction: float = 0.5,
         autocast_lm: bool = False,
     ):
         self.single = isinstance(hook_names, str)
+        self.joined = joined
         self.hook_names = [hook_names] if self.single else list(hook_names)
         for name in self.hook_names:
             check_hook(model, name)
@@ -268,7 +272,7 @@ class ActivationSource:
 
     # ------------------------------------------------------------------ the hand-off
     def _split(self, batch: torch.Tensor) -> Any:
-        if self.single:
+        if self.single or self.joined:
             return batch
         out, start = {}, 0
         for name, width in zip(self.hook_names, self.widths, strict=True):
@@ -280,7 +284,7 @@ class ActivationSource:
         parts = self._split(batch)
         if not self.as_jax:
             return parts
-        if self.single:
+        if self.single or self.joined:
             return torch_to_jax(parts)
         return {k: torch_to_jax(v) for k, v in parts.items()}
 

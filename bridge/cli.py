@@ -89,7 +89,8 @@ def train(args: argparse.Namespace) -> int:
     what = f"{cfg.train.sae.architecture} SAE {cfg.train.sae.d_in} -> {cfg.train.sae.d_sae}"
     if cfg.sweep:
         what = f"sweep of {len(next(iter(cfg.sweep.values())))} {what}s over {', '.join(cfg.sweep)}"
-    print(f"jsae train: {what} on {cfg.model_name} {', '.join(cfg.hooks)}, {cfg.train.total_training_tokens:,} "
+    hooks = ", ".join(cfg.hooks) + (f" -> {cfg.hook_name_out}" if cfg.hook_name_out is not None else "")
+    print(f"jsae train: {what} on {cfg.model_name} {hooks}, {cfg.train.total_training_tokens:,} "
           "tokens", flush=True)
     if args.dry_run:
         from bridge.dry_run import dry_run_train

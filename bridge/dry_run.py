@@ -121,6 +121,8 @@ def dry_run_train(cfg: RunConfig, *, cache_path: str | None = None) -> list[str]
     width = hook_width(model, cfg.hooks[0], cfg.hook_head_index)
     lines = [f"model: {cfg.model_name}, {'hooks' if cfg.hook_names else 'hook'} {', '.join(cfg.hooks)} "
              f"(width {width} = sae.d_in)"]
+    if cfg.hook_name_out is not None:  # (prepare checked its width)
+        lines.append(f"target: hook_name_out {cfg.hook_name_out} (width {cfg.train.sae.d_out} = sae.d_out)")
     if cfg.activations_cache is not None and cache_path is None:
         lines.append(check_cache(cfg, width, model))
     row = check_first_row(cfg, model)

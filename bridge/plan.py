@@ -18,7 +18,7 @@ def activation_buffer_bytes(cfg: RunConfig) -> int:
     (tokens, d_in) slice of `activations_dtype` per hook."""
     tokens = cfg.n_batches_in_buffer * cfg.store_batch_size_prompts * cfg.context_size
     width = 2 if cfg.activations_dtype == "bfloat16" else 4
-    return tokens * cfg.train.sae.d_in * width * len(cfg.hooks)
+    return tokens * cfg.train.sae.batch_width * width * len(cfg.hooks)  # a transcoder's rows: d_in + d_out
 
 
 def plan_report(cfg: RunConfig) -> dict[str, Any]:

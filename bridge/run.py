@@ -49,6 +49,9 @@ def prepare(cfg: RunConfig):
                 f"sae.d_in={sae.d_in} contradicts the width of {hook!r} ({field}) in {cfg.model_name!r}, which is "
                 f"{width}" + ("; every hook of hook_names needs the same width." if cfg.hook_names else ".")
             )
+    if cfg.hook_name_out is not None and sae.d_out != hook_width(model, cfg.hook_name_out, None):
+        raise ConfigError(f"sae.d_out={sae.d_out} contradicts the width of {cfg.hook_name_out!r} (hook_name_out) in "
+                          f"{cfg.model_name!r}, which is {hook_width(model, cfg.hook_name_out, None)}.")
     metadata = Metadata(dict(sae.metadata) | cfg.metadata() | {"hook_name": cfg.hooks[0]})
     return model, dataclasses.replace(cfg, train=cfg.train.replace(sae=sae.replace(metadata=metadata)))
 

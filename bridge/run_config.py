@@ -77,6 +77,8 @@ class RunConfig:
         hook_name: the hook point the SAE reads, e.g. "blocks.2.hook_resid_pre" ("model.layers.8" for a
             Hugging Face model: the module's output, its first element when a tuple).
         hook_head_index: keep one attention head of a hook_z-style hook.
+        hook_name_out: the hook a transcoder learns to produce from hook_name (its target, e.g.
+            "blocks.1.hook_mlp_out"); needs a transcoder `sae.architecture`, which it alone allows.
         hook_names: several hook points (same width) read in one model forward, each training its own
             SAE (or sweep); replaces hook_name. Folders: <output_path>/<hook>[/<sweep member>].
         sweep: zipped sweep axes, e.g. {"sae.k": [16, 32], "lr": [1e-3, 3e-4]}: one SAE per position,
@@ -130,6 +132,7 @@ class RunConfig:
     hook_name: str = "blocks.2.hook_resid_pre"
     hook_head_index: int | None = None
     hook_names: list | None = None
+    hook_name_out: str | None = None
     sweep: dict = dataclasses.field(default_factory=dict)
     dataset_path: str = "stdlib"
     dataset_split: str = "train"
@@ -206,6 +209,7 @@ class RunConfig:
             if len(set(names)) != len(names):
                 raise ConfigError(f"hook_names lists a hook twice: {names}.")
             object.__setattr__(self, "hook_names", list(names))
+        self._check_transcoder()
         if self.activation_cache_path is not None and self.cached_activations_path is not None:
             raise ConfigError("activation_cache_path and cached_activations_path name the same thing (the cache to "
                               "train from); set one of them.")
@@ -214,6 +218,27 @@ class RunConfig:
         if not 1 <= len(self.seqpos_slice) <= 3:
             raise ConfigError(f"seqpos_slice must have 1 to 3 entries, got {list(self.seqpos_slice)}.")
         self._check_token_fields()
+
+    def _check_transcoder(self) -> None:
+        """hook_name_out goes with a transcoder (and a transcoder with it), one input hook, whole activations."""
+        from jsae.saes.transcoder_training import TranscoderTrainingFields
+
+        out = self.hook_name_out
+        if out is not None and not isinstance(out, str):
+            raise ConfigError(f"hook_name_out: expected a hook point name or null, got {out!r}.")
+        if self.train is None:
+            return
+        transcoder, arch = isinstance(self.train.sae, TranscoderTrainingFields), self.train.sae.architecture
+        if transcoder and out is None:
+            raise ConfigError(f"sae.architecture: {arch!r} learns one hook's activations from another's: set "
+                              "hook_name_out (the hook it produces; hook_name is the one it reads).")
+        if out is not None and not transcoder:
+            known = f"{arch}_transcoder" if arch in ("topk", "jumprelu") else "transcoder"
+            raise ConfigError(f"hook_name_out: {out!r} is a transcoder's target, but sae.architecture is {arch!r}; "
+                              f"use a transcoder architecture (e.g. {known!r}), or drop hook_name_out.")
+        if out is not None and (self.hook_names is not None or self.hook_head_index is not None):
+            raise ConfigError("hook_name_out: a transcoder reads one hook point (hook_name), whole: it takes neither "
+                              "hook_names nor hook_head_index.")
 
     def _check_token_fields(self) -> None:
         """The fields that pick positions and token ids hold what they can mean; what depends on the
@@ -294,6 +319,11 @@ class RunConfig:
         """The hook points this run trains SAEs on."""
         return list(self.hook_names) if self.hook_names else [self.hook_name]
 
+    @property
+    def read_hooks(self) -> list[str]:
+        """The hook points one model forward reads: `hooks`, then a transcoder's hook_name_out (its target)."""
+        return self.hooks + ([self.hook_name_out] if self.hook_name_out is not None else [])
+
     def metadata(self) -> dict[str, Any]:
         """What SAELens records in an SAE's metadata about where its activations came from."""
         return {
@@ -309,5 +339,4 @@ class RunConfig:
             "sequence_separator_token": self.sequence_separator_token,
             "disable_concat_sequences": self.disable_concat_sequences,
             "model_from_pretrained_kwargs": dict(self.model_from_pretrained_kwargs),
-        }
-
+        } | ({"hook_name_out": self.hook_name_out} if self.hook_name_out is not None else {})

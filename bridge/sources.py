@@ -24,14 +24,20 @@ def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: 
     from bridge.activations import ActivationSource
 
     return ActivationSource(
-        model, cfg.hook_names or cfg.hook_name, token_rows(cfg, model, split=split, cycle=cycle),
+        model, source_hooks(cfg), token_rows(cfg, model, split=split, cycle=cycle),
         batch_size=batch_size or cfg.train.train_batch_size_tokens, context_size=cfg.context_size,
         store_batch_size_prompts=cfg.store_batch_size_prompts, n_batches_in_buffer=cfg.n_batches_in_buffer,
         seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
         hook_head_index=cfg.hook_head_index, dtype=cfg.activations_dtype, seed=cfg.train.seed if seed is None else seed,
-        fused_forward=cfg.fused_forward, act_store_device=cfg.act_store_device,
+        fused_forward=cfg.fused_forward, act_store_device=cfg.act_store_device, joined=cfg.hook_name_out is not None,
         activations_mixing_fraction=cfg.activations_mixing_fraction, autocast_lm=cfg.autocast_lm,
     )
+
+
+def source_hooks(cfg: RunConfig) -> str | list[str]:
+    """What the model's forward is read at: hook_name (plain batches), hook_names (dict batches), or a
+    transcoder's [hook_name, hook_name_out] (joined: input and target side by side in each row)."""
+    return cfg.read_hooks if cfg.hook_name_out is not None else cfg.hook_names or cfg.hook_name
 
 
 def cached_source(cfg: RunConfig, model=None):
@@ -39,7 +45,12 @@ def cached_source(cfg: RunConfig, model=None):
     `model` names the special tokens a SAELens cache excludes as it is read."""
     from bridge.saelens_cache import cached_activations
 
-    per_hook = {hook: cached_activations(cfg, hook, model) for hook in cfg.hooks}
+    per_hook = {hook: cached_activations(cfg, hook, model) for hook in cfg.read_hooks}
+    if cfg.hook_name_out is not None:  # same seed, same shuffle: each input row meets its target
+        import jax.numpy as jnp
+
+        return (jnp.concatenate([jnp.asarray(x), jnp.asarray(y)], axis=-1)
+                for x, y in zip(*per_hook.values(), strict=False))
     if not cfg.hook_names:
         return per_hook[cfg.hook_name]
     # same seed, same shuffle: the hooks' batches stay aligned token by token

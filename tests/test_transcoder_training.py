@@ -182,3 +182,76 @@ def test_batches_of_the_wrong_width_are_refused():
                            train_batch_size_tokens=BATCH, progress_bar=False)
     with pytest.raises(jsae.InputError, match=r"d_in \+ d_out=28"):
         jsae.train(cfg, [np.zeros((BATCH, D_IN), np.float32)] * 2)
+
+
+# --------------------------------------------------------------------------- the run on the embedded model
+HOOK_IN, HOOK_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+def transcoder_run_cfg(tmp_path, **changes):
+    from bridge.run_config import CONFIG_DIR, RunConfig
+
+    data = {"total_training_tokens": 49152, "train_batch_size_tokens": 2048, "lr_decay_steps": 4,
+            "n_batches_in_buffer": 4, "checkpoint_path": None, "progress_bar": False, "n_eval_batches": 1,
+            "eval_batch_size_prompts": 8, "output_path": str(tmp_path / "tc")} | changes
+    return RunConfig.from_yaml(CONFIG_DIR / "transcoder.yaml", data)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from bridge.model import load_model
+
+    return load_model("embedded")
+
+
+def test_input_and_target_rows_stay_paired_through_the_shuffle(model, tmp_path):
+    import torch
+
+    from bridge.sources import activation_source
+
+    cfg = transcoder_run_cfg(tmp_path)
+    assert cfg.hooks == [HOOK_IN] and cfg.read_hooks == [HOOK_IN, HOOK_OUT]
+    batch = np.asarray(next(iter(activation_source(cfg, model))))
+    assert batch.shape == (2048, 256)
+    # the target is block 1's MLP applied to the input row it travels with (after ln2's weight and bias,
+    # which TransformerLens applies after hook_normalized)
+    ln2, x = model.blocks[1].ln2, torch.from_numpy(batch[:, None, :128].copy())
+    with torch.no_grad():
+        want = model.blocks[1].mlp(x * ln2.w + ln2.b).numpy()[:, 0]
+    assert relative(batch[:, 128:], want) < 1e-5
+
+
+def test_run_config_checks_the_transcoder_fields(tmp_path, model):
+    from bridge.run import prepare
+    from bridge.run_config import RunConfig
+
+    with pytest.raises(jsae.ConfigError, match="hook_name_out: .*'topk_transcoder'"):
+        RunConfig.from_dict({"hook_name_out": HOOK_OUT, "sae": {"architecture": "topk", "d_in": 128, "d_sae": 256,
+                                                                "k": 8}, "total_training_tokens": 4096})
+    with pytest.raises(jsae.ConfigError, match="set hook_name_out"):
+        RunConfig.from_dict({"sae": {"architecture": "transcoder", "d_in": 128, "d_out": 128, "d_sae": 256},
+                             "total_training_tokens": 4096})
+    with pytest.raises(jsae.ConfigError, match="hook_names nor hook_head_index"):
+        transcoder_run_cfg(tmp_path, hook_names=[HOOK_IN, "blocks.2.ln2.hook_normalized"])
+    with pytest.raises(jsae.ConfigError, match=r"sae.d_out=64 contradicts the width of 'blocks.1.hook_mlp_out'"):
+        prepare(transcoder_run_cfg(tmp_path, sae={"d_out": 64}))
+
+
+@pytest.mark.slow
+def test_run_saves_a_transcoder_sae_lens_loads_and_reports_its_ce_loss_score(tmp_path, model):
+    import torch
+    from sae_lens import SAE as SaeLensSAE
+
+    from bridge.run import run
+
+    sae, summary = run(transcoder_run_cfg(tmp_path))
+    # the CE loss score with the transcoder spliced in at hook_name_out (replacing block 1's MLP output)
+    assert -1 < summary["ce_loss_score"] <= 1 and np.isfinite(summary["explained_variance"])
+    ref = SaeLensSAE.load_from_disk(str(tmp_path / "tc"), device="cpu")
+    assert type(ref).__name__ == "SkipTranscoder"
+    assert ref.cfg.metadata.hook_name == HOOK_IN and ref.cfg.metadata.hook_name_out == HOOK_OUT
+    _, cache = model.run_with_cache(torch.tensor([list(range(1, 65))]), names_filter=[HOOK_IN])
+    x = cache[HOOK_IN][0]
+    with torch.no_grad():
+        got = ref(x).numpy()
+    np.testing.assert_allclose(got, np.asarray(sae(x.numpy())), rtol=1e-5, atol=1e-5)
