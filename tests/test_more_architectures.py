@@ -224,3 +224,30 @@ def test_tied_architectures_expose_their_encoder():
     np.testing.assert_array_equal(np.asarray(sae.W_enc), np.asarray(sae.W_dec).T)
     metrics = featurewise_weight_metrics(sae.params)
     np.testing.assert_allclose(metrics["encoder_decoder_cosine_sim"], 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["matching_pursuit", "abstopk"])
+def test_fold_activation_norm_scaling_factor_as_saelens(case, tmp_path):
+    """Matching pursuit folds an input scale into b_dec and residual_threshold (its tied decoder keeps
+    its directions), bit for bit as sae_lens does; other architectures fold into W_enc / W_dec / b_dec."""
+    ref = saelens_sae(case, seed=8)
+    ref.save_model(tmp_path / "ref")
+    sae = jsae.SAE.load_from_disk(tmp_path / "ref").fold_activation_norm_scaling_factor(0.37)
+    ref.fold_activation_norm_scaling_factor(0.37)
+    for name, value in ref.state_dict().items():
+        np.testing.assert_array_equal(np.asarray(sae.params[name]), to_numpy(value), err_msg=name)
+    assert sae.cfg.normalize_activations == ref.cfg.normalize_activations == "none"
+    if case == "matching_pursuit":
+        assert sae.cfg.residual_threshold == ref.cfg.residual_threshold
+    x = inputs(case)
+    acts, _, out = outputs(ref, x)
+    got_acts, _, got_out = jsae_outputs(sae, x.numpy(), acts.numpy())
+    assert rel_err(got_acts, acts.numpy()) <= 1e-5 and rel_err(got_out, out.numpy()) <= 1e-5
+
+
+def test_temporal_refuses_to_fold_an_input_scale():
+    from jsae._errors import ConfigError
+
+    cfg = jsae.saes.get_architecture("temporal").config_cls(d_in=D_IN, d_sae=D_SAE, n_heads=2, bottleneck_factor=4)
+    with pytest.raises(ConfigError, match="constant_scalar_rescale"):
+        random_sae(cfg, 0).fold_activation_norm_scaling_factor(2.0)

@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from jsae._errors import ConfigError, close_names
 from jsae.config import SAEConfig
 from jsae.saes import (
@@ -25,14 +27,39 @@ from jsae.saes._base import BaseSAEModule, ForwardOutput, InputState
 from jsae.saes._training import COMMON_LATENT_AXES, TrainOutput
 
 
+def scale_tensor(value: Any, scaling_factor: float, *, divide: bool) -> np.ndarray:
+    """value * s (or / s) as torch computes `tensor *= s` on CPU: IEEE arithmetic with s in the
+    tensor's dtype, 16-bit floats in float32 rounded once (NumPy, not XLA, which may turn a division
+    by a constant into a multiplication by its reciprocal)."""
+    value = np.asarray(value)
+    acc = np.dtype(np.float32) if value.dtype.itemsize < 4 else value.dtype
+    s = acc.type(scaling_factor)
+    return (value.astype(acc) / s if divide else value.astype(acc) * s).astype(value.dtype)
+
+
+def fold_input_scale(params: dict, cfg: SAEConfig, scaling_factor: float) -> tuple[dict, SAEConfig]:
+    """SAELens' fold_activation_norm_scaling_factor: W_enc*s, W_dec/s, b_dec/s, normalize_activations
+    -> "none"."""
+    out = dict(params)
+    out["W_enc"] = scale_tensor(params["W_enc"], scaling_factor, divide=False)
+    for name in ("W_dec", "b_dec"):
+        out[name] = scale_tensor(params[name], scaling_factor, divide=True)
+    return out, cfg.replace(normalize_activations="none")
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """What jsae knows about one SAELens architecture."""
+    """What jsae knows about one SAELens architecture.
+
+    `fold_activation_norm_scaling_factor`: (params, cfg, s) -> (params, cfg) for inputs that were
+    scaled by s in training, as SAELens folds them (`fold_input_scale` unless the architecture differs).
+    """
 
     name: str
     config_cls: type[SAEConfig]
     module_cls: type[BaseSAEModule]
     fold_W_dec_norm: Callable[[dict, SAEConfig], dict]
+    fold_activation_norm_scaling_factor: Callable[[dict, SAEConfig, float], tuple[dict, SAEConfig]] = fold_input_scale
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -66,9 +93,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("topk_skip_transcoder", transcoder.TopKSkipTranscoderConfig, transcoder.TopKSkipTranscoder,
                      transcoder.fold_W_dec_norm),
         Architecture("abstopk", abstopk.AbsTopKSAEConfig, abstopk.AbsTopKSAE, abstopk.fold_W_dec_norm),
-        Architecture("temporal", temporal.TemporalSAEConfig, temporal.TemporalSAE, temporal.fold_W_dec_norm),
+        Architecture("temporal", temporal.TemporalSAEConfig, temporal.TemporalSAE, temporal.fold_W_dec_norm,
+                     temporal.fold_activation_norm_scaling_factor),
         Architecture("matching_pursuit", matching_pursuit.MatchingPursuitSAEConfig,
-                     matching_pursuit.MatchingPursuitSAE, matching_pursuit.fold_W_dec_norm),
+                     matching_pursuit.MatchingPursuitSAE, matching_pursuit.fold_W_dec_norm,
+                     matching_pursuit.fold_activation_norm_scaling_factor),
     )
 }
 

@@ -122,6 +122,19 @@ def fold_W_dec_norm(params: dict, cfg: MatchingPursuitSAEConfig) -> dict:
                       "rows changes which latents matching pursuit picks.")
 
 
+def fold_activation_norm_scaling_factor(params: dict, cfg: MatchingPursuitSAEConfig,
+                                        scaling_factor: float) -> tuple[dict, MatchingPursuitSAEConfig]:
+    """Inputs scaled by s in training: b_dec/s and residual_threshold/s (the residual is in input
+    units); the tied decoder keeps its directions, so the same latents are picked at 1/s the value.
+    W_dec is (W_dec * s) / s, rounded as SAELens' fold leaves it (it scales W_dec through its W_enc
+    view, then divides)."""
+    from jsae.saes import scale_tensor
+
+    W_dec = scale_tensor(scale_tensor(params["W_dec"], scaling_factor, divide=False), scaling_factor, divide=True)
+    out = dict(params, W_dec=W_dec, b_dec=scale_tensor(params["b_dec"], scaling_factor, divide=True))
+    return out, cfg.replace(normalize_activations="none", residual_threshold=cfg.residual_threshold / scaling_factor)
+
+
 # --------------------------------------------------------------------------- training
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatchingPursuitTrainingSAEConfig(MatchingPursuitSAEConfig, TrainingFields):

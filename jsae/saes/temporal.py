@@ -209,3 +209,8 @@ class TemporalSAE(BaseSAEModule):
 
 def fold_W_dec_norm(params: dict, cfg: TemporalSAEConfig) -> dict:
     raise ConfigError("fold_W_dec_norm is not supported for temporal SAEs (nor in SAELens).")
+
+
+def fold_activation_norm_scaling_factor(params: dict, cfg: TemporalSAEConfig, scaling_factor: float):
+    raise ConfigError("fold_activation_norm_scaling_factor is not supported for temporal SAEs (nor in SAELens); "
+                      "their input scale is normalize_activations: constant_scalar_rescale.")

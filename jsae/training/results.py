@@ -10,7 +10,7 @@ import numpy as np
 
 from jsae.backends import ExecutionPlan
 from jsae.sae import SAE
-from jsae.saes import TrainingArchitecture
+from jsae.saes import TrainingArchitecture, get_architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +44,8 @@ def saved_sae(host_state, cfg, arch: TrainingArchitecture, plan: ExecutionPlan) 
     scale = 1.0
     if sae_cfg.normalize_activations == "expected_average_only_in":
         scale = float(host_state.scaling_factor)
-        params |= {"W_enc": params["W_enc"] * scale, "W_dec": params["W_dec"] / scale,
-                   "b_dec": params["b_dec"] / scale}
-        inference_cfg = inference_cfg.replace(normalize_activations="none")
+        fold = get_architecture(inference_cfg.architecture).fold_activation_norm_scaling_factor
+        params, inference_cfg = fold(params, inference_cfg, scale)
     params = arch.to_inference({k: jnp.asarray(v) for k, v in params.items()}, host_state.extra, sae_cfg, scale)
     params = {k: v.astype(inference_cfg.jnp_dtype) for k, v in params.items()}
     density = np.asarray(feature_density(host_state))
