@@ -35,7 +35,18 @@ FLOAT_PATTERN = re.compile(r"""^(?:
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader with YAML 1.2's float syntax (PyYAML reads 3e-4 as the string "3e-4")."""
+    """PyYAML's SafeLoader with YAML 1.2's float syntax (PyYAML reads 3e-4 as the string "3e-4"), and a key
+    given twice in one mapping is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                            f"found the key {key.value!r} twice", key.start_mark)
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
 
 
 ConfigLoader.yaml_implicit_resolvers = {

@@ -32,3 +32,23 @@ def test_a_dead_feature_sparsity_of_minus_infinity_still_loads(folder):
     sae = jsae.SAE.load_from_disk(folder).replace(sparsity=sparsity)
     sae.save_model(folder)
     assert np.isneginf(np.asarray(jsae.SAE.load_from_disk(folder).sparsity)[5])
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    from bridge.run_config import DEFAULT_CONFIG, RunConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text(DEFAULT_CONFIG.read_text() + "lr: 0.5\n")  # lr is set above too
+    with pytest.raises(jsae.ConfigError, match=r"(?s)run\.yaml: not valid YAML .*the key 'lr' twice.*line \d+"):
+        RunConfig.from_yaml(path)
+    nested = DEFAULT_CONFIG.read_text().replace("  k: 32", "  k: 32\n  k: 8")
+    path.write_text(nested)
+    with pytest.raises(jsae.ConfigError, match=r"the key 'k' twice"):
+        RunConfig.from_yaml(path)
+
+
+def test_a_merge_key_still_reads(tmp_path):
+    from bridge.run_config import load_yaml
+
+    assert load_yaml("base: &b {k: 4, d_in: 8}\nsae: {<<: *b, k: 16}") == {"base": {"k": 4, "d_in": 8},
+                                                                          "sae": {"k": 16, "d_in": 8}}
