@@ -214,6 +214,7 @@ def test_bfloat16_compute_trains_the_default_run_as_well_as_float32(tmp_path):
         cfg = run_config(**budget, compute_dtype=dtype, output_path=str(tmp_path / dtype))
         _, summary = run(cfg)
         evs[dtype] = summary["explained_variance"]
+    print(f"explained variance at {budget['total_training_tokens']} tokens: {evs}")
     assert evs["float32"] > 0.5
     assert abs(evs["bfloat16"] - evs["float32"]) < 0.01, evs
 
