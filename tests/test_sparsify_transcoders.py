@@ -1,5 +1,5 @@
-"""EleutherAI sparsify transcoder and skip-transcoder folders, written by sparsify itself (the optional
-`sparsify` extra: eai-sparsify), load in jsae and compute what sparsify computes."""
+"""EleutherAI sparsify transcoder and skip-transcoder folders, written by sparsify itself (eai-sparsify, in the
+test extra), load in jsae and compute what sparsify computes."""
 
 from __future__ import annotations
 
