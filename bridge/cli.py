@@ -19,12 +19,13 @@ def _overrides(pairs: list[str]) -> dict:
     import yaml
 
     from bridge.run_config import load_yaml
+    from jsae import ConfigError
 
     out: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}.")
         *parents, leaf = key.split(".")
         target = out
         for parent in parents:
@@ -32,7 +33,7 @@ def _overrides(pairs: list[str]) -> dict:
         try:
             target[leaf] = load_yaml(value)
         except yaml.YAMLError as err:
-            raise SystemExit(f"--set {key}: not a YAML value: {value!r} ({err})") from None
+            raise ConfigError(f"--set {key}: not a YAML value: {value!r} ({err}).") from None
     return out
 
 
@@ -100,6 +101,10 @@ def train(args: argparse.Namespace) -> int:
     print(_plan_line(cfg), flush=True)
     _hugepage_hint()
     sae, summary = run(cfg)
+    import jax
+
+    if jax.process_index() != 0:  # process 0 wrote the folder and reports
+        return 0
     where = cfg.train.output_path or "(not saved: no output_path)"
     if "saes" in summary:  # a sweep or several hooks: one row per SAE
         from bridge.summaries import summary_table
@@ -262,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the summary as one JSON line (a NaN or infinite "
                    "value is written as null)")
     p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process run: process 0's address (with --num-processes and --process-id; not needed "
+                        "under SLURM, mpirun or JAX_COORDINATOR_ADDRESS, which JAX reads itself)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-process run: how many processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-process run: this process's index, from 0")
     p.set_defaults(func=train)
 
     p = sub.add_parser("eval", help="evaluate an SAE folder (jsae or sae_lens) spliced into its model")
@@ -294,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="run config YAML (default: configs/default.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (YAML value)")
     p.add_argument("--json", action="store_true", help="print one JSON object (plan, mesh, per_device_bytes, fits)")
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default=None,
+                   help="plan the step another platform runs (default: this machine's devices)")
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="memory of one device, GiB (default: the local device's; needed with another --platform)")
     p.add_argument("--dry-run", action="store_true", help="accepted for uniformity: plan never trains or writes")
     p.set_defaults(func=plan)
 
@@ -302,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cli_arguments(p)
     p.set_defaults(func=cli_command)
+
+    from bridge.pretokenize import add_parser as add_pretokenize_parser
+
+    add_pretokenize_parser(sub)
 
     p = sub.add_parser("inspect", help="feature dashboards of an SAE folder: an HTML page and a JSON file")
     p.add_argument("sae_dir", help="folder with cfg.json and sae_weights.safetensors")
@@ -319,10 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check the SAE folder, latents, model, hook, data and --out; "
                    "read and write nothing else")
     p.set_defaults(func=_inspect)
-
-    from bridge.pretokenize import add_parser as add_pretokenize_parser
-
-    add_pretokenize_parser(sub)
 
     p = sub.add_parser("demo", help="load, run and round-trip an SAE on a small TransformerLens model")
     p.add_argument("--output-path", default=None, help="where to write the demo SAE folder")
@@ -344,7 +358,8 @@ def plan(args: argparse.Namespace) -> int:
     from bridge.plan import format_report, plan_report
 
     with contextlib.redirect_stdout(sys.stderr):  # model loaders that print must not mix with --json output
-        report = plan_report(load_config(args))
+        limit = None if args.device_memory_gib is None else int(args.device_memory_gib * (1 << 30))
+        report = plan_report(load_config(args), platform=args.platform, device_bytes=limit)
     print(json.dumps(report) if args.json else format_report(report))
     return 0 if report["fits"] else 1
 
@@ -359,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _jax_memory_policy(args)
+        if args.command == "train" and not args.dry_run:
+            from bridge.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
     except JsaeError as err:
         print(f"jsae {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -21,8 +21,13 @@ def activation_buffer_bytes(cfg: RunConfig) -> int:
     return tokens * cfg.train.sae.batch_width * width * len(cfg.hooks)  # a transcoder's rows: d_in + d_out
 
 
-def plan_report(cfg: RunConfig) -> dict[str, Any]:
+def plan_report(cfg: RunConfig, *, platform: str | None = None, device_bytes: int | None = None) -> dict[str, Any]:
     """The run's plan, mesh and per-device memory (bytes) against what a device holds.
+
+    Args:
+        platform: plan for this platform instead of the local devices' ("gpu" from a CPU machine: the
+            step a GPU would run, compiled here from abstract shapes).
+        device_bytes: what one device holds (default: the local device's limit; unknown for another platform).
 
     Returns:
         {"plan", "mesh", "per_device_bytes": {params_and_optimizer, step_temporaries, activation_buffer,
@@ -32,20 +37,26 @@ def plan_report(cfg: RunConfig) -> dict[str, Any]:
     from jsae.backends import device_memory_bytes
 
     model, cfg = prepare(cfg)
-    trainer = jsae.Trainer(cfg.train, sweep=run_sweep(cfg, *run_members(cfg)), check_memory=False)
+    trainer = jsae.Trainer(cfg.train, sweep=run_sweep(cfg, *run_members(cfg)), check_memory=False, platform=platform)
     per_device = trainer.step_memory(cfg.activations_dtype)
     # on an accelerator, act_store_device: cpu keeps the buffer in host memory, off the device
     off_device = cfg.act_store_device == "cpu" and trainer.plan.platform != "cpu"
     per_device["activation_buffer"] = 0 if off_device else activation_buffer_bytes(cfg)
     per_device["model_weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
     per_device["total"] = sum(per_device.values())
-    limit = device_memory_bytes(trainer.devices[0])
+    limit = device_bytes
+    if limit is None and trainer.plan.platform == trainer.devices[0].platform:
+        limit = device_memory_bytes(trainer.devices[0])
     fits = limit is None or per_device["total"] <= limit
     suggestions = []
     if not fits:
         n = len(trainer.devices)
         if cfg.train.model_axis_size < n:
             suggestions.append(f"model_axis_size: {n} (split the latents over the {n} devices)")
+        if getattr(cfg.train.sae, "compute_dtype", "bfloat16") != "bfloat16":
+            suggestions.append("sae.compute_dtype: bfloat16 (half-width products and their temporaries)")
+        if trainer.plan.platform != "cpu" and cfg.act_store_device != "cpu":
+            suggestions.append("act_store_device: cpu (the shuffle buffer in host memory)")
         suggestions += [f"train_batch_size_tokens: {cfg.train.train_batch_size_tokens // 2} (fewer step temporaries)",
                         f"n_batches_in_buffer: {max(cfg.n_batches_in_buffer // 2, 1)} (a smaller shuffle buffer)"]
     return {"plan": trainer.plan.to_dict(), "describe": trainer.plan.describe(),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from bridge.eval_run import make_evaluator
 from bridge.run_config import RunConfig
 from bridge.sources import training_batches
@@ -127,7 +129,7 @@ def summarise(cfg: RunConfig, saes: list, members: list, names: list[str]) -> tu
     if not trains_several(cfg):
         (sae,) = saes
         summary = sae_summary(sae)
-        if output_path is not None:
+        if output_path is not None and jax.process_index() == 0:  # only process 0 writes
             from jsae.plots import write_run_plots
 
             summary["plots"] = [str(p) for p in write_run_plots(output_path, sae, cfg.train.log_path)]
@@ -135,6 +137,6 @@ def summarise(cfg: RunConfig, saes: list, members: list, names: list[str]) -> tu
     axes = list(cfg.sweep)
     rows = [summary_row(name, member, sae, axes) for name, member, sae in zip(names, members, saes, strict=True)]
     summary: dict[str, Any] = {"saes": rows}
-    if output_path is not None:
+    if output_path is not None and jax.process_index() == 0:
         summary["table"] = str(write_summary_table(output_path, rows, axes))
     return saes, summary

@@ -119,6 +119,9 @@ class RunConfig:
         jax_memory_fraction: with the model on the GPU JAX runs on, the fraction of GPU memory JAX
             preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION); null: JAX allocates on demand
             (XLA_PYTHON_CLIENT_PREALLOCATE=false). JAX's own variables, when set, win (see docs/gpu.md).
+        data_shards: the token rows are dealt into this many shards, each with its own shuffle buffer;
+            each process of a multi-process run trains on its share of them (default: one per process). The
+            batches depend on data_shards only, not on how many processes share them (bridge.distributed).
         act_store_device: where the shuffle buffer lives: "with_model" (the model's device) or "cpu"
             (pinned host memory when the model is on CUDA).
         activations_dtype: the dtype of the shuffle buffer and of the batches JAX trains on: "float32" or
@@ -163,6 +166,7 @@ class RunConfig:
     eval_batch_size_prompts: int | None = None
     device: str = "auto"
     jax_memory_fraction: float | None = None
+    data_shards: int | None = None
     act_store_device: str = "with_model"
     activations_dtype: str = "float32"
     fused_forward: bool = True
@@ -185,6 +189,9 @@ class RunConfig:
             raise ConfigError(f"act_store_device must be 'with_model' or 'cpu', got {self.act_store_device!r}.")
         if self.activations_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"activations_dtype must be 'float32' or 'bfloat16', got {self.activations_dtype!r}.")
+        shards = self.data_shards
+        if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+            raise ConfigError(f"data_shards must be a positive integer or null (one per process), got {shards!r}.")
         fraction = self.jax_memory_fraction
         if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, int | float)
                                      or not 0 < fraction <= 1):
@@ -307,7 +314,10 @@ class RunConfig:
         if not path.is_file():
             raise MissingFileError(f"{path}: config file not found.")
         try:
-            data = load_yaml(path.read_text()) or {}
+            data = load_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); a "
+                              "config file is YAML text.") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err}).") from err
         if not isinstance(data, Mapping):
@@ -351,3 +361,4 @@ class RunConfig:
             "disable_concat_sequences": self.disable_concat_sequences,
             "model_from_pretrained_kwargs": dict(self.model_from_pretrained_kwargs),
         } | ({"hook_name_out": self.hook_name_out} if self.hook_name_out is not None else {})
+

@@ -16,19 +16,27 @@ if TYPE_CHECKING:
 
 
 def activation_source(cfg: RunConfig, model, *, split: str | None = None, seed: int | None = None,
-                      batch_size: int | None = None, cycle: bool = True):
+                      batch_size: int | None = None, cycle: bool = True, shard: tuple[int, int] | None = None):
     """The live source: `model` run over the dataset's token rows, its hook activations shuffled.
 
     One forward serves every hook of `cfg.hooks`; with several hooks each batch is a dict {hook: array}.
+    `shard` = (index, shards): one data shard's rows (`bridge.distributed`), batches of batch_size / shards
+    tokens shuffled with seed + index.
     """
     from bridge.activations import ActivationSource
+    from bridge.distributed import deal
 
+    rows = token_rows(cfg, model, split=split, cycle=cycle)
+    batch_size = batch_size or cfg.train.train_batch_size_tokens
+    seed = cfg.train.seed if seed is None else seed
+    if shard is not None:
+        rows, batch_size, seed = deal(rows, *shard), batch_size // shard[1], seed + shard[0]
     return ActivationSource(
-        model, source_hooks(cfg), token_rows(cfg, model, split=split, cycle=cycle),
-        batch_size=batch_size or cfg.train.train_batch_size_tokens, context_size=cfg.context_size,
+        model, source_hooks(cfg), rows,
+        batch_size=batch_size, context_size=cfg.context_size,
         store_batch_size_prompts=cfg.store_batch_size_prompts, n_batches_in_buffer=cfg.n_batches_in_buffer,
         seqpos_slice=cfg.seqpos_slice, exclude_token_ids=excluded_token_ids(cfg, model),
-        hook_head_index=cfg.hook_head_index, dtype=cfg.activations_dtype, seed=cfg.train.seed if seed is None else seed,
+        hook_head_index=cfg.hook_head_index, dtype=cfg.activations_dtype, seed=seed,
         fused_forward=cfg.fused_forward, act_store_device=cfg.act_store_device, joined=cfg.hook_name_out is not None,
         activations_mixing_fraction=cfg.activations_mixing_fraction, autocast_lm=cfg.autocast_lm,
     )
@@ -70,6 +78,19 @@ def training_batches(cfg: RunConfig, model):
     (n_hooks, tokens, d_in) for `hook_names` (the stream axis of a sweep over hooks).
 
     From `cfg.activations_cache` when set (the model is not run), else from `model`.
+    With several processes (or `data_shards`), this process's part of every batch (`bridge.distributed`):
+    its data shards' batches side by side, or its slice of each cached batch.
     """
-    source = cached_source(cfg, model) if cfg.activations_cache is not None else activation_source(cfg, model)
+    import jax
+
+    from bridge.distributed import joined, local_shards, process_slice
+
+    if cfg.activations_cache is not None:
+        source = cached_source(cfg, model)
+        if jax.process_count() > 1:
+            source = process_slice(source, jax.process_count(), jax.process_index())
+    else:
+        shards, n_shards = local_shards(cfg.data_shards)
+        source = activation_source(cfg, model) if n_shards == 1 else joined(
+            [activation_source(cfg, model, shard=(s, n_shards)) for s in shards])
     return stacked_hooks(source, cfg.hooks) if cfg.hook_names else source

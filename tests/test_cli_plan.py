@@ -60,3 +60,15 @@ def test_a_step_larger_than_the_device_is_refused_with_its_figures(monkeypatch):
                                                r"optimizer 1.00 GiB, step_temporaries 3.00 GiB\) and a cpu device "
                                                r"holds 3.00 GiB"):
         refuse_if_too_large({"params_and_optimizer": 1 << 30, "step_temporaries": 3 << 30}, device)
+
+
+def test_another_platform_is_planned_here_against_its_memory(capsys):
+    """`--platform gpu` compiles the step a GPU runs (XLA's primitives, no CPU kernels) and checks it against
+    `--device-memory-gib`; the suggestions name the accelerator's remedies."""
+    rc, report = plan_json(capsys, *SMALL, "--set", "n_devices=1", "--platform", "gpu", "--device-memory-gib", "80")
+    assert rc == 0 and report["fits"] and report["device_bytes"] == 80 << 30
+    assert report["plan"]["platform"] == "gpu" and report["plan"]["topk"] == "dense" and report["plan"]["top_k"] == "xla"
+    rc = main(["plan", "--set", "sae.d_sae=1048576", "--set", "n_devices=1", "--platform", "gpu",
+               "--device-memory-gib", "1"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "does NOT fit" in out and "try act_store_device: cpu" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,45 @@ def test_two_processes_match_one_process(tmp_path):
     restored.fit(iter(make_batches()))
     assert int(restored.state.step) == MH_STEPS
     assert_close_states(restored.state, reference.state)
+
+
+@needs_8
+def test_sharded_top_k_equals_lax_top_k():
+    """Each shard's top k, then the top k of the candidates: lax.top_k's values and indices, ties included
+    (lower index first), with the mesh (shard_map) and without it (the same two stages on a view)."""
+    from jax.sharding import Mesh, NamedSharding
+
+    from jsae.backends.sharded import latent_mesh, sharded_top_k
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-4, 5, size=(16, 64)).astype(np.float32)  # many ties, across shards too
+    want_values, want_indices = jax.lax.top_k(x, 8)
+    mesh = Mesh(np.array(jax.devices()[:N_DEV]).reshape(2, MODEL), ("data", "model"))
+
+    def under_mesh(a):
+        with latent_mesh(mesh):
+            return sharded_top_k(a, 8, shards=MODEL)
+
+    sharded = jax.jit(under_mesh, in_shardings=NamedSharding(mesh, P("data", "model")))
+    hlo = sharded.lower(x).compile().as_text()
+    assert "all-gather" in hlo and not re.search(r"= f32\[\d+,64\]\S* all-gather\(", hlo)  # candidates cross, rows don't
+    for values, indices in (sharded(x), jax.jit(lambda a: sharded_top_k(a, 8, shards=MODEL))(x)):
+        np.testing.assert_array_equal(np.asarray(values), np.asarray(want_values))
+        np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_indices))
+
+
+@needs_8
+def test_split_latents_cut_step_temporaries_on_the_gpu_plan():
+    """TopK 4096 -> 131072 at 8192 tokens, the step a GPU runs (compiled here from abstract shapes, nothing
+    allocated): split over 8 devices, each device's step temporaries are at most a quarter of one device's
+    (each shard takes its own top-k; only k candidates per shard cross devices)."""
+    def temporaries(model_axis_size):
+        cfg = jsae.TrainConfig(sae=jsae.TopKTrainingSAEConfig(d_in=4096, d_sae=131072, k=64),
+                               train_batch_size_tokens=8192, total_training_tokens=8192 * 100,
+                               model_axis_size=model_axis_size, n_devices=model_axis_size)
+        trainer = jsae.Trainer(cfg, check_memory=False, platform="gpu")
+        assert trainer.plan.latent_shards == model_axis_size and trainer.plan.topk == "dense"
+        return trainer.step_memory()["step_temporaries"]
+
+    one, split = temporaries(1), temporaries(N_DEV)
+    assert split <= one / 4, (split / 2**30, one / 2**30)

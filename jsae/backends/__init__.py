@@ -71,6 +71,8 @@ class ExecutionPlan:
         optimizer: "fused_adam" (one in-place pass per parameter) or "optax".
         sweep: how a sweep's members share a step, "vmap", "map" or "unroll"; None for one SAE.
         dead_latent_branch: the step branches once on whether any latent is dead.
+        latent_shards: devices the latents are split over (the model axis size; 1 unsharded). Above
+            1, row top-ks are taken shard by shard (`jsae.backends.sharded`).
         blas: the BLAS library the CPU kernels call, where one is loaded.
         compute_dtype: the products' input dtype, "float32" or "bfloat16" (float32 accumulation;
             `jsae.backends.precision`); the CPU kernels' products are float32-only, so a bfloat16 plan
@@ -89,6 +91,7 @@ class ExecutionPlan:
     optimizer: str = "optax"
     sweep: str | None = None
     dead_latent_branch: bool = False
+    latent_shards: int = 1
     blas: str | None = None
     compute_dtype: str = "float32"
     matmul_precision: str = "default"
@@ -104,6 +107,7 @@ class ExecutionPlan:
         """One line: the platform and every choice that applies."""
         parts = [f"{name} {value}" for name, value in self.to_dict().items()
                  if name not in ("platform", "compiler_options") and value not in (None, False, {})
+                 and not (name == "latent_shards" and value == 1)
                  and (name, value) not in (("compute_dtype", "float32"), ("matmul_precision", "default"))]
         return f"{self.platform}: " + ", ".join(parts)
 
@@ -119,6 +123,7 @@ class ExecutionPlan:
 @functools.cache
 def _ops_for(plan: ExecutionPlan) -> Ops:
     from jsae.backends.precision import with_compute_dtype
+    from jsae.backends.sharded import sharded_ops
 
     sparse = plan.topk == "sparse"
     if plan.platform != "cpu":
@@ -132,7 +137,7 @@ def _ops_for(plan: ExecutionPlan) -> Ops:
         ops = cpu.ops(top_k=plan.top_k, sparse_products=plan.sparse_products or "xla",
                       encoder_product=plan.encoder_product, dense_step=plan.dense_step or "xla",
                       encoder_screen=plan.encoder_screen, sparse_topk=sparse)
-    return with_compute_dtype(ops, plan.compute_dtype)
+    return sharded_ops(with_compute_dtype(ops, plan.compute_dtype), plan.latent_shards)
 
 
 def default_platform() -> str:
@@ -172,7 +177,10 @@ def resolve_plan(cfg, *, platform: str | None = None, devices: Sequence | None =
     sae = cfg.sae
     float32 = sae.jnp_dtype == jnp.float32
     on_cpu = platform == "cpu" and present == "cpu"
-    kernels, dense_kernels, amx, blas = _cpu_kernels() if on_cpu and float32 else (False, False, False, None)
+    # FFI kernels are opaque to XLA's partitioner: on split latents they would gather whole rows and weights
+    # onto every device, so a feature-sharded step runs XLA's own primitives only.
+    use_kernels = on_cpu and float32 and not sharded
+    kernels, dense_kernels, amx, blas = _cpu_kernels() if use_kernels else (False, False, False, None)
     # The kernels' products are float32: a lower compute dtype runs XLA's (top-k and Adam stay).
     product_kernels = kernels and cfg.compute_dtype == "float32"
     dense_kernels, amx = dense_kernels and product_kernels, amx and product_kernels
@@ -180,7 +188,8 @@ def resolve_plan(cfg, *, platform: str | None = None, devices: Sequence | None =
     topk = getattr(sae, "topk_implementation", None)
     if topk == "auto":
         per_k = SPARSE_MIN_D_SAE_PER_K if kernels else SPARSE_MIN_D_SAE_PER_K_XLA
-        topk = "sparse" if platform == "cpu" and sae.d_sae >= per_k * sae.k else "dense"
+        # the sparse path's gathers of decoder rows by latent index would cross the model axis
+        topk = "sparse" if platform == "cpu" and not sharded and sae.d_sae >= per_k * sae.k else "dense"
     sparse = topk == "sparse"
 
     if kernels:
@@ -219,6 +228,7 @@ def resolve_plan(cfg, *, platform: str | None = None, devices: Sequence | None =
         optimizer="fused_adam" if fused_adam else "optax",
         sweep=strategy,
         dead_latent_branch=dead_branch,
+        latent_shards=cfg.model_axis_size if sharded else 1,
         compute_dtype=cfg.compute_dtype,
         matmul_precision="float32" if cfg.matmul_precision == "highest" else cfg.matmul_precision,
         blas=_blas_name(blas) if (fused_adam or dense_step == "cpu_fused" or sparse) and blas else None,

@@ -281,13 +281,19 @@ def log_feature_sparsity(state: TrainState) -> Array:
     return jnp.log10(feature_density(state) + 1e-10)
 
 
-def estimate_scaling_factor(batches: list[Array], d_in: int) -> float:
+def estimate_scaling_factor(batches: list[Array], d_in: int, *, across_processes: bool = False) -> float:
     """expected_average_only_in: sqrt(d_in) / mean token norm over the given batches (inf where that
-    mean is 0, NaN where the batches hold NaN)."""
+    mean is 0, NaN where the batches hold NaN). `across_processes`: the mean over every process's
+    batches (a collective: every process of a multi-process run calls it), so all processes scale alike."""
     total, count = 0.0, 0
     for batch in batches:
         norms = jnp.linalg.norm(jnp.asarray(batch).astype(jnp.float32), axis=-1)
         total += float(jnp.sum(norms))
         count += norms.size
+    if across_processes and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        sums = np.asarray(multihost_utils.process_allgather(np.array([total, count], np.float64)))
+        total, count = float(sums[:, 0].sum()), int(sums[:, 1].sum())
     mean = total / count
     return math.sqrt(d_in) / mean if mean > 0 else math.inf  # zeros alone cannot be scaled

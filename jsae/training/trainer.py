@@ -53,13 +53,15 @@ class Trainer:
         sweep: several SAEs trained together in one compiled step (`jsae.training.sweep.Sweep`);
             `fit` then returns a `SweepResult` and saves each SAE to <output_path>/<name>.
         check_memory: refuse, before anything is allocated, a run whose state cannot fit a device.
+        platform: plan the step for this platform instead of the devices' (`jsae.resolve_plan`): a GPU
+            plan compiled and run on CPU devices, or `jsae plan --platform gpu`'s memory analysis.
 
     Attributes:
         plan: the `ExecutionPlan` the step runs (recorded in metrics.jsonl and each saved cfg.json).
     """
 
     def __init__(self, cfg: TrainConfig, devices: list | None = None, *, sweep: Sweep | None = None,
-                 check_memory: bool = True):
+                 check_memory: bool = True, platform: str | None = None):
         self.cfg, self.sweep = cfg, sweep
         self.arch = get_training_architecture(cfg.sae.architecture)
         if sweep is not None:
@@ -85,7 +87,7 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(None, DATA_AXIS) if self._n_streams() else P(DATA_AXIS))
         shape_cfg = cfg if sweep is None else check_members(sweep.members).replace(sweep_strategy=cfg.sweep_strategy)
-        self.plan: ExecutionPlan = resolve_plan(shape_cfg, devices=self.devices,
+        self.plan: ExecutionPlan = resolve_plan(shape_cfg, platform=platform, devices=self.devices,
                                                 n_members=1 if sweep is None else len(sweep.members),
                                                 feature_sharded=self.model_axis_size > 1)
         state_shape = jax.eval_shape(self._fresh_state)
@@ -277,8 +279,8 @@ class Trainer:
         if shape[-2] != self.local_batch_size:
             raise InputError(f"batch: expected {self.local_batch_size} tokens per process (train_batch_size_tokens="
                              f"{self.cfg.train_batch_size_tokens} over {self.n_processes} process(es)), got {shape[-2]}.")
-        if isinstance(batch, jax.Array) and len(self.devices) == 1 and self.n_processes == 1:
-            return jax.device_put(batch, self.batch_sharding)  # no copy; the sharding _compile_step compiles for
+        if isinstance(batch, jax.Array):  # from the device it is on (sliced per device), never through the host
+            return jax.make_array_from_process_local_data(self.batch_sharding, batch)
         return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch))
 
     def _n_streams(self) -> int | None:
@@ -329,7 +331,7 @@ class Trainer:
                 batches = [b for b in batches if np.all(np.isfinite(np.asarray(b)))]
             # from the input alone (a transcoder's target is scaled by the same factor)
             inputs = [sae.split_batch(b)[0] for b in batches]
-            factor = estimate_scaling_factor(inputs, sae.d_in) if batches else math.nan
+            factor = estimate_scaling_factor(inputs, sae.d_in, across_processes=True) if batches else math.nan
             if not math.isfinite(factor):
                 raise InputError(f"normalize_activations: expected_average_only_in: the norm estimate over the first "
                                  f"{len(sample)} batches is not finite ({factor}): they hold NaN/inf values or only "
