@@ -52,3 +52,25 @@ def test_a_merge_key_still_reads(tmp_path):
 
     assert load_yaml("base: &b {k: 4, d_in: 8}\nsae: {<<: *b, k: 16}") == {"base": {"k": 4, "d_in": 8},
                                                                           "sae": {"k": 16, "d_in": 8}}
+
+
+def test_a_config_file_that_is_not_text_is_refused_naming_it(tmp_path):
+    from bridge.run_config import RunConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"\xff\x00\xfe\x9a\n")
+    with pytest.raises(jsae.ConfigError, match=r"run\.yaml: not UTF-8 text"):
+        RunConfig.from_yaml(path)
+
+
+@pytest.mark.parametrize("pair,message", [
+    ("lr", r"--set expects KEY=VALUE, got 'lr'"),
+    ("lr=[1,", r"--set lr: not a YAML value: '\[1,'"),
+])
+def test_a_malformed_set_is_a_jsae_error_exit_2(capsys, pair, message):
+    from bridge.cli import main
+
+    assert main(["train", "--dry-run", "--set", pair]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jsae train: error: --set") and "Traceback" not in err
+    assert __import__("re").search(message, err)
