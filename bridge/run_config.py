@@ -69,6 +69,9 @@ def _check_numbers(data: Mapping[str, Any], types: Mapping[str, Any], where: str
     say so by name, before a comparison deep in the config's checks fails on the string."""
     for key, value in data.items():
         kind = str(types.get(key, "")).split(" ")[0]
+        if kind in ("int", "float") and isinstance(value, Mapping | list):  # e.g. --set lr.x=1
+            raise ConfigError(f"{where}: {key} must be a number, got {'a mapping' if isinstance(value, Mapping) else 'a list'}"
+                              f" ({value!r}).")
         if kind in ("int", "float") and isinstance(value, str):
             raise ConfigError(f"{where}: {key} must be a number, got the string {value!r}"
                               + (" (write floats as 0.001, 1e-3 or 3e-4)." if kind == "float" else "."))

@@ -74,3 +74,13 @@ def test_a_malformed_set_is_a_jsae_error_exit_2(capsys, pair, message):
     err = capsys.readouterr().err
     assert err.startswith("jsae train: error: --set") and "Traceback" not in err
     assert __import__("re").search(message, err)
+
+
+@pytest.mark.parametrize("value,found", [({"x": 1}, "a mapping"), ([1, 2], "a list")])
+def test_a_number_field_given_a_mapping_or_list_names_the_field(value, found):
+    from bridge.run_config import DEFAULT_CONFIG, RunConfig
+
+    with pytest.raises(jsae.ConfigError, match=rf"lr must be a number, got {found}"):
+        RunConfig.from_yaml(DEFAULT_CONFIG, {"lr": value})
+    with pytest.raises(jsae.ConfigError, match=rf"total_training_tokens must be a number, got {found}"):
+        RunConfig.from_yaml(DEFAULT_CONFIG, {"total_training_tokens": value})
