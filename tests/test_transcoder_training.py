@@ -144,6 +144,7 @@ def test_each_variant_trains_and_saves(arch, tmp_path):
         np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_topk_transcoder_sweep_over_k_equals_training_alone():
     from jsae.training.sweep import init_sweep_state, make_sweep_step, member_state, sweep_configs
 
@@ -164,6 +165,7 @@ def test_topk_transcoder_sweep_over_k_equals_training_alone():
             assert relative(member_state(states, i).params[name], value) <= 1e-5, (i, name)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced host) devices")
 def test_feature_sharded_transcoder_matches_one_device():
     cfg = jsae.TrainConfig(sae=sae_config("jumprelu_skip_transcoder"), total_training_tokens=6 * BATCH,
