@@ -209,21 +209,34 @@ def model():
     return load_model("embedded")
 
 
-def test_input_and_target_rows_stay_paired_through_the_shuffle(model, tmp_path):
+def assert_paired(model, batch: np.ndarray) -> None:
+    """The target half of each row is block 1's MLP applied to its input half (after ln2's weight and
+    bias, which TransformerLens applies after hook_normalized)."""
     import torch
 
-    from bridge.sources import activation_source
-
-    cfg = transcoder_run_cfg(tmp_path)
-    assert cfg.hooks == [HOOK_IN] and cfg.read_hooks == [HOOK_IN, HOOK_OUT]
-    batch = np.asarray(next(iter(activation_source(cfg, model))))
-    assert batch.shape == (2048, 256)
-    # the target is block 1's MLP applied to the input row it travels with (after ln2's weight and bias,
-    # which TransformerLens applies after hook_normalized)
     ln2, x = model.blocks[1].ln2, torch.from_numpy(batch[:, None, :128].copy())
     with torch.no_grad():
         want = model.blocks[1].mlp(x * ln2.w + ln2.b).numpy()[:, 0]
     assert relative(batch[:, 128:], want) < 1e-5
+
+
+def test_input_and_target_rows_stay_paired_through_the_shuffle(model, tmp_path):
+    import dataclasses
+
+    from bridge.cache import write_cache
+    from bridge.sources import activation_source, cached_source
+
+    cfg = transcoder_run_cfg(tmp_path, n_batches_in_buffer=2)
+    assert cfg.hooks == [HOOK_IN] and cfg.read_hooks == [HOOK_IN, HOOK_OUT]
+    batch = np.asarray(next(iter(activation_source(cfg, model))))
+    assert batch.shape == (2048, 256)
+    assert_paired(model, batch)
+    # through an activation cache (which holds both hooks) as well
+    write_cache(cfg, model, tmp_path / "cache", n_tokens=8192)
+    cached = np.asarray(next(iter(cached_source(dataclasses.replace(cfg, activation_cache_path=str(tmp_path / "cache")),
+                                                model))))
+    assert cached.shape == (2048, 256)
+    assert_paired(model, cached)
 
 
 def test_run_config_checks_the_transcoder_fields(tmp_path, model):
