@@ -180,6 +180,12 @@ class RunConfig:
     train: TrainConfig | None = None
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # a name, path or flag of another type would be misread later
+            value, kind = getattr(self, field.name), str(field.type)
+            if kind in ("str", "str | None") and not (isinstance(value, str) or (value is None and "None" in kind)):
+                raise ConfigError(f"{field.name} must be a string{' or null' if 'None' in kind else ''}, got {value!r}.")
+            if kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{field.name} must be true or false, got {value!r}.")
         if not isinstance(self.seqpos_slice, list | tuple):
             raise ConfigError(f"seqpos_slice: expected a list [start, stop] or [start, stop, step], got "
                               f"{self.seqpos_slice!r}.")

@@ -3,6 +3,8 @@ the field or file."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -73,7 +75,7 @@ def test_a_malformed_set_is_a_jsae_error_exit_2(capsys, pair, message):
     assert main(["train", "--dry-run", "--set", pair]) == 2
     err = capsys.readouterr().err
     assert err.startswith("jsae train: error: --set") and "Traceback" not in err
-    assert __import__("re").search(message, err)
+    assert re.search(message, err)
 
 
 @pytest.mark.parametrize("value,found", [({"x": 1}, "a mapping"), ([1, 2], "a list")])
@@ -84,3 +86,15 @@ def test_a_number_field_given_a_mapping_or_list_names_the_field(value, found):
         RunConfig.from_yaml(DEFAULT_CONFIG, {"lr": value})
     with pytest.raises(jsae.ConfigError, match=rf"total_training_tokens must be a number, got {found}"):
         RunConfig.from_yaml(DEFAULT_CONFIG, {"total_training_tokens": value})
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("model_name", [1, 2], "a string"), ("hook_name", 7, "a string"), ("dataset_path", {"a": 1}, "a string"),
+    ("eval_dataset_path", 3, "a string or null"), ("streaming", "maybe", "true or false"),
+    ("prepend_bos", 2, "true or false"), ("fused_forward", "no way", "true or false"),
+])
+def test_a_run_field_of_the_wrong_type_names_the_field(field, value, expected):
+    from bridge.run_config import RunConfig
+
+    with pytest.raises(jsae.ConfigError, match=re.escape(f"{field} must be {expected}, got {value!r}")):
+        RunConfig(**{field: value})
