@@ -208,7 +208,10 @@ def looks_local(path: str) -> bool:
 def _load_npy(path: Path):
     import numpy as np
 
-    rows = np.load(path, mmap_mode="r")
+    try:  # object arrays (pickles) are refused, as are files cut short
+        rows = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"dataset_path: {path} is not a readable .npy array of token rows ({err}).") from None
     if rows.ndim != 2:
         raise InputError(f"dataset_path: {path} must hold a 2-D array of token rows, found shape {rows.shape}.")
     return rows  # rows are handed on as they are stored: token_rows checks their dtype and ids

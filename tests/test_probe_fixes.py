@@ -98,3 +98,17 @@ def test_a_run_field_of_the_wrong_type_names_the_field(field, value, expected):
 
     with pytest.raises(jsae.ConfigError, match=re.escape(f"{field} must be {expected}, got {value!r}")):
         RunConfig(**{field: value})
+
+
+@pytest.mark.parametrize("content", ["object", "truncated"])
+def test_an_unreadable_npy_dataset_names_the_file(tmp_path, content):
+    from bridge.data import _load_npy
+
+    path = tmp_path / "rows.npy"
+    if content == "object":
+        np.save(path, np.array([[1, 2], "x"], dtype=object), allow_pickle=True)
+    else:
+        np.save(path, np.ones((64, 32), np.int64))
+        path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(jsae.InputError, match=r"dataset_path: .*rows\.npy is not a readable \.npy array of token rows"):
+        _load_npy(path)
