@@ -186,6 +186,10 @@ class RunConfig:
                 raise ConfigError(f"{field.name} must be a string{' or null' if 'None' in kind else ''}, got {value!r}.")
             if kind == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"{field.name} must be true or false, got {value!r}.")
+            if kind == "dict" and not isinstance(value, Mapping):
+                raise ConfigError(f"{field.name} must be a mapping, got {value!r}.")
+            if kind == "list | None" and not (value is None or isinstance(value, list | tuple)):
+                raise ConfigError(f"{field.name} must be a list or null, got {value!r}.")
         if not isinstance(self.seqpos_slice, list | tuple):
             raise ConfigError(f"seqpos_slice: expected a list [start, stop] or [start, stop, step], got "
                               f"{self.seqpos_slice!r}.")

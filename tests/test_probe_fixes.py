@@ -112,3 +112,14 @@ def test_an_unreadable_npy_dataset_names_the_file(tmp_path, content):
         path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(jsae.InputError, match=r"dataset_path: .*rows\.npy is not a readable \.npy array of token rows"):
         _load_npy(path)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("model_from_pretrained_kwargs", 7, "a mapping"), ("hook_names", 7, "a list or null"),
+    ("hook_names", "blocks.0.hook_resid_pre", "a list or null"),
+])
+def test_a_run_mapping_or_list_field_of_another_type_names_the_field(field, value, expected):
+    from bridge.run_config import RunConfig
+
+    with pytest.raises(jsae.ConfigError, match=re.escape(f"{field} must be {expected}, got {value!r}")):
+        RunConfig(**{field: value})
