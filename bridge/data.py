@@ -145,7 +145,12 @@ def text_documents(cfg: RunConfig, split: str | None = None) -> Iterator[Any]:
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(local.suffix)
         if kind is None:
             raise InputError(f"dataset_path: cannot read {local.suffix!r} files (use .txt .jsonl .json .parquet .csv .npy).")
-        dataset = datasets.load_dataset(kind, data_files=str(local), split="train")
+        import pyarrow
+
+        try:
+            dataset = datasets.load_dataset(kind, data_files=str(local), split="train")
+        except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as err:  # the parser's error
+            raise InputError(f"dataset_path: {local} could not be read as {kind} ({err.__cause__ or err}).") from None
     else:
         dataset = datasets.load_dataset(path, split=split or cfg.dataset_split, streaming=cfg.streaming)
     yield from _dataset_column(dataset, cfg)

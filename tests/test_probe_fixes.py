@@ -123,3 +123,14 @@ def test_a_run_mapping_or_list_field_of_another_type_names_the_field(field, valu
 
     with pytest.raises(jsae.ConfigError, match=re.escape(f"{field} must be {expected}, got {value!r}")):
         RunConfig(**{field: value})
+
+
+@pytest.mark.parametrize("name,content", [("rows.jsonl", '{"text": "a"}\n{not json\n'), ("rows.parquet", "PAR1 no")])
+def test_a_local_data_file_the_reader_cannot_parse_names_the_file(tmp_path, name, content):
+    from bridge.data import text_documents
+    from bridge.run_config import RunConfig
+
+    (tmp_path / name).write_text(content)
+    cfg = RunConfig(dataset_path=str(tmp_path / name))
+    with pytest.raises(jsae.InputError, match=rf"dataset_path: .*{re.escape(name)} could not be read as "):
+        list(text_documents(cfg))
