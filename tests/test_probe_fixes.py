@@ -134,3 +134,25 @@ def test_a_local_data_file_the_reader_cannot_parse_names_the_file(tmp_path, name
     cfg = RunConfig(dataset_path=str(tmp_path / name))
     with pytest.raises(jsae.InputError, match=rf"dataset_path: .*{re.escape(name)} could not be read as "):
         list(text_documents(cfg))
+
+
+def _train_config(**kw):
+    return jsae.TrainConfig(sae=jsae.TopKTrainingSAEConfig(d_in=16, d_sae=32, k=4), total_training_tokens=640,
+                            train_batch_size_tokens=64, **kw)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("resume", "maybe", "resume must be true or false, got 'maybe'"),
+    ("progress_bar", 2, "progress_bar must be true or false, got 2"),
+    ("log_to_wandb", "no", "log_to_wandb must be true or false, got 'no'"),
+    ("output_path", [1, 2], "output_path must be a string or null, got [1, 2]"),
+    ("log_path", 3, "log_path must be a string or null, got 3"),
+    ("lr_scheduler_name", [1], "lr_scheduler_name must be a string, got [1]"),
+    ("lr_end", float("nan"), "lr_end must be >= 0, got nan"),
+    ("lr", float("inf"), "lr must be finite, got inf"),
+    ("eval_every_n_steps", -1, "eval_every_n_steps must be an integer >= 0, got -1"),
+    ("sync_every_n_steps", -1, "sync_every_n_steps must be a positive integer or null, got -1"),
+])
+def test_a_train_field_of_the_wrong_type_or_range_names_it(field, value, message):
+    with pytest.raises(jsae.ConfigError, match=re.escape(f"TrainConfig.{message}")):
+        _train_config(**{field: value})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -122,6 +123,14 @@ class TrainConfig:
                 f"TrainConfig.sae must be a training config (e.g. {type(self.sae).__name__.replace('SAE', 'TrainingSAE')}), "
                 f"got {type(self.sae).__name__}."
             )
+        for field in dataclasses.fields(self):  # a flag, name or path of another type would be misread later
+            value, kind = getattr(self, field.name), str(field.type)
+            if kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"TrainConfig.{field.name} must be true or false, got {value!r}.")
+            if kind in ("str", "str | None") and not (isinstance(value, str | os.PathLike)
+                                                       or (value is None and "None" in kind)):
+                raise ConfigError(f"TrainConfig.{field.name} must be a string{' or null' if 'None' in kind else ''}, "
+                                  f"got {value!r}.")
         positive = ("total_training_tokens", "train_batch_size_tokens", "dead_feature_window",
                     "feature_sampling_window", "log_every_n_steps", "keep_checkpoints", "model_axis_size")
         for name in positive:
@@ -129,14 +138,16 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}.")
         nonnegative = ("lr_warm_up_steps", "lr_decay_steps", "checkpoint_every_n_steps",
-                       "n_batches_for_norm_estimate", "n_checkpoints")
+                       "n_batches_for_norm_estimate", "n_checkpoints", "eval_every_n_steps")
         for name in nonnegative:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}.")
         if not self.lr > 0:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr!r}.")
-        if self.lr_end is not None and self.lr_end < 0:
+        if self.lr == float("inf"):
+            raise ConfigError(f"TrainConfig.lr must be finite, got {self.lr!r}.")
+        if self.lr_end is not None and not 0 <= self.lr_end < float("inf"):
             raise ConfigError(f"TrainConfig.lr_end must be >= 0, got {self.lr_end!r}.")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
@@ -169,6 +180,9 @@ class TrainConfig:
                 f"TrainConfig.total_training_tokens ({self.total_training_tokens}) is less than one batch "
                 f"(train_batch_size_tokens={self.train_batch_size_tokens})."
             )
+        sync = self.sync_every_n_steps
+        if sync is not None and (isinstance(sync, bool) or not isinstance(sync, int) or sync < 1):
+            raise ConfigError(f"TrainConfig.sync_every_n_steps must be a positive integer or null, got {sync!r}.")
         if self.n_devices is not None and (not isinstance(self.n_devices, int) or self.n_devices < 1):
             raise ConfigError(f"TrainConfig.n_devices must be a positive integer or null, got {self.n_devices!r}.")
         if self.sae.d_sae % self.model_axis_size:
