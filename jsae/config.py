@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -164,6 +165,16 @@ class SAEConfig:
             raise ConfigError(f"{name}.apply_b_dec_to_input must be a bool, got {self.apply_b_dec_to_input!r}.")
         if not isinstance(self.metadata, Metadata):
             raise ConfigError(f"{name}.metadata must be a jsae.Metadata, got {type(self.metadata)}.")
+        for field in dataclasses.fields(self):  # a flag, coefficient or name of another type is misread later
+            value, kind = getattr(self, field.name), str(field.type)
+            if kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{name}.{field.name} must be true or false, got {value!r}.")
+            if kind == "str" and not isinstance(value, str):
+                raise ConfigError(f"{name}.{field.name} must be a string, got {value!r}.")
+            if kind in ("float", "float | None") and not (value is None and "None" in kind) and (
+                    isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)):
+                raise ConfigError(f"{name}.{field.name} must be a finite number{' or null' if 'None' in kind else ''}, "
+                                  f"got {value!r}.")
 
     @property
     def jnp_dtype(self) -> Any:

@@ -156,3 +156,15 @@ def _train_config(**kw):
 def test_a_train_field_of_the_wrong_type_or_range_names_it(field, value, message):
     with pytest.raises(jsae.ConfigError, match=re.escape(f"TrainConfig.{message}")):
         _train_config(**{field: value})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rescale_acts_by_decoder_norm", "maybe", "rescale_acts_by_decoder_norm must be true or false, got 'maybe'"),
+    ("use_sparse_activations", 2, "use_sparse_activations must be true or false, got 2"),
+    ("aux_loss_coefficient", float("nan"), "aux_loss_coefficient must be a finite number, got nan"),
+    ("decoder_init_norm", "abc", "decoder_init_norm must be a finite number or null, got 'abc'"),
+    ("device", [1, 2], "device must be a string, got [1, 2]"),
+])
+def test_an_sae_field_of_the_wrong_type_names_it(field, value, message):
+    with pytest.raises(jsae.ConfigError, match=re.escape(f"TopKTrainingSAEConfig.{message}")):
+        jsae.TopKTrainingSAEConfig(d_in=16, d_sae=32, k=4, **{field: value})
