@@ -75,6 +75,9 @@ def eval_run_config(sae, *, model_name: str | None = None, dataset_path: str | N
     if isinstance(eval_batch_size_prompts, bool) or not isinstance(eval_batch_size_prompts, int) \
             or eval_batch_size_prompts < 1:
         raise ConfigError(f"rows per batch (--batch-size) must be >= 1, got {eval_batch_size_prompts!r}.")
+    if context_size is not None and (isinstance(context_size, bool) or not isinstance(context_size, int)
+                                     or context_size < 1):
+        raise ConfigError(f"tokens per row (--context-size) must be >= 1, got {context_size!r}.")
     meta = sae.cfg.metadata
     hook_name = hook_name or meta.hook_name
     if hook_name is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jsae import ConfigError, MissingFileError
+from jsae._errors import close_names
 
 EMBEDDED_ALIASES = ("embedded", "jsae-embedded-stdlib")
 
@@ -72,7 +73,21 @@ def load_model(
         return _load_local(path, device)
     if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors")):
         raise MissingFileError(f"model_name: {name!r} looks like a path, but no such folder exists.")
+    _check_official_name(name)
     return HookedTransformer.from_pretrained(name, device=device, **kwargs)
+
+
+def _check_official_name(name: str) -> None:
+    """TransformerLens loads only its official names (and their aliases); say so by field, not by its ValueError."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        loading.get_official_model_name(name)
+    except ValueError:
+        known = list(loading.OFFICIAL_MODEL_NAMES) + [a for names in loading.MODEL_ALIASES.values() for a in names]
+        raise ConfigError(f"model_name: {name!r} is not an official TransformerLens model name, a local folder or "
+                          "'embedded' (with model_class_name: AutoModelForCausalLM, any Hugging Face causal LM loads)."
+                          + close_names(name, known)) from None
 
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")

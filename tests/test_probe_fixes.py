@@ -168,3 +168,25 @@ def test_a_train_field_of_the_wrong_type_or_range_names_it(field, value, message
 def test_an_sae_field_of_the_wrong_type_names_it(field, value, message):
     with pytest.raises(jsae.ConfigError, match=re.escape(f"TopKTrainingSAEConfig.{message}")):
         jsae.TopKTrainingSAEConfig(d_in=16, d_sae=32, k=4, **{field: value})
+
+
+@pytest.mark.parametrize("context_size", [0, -4])
+def test_eval_context_size_below_one_is_refused_not_replaced_by_the_default(context_size):
+    from bridge.eval_run import eval_run_config
+
+    sae = jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=16, d_sae=32, k=4, metadata=jsae.Metadata(
+        hook_name="blocks.0.hook_resid_pre", context_size=32)), seed=0)
+    with pytest.raises(jsae.ConfigError, match=re.escape(f"tokens per row (--context-size) must be >= 1, got "
+                                                         f"{context_size}")):
+        eval_run_config(sae, context_size=context_size)
+    assert eval_run_config(sae).context_size == 32
+
+
+def test_a_model_name_transformer_lens_does_not_know_names_model_name():
+    from bridge.model import load_model
+
+    with pytest.raises(jsae.ConfigError, match=r"model_name: 'no-such-model-xyz' is not an official TransformerLens "
+                                               r"model name, a local folder or 'embedded'"):
+        load_model("no-such-model-xyz", device="cpu")
+    with pytest.raises(jsae.ConfigError, match=r"'gpt2-smal' is not an official.*Did you mean 'gpt2-small'"):
+        load_model("gpt2-smal", device="cpu")
