@@ -76,6 +76,8 @@ class SAE:
         """A freshly initialised SAE (SAELens' inference init: kaiming-uniform W_dec, W_enc = W_dec.T)."""
         from jsae.saes import init_params
 
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise ConfigError(f"SAE.from_config: seed must be an integer, got {seed!r}.")
         return cls(cfg, init_params(cfg, jax.random.key(seed)))
 
     @classmethod

@@ -190,3 +190,9 @@ def test_a_model_name_transformer_lens_does_not_know_names_model_name():
         load_model("no-such-model-xyz", device="cpu")
     with pytest.raises(jsae.ConfigError, match=r"'gpt2-smal' is not an official.*Did you mean 'gpt2-small'"):
         load_model("gpt2-smal", device="cpu")
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, None])
+def test_from_config_seed_must_be_an_integer(seed):
+    with pytest.raises(jsae.ConfigError, match=re.escape(f"SAE.from_config: seed must be an integer, got {seed!r}")):
+        jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=16, d_sae=32, k=4), seed=seed)
