@@ -111,9 +111,9 @@ YAML_PROBES = [
     Probe("yaml:unknown_key", "cli_train", RUN, setup=_yaml(BASE_YAML + "lrr: 0.1\n"), names=("lrr",)),
     Probe("yaml:unknown_sae_key", "cli_train", RUN, setup=_yaml(BASE_YAML.replace("k: 8}", "kk: 8}")),
           names=("kk",)),
-    Probe("yaml:sae_null", "cli_train", RUN, setup=_yaml(BASE_YAML.replace("sae: {", "sae: null\nx: {")),
+    Probe("yaml:sae_null", "cli_train", RUN, setup=_yaml(BASE_YAML.split("sae: {")[0] + "sae: null\n"),
           names=("sae",)),
-    Probe("yaml:sae_scalar", "cli_train", RUN, setup=_yaml(BASE_YAML.replace("sae: {architecture", "sae: 5\nx: {a")),
+    Probe("yaml:sae_scalar", "cli_train", RUN, setup=_yaml(BASE_YAML.split("sae: {")[0] + "sae: 5\n"),
           names=("sae",)),
     Probe("yaml:quoted_float", "cli_train", RUN, setup=_yaml(BASE_YAML + "lr: '0.001'\n"), names=("lr",)),
     Probe("yaml:binary_garbage", "cli_train", RUN, setup=(("bytes", "run.yaml", "ff00fe9a0a0b"),),
@@ -153,7 +153,7 @@ PATH_PROBES = [
     Probe("path:dataset_missing", "cli_train", DRY + ("--set", "dataset_path={dir}/nope.txt"), names=("nope.txt",)),
     Probe("path:dataset_empty_dir", "cli_train", DRY + ("--set", "dataset_path={assets}/empty_dir"),
           names=("dataset_path",)),
-    Probe("path:cache_missing", "cli_train", DRY + ("--set", "activation_cache_path={dir}/nocache"),
+    Probe("path:cache_missing", "cli_train", TRAIN + ("--set", "activation_cache_path={dir}/nocache"),
           names=("nocache",)),
     Probe("path:output_in_proc", "cli_train", ("train", "{assets}/tiny.yaml", "--output-path", "/proc/jsae_sae"),
           names=("output_path",)),
@@ -162,7 +162,7 @@ PATH_PROBES = [
 # dataset_path files with token data problems (written by the harness's "tokens" setup)
 TOKEN_VARIANTS = {
     "negative.npy": ("negative",), "float.npy": ("float",), "oov.npy": ("99999",), "empty.npy": ("empty",),
-    "one_d.npy": ("dimension",), "three_d.npy": ("dimension",), "short_rows.npy": ("context_size",),
+    "one_d.npy": ("2-D",), "three_d.npy": ("2-D",), "truncated.npy": ("truncated.npy",), "short_rows.npy": ("context_size",),
     "object.npy": ("object.npy",), "bool.npy": ("bool",), "empty.txt": ("empty.txt",),
     "whitespace.txt": ("whitespace.txt",), "garbage.txt": ("", "ok"), "bad.jsonl": ("bad.jsonl",),
     "no_text.jsonl": ("text",), "ids_oov.jsonl": ("99999",), "no_text.csv": ("text",),
@@ -225,7 +225,7 @@ EVAL_PROBES = [
     Probe("eval:device_bogus", "cli_eval", EVAL + ("--device", "tpu9"), names=("device",)),
     Probe("eval:sae_dir_missing", "cli_eval", ("eval", "{dir}/none"), names=("none",)),
     Probe("eval:nan_weights", "cli_eval", ("eval", "{dir}/sae", "--batches", "1"), setup=(("sae", "nan", "eval"),),
-          names=("non-finite",)),
+          names=("not finite", "W_dec")),
     Probe("eval:batches_not_int", "cli_eval", EVAL + ("--batches", "two"), names=("batches",)),
 ]
 

@@ -55,8 +55,7 @@ def probe_env() -> dict:
     """One thread per probe process (the probes run side by side) and no hints on stderr."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JSAE_HUGEPAGES="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                        "intra_op_parallelism_threads=1").strip()
+    env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # one device
     return env
 
 
