@@ -196,3 +196,10 @@ def test_a_model_name_transformer_lens_does_not_know_names_model_name():
 def test_from_config_seed_must_be_an_integer(seed):
     with pytest.raises(jsae.ConfigError, match=re.escape(f"SAE.from_config: seed must be an integer, got {seed!r}")):
         jsae.SAE.from_config(jsae.TopKSAEConfig(d_in=16, d_sae=32, k=4), seed=seed)
+
+
+@pytest.mark.parametrize("sae", [None, 5, [1, 2]])
+def test_an_sae_section_that_is_not_a_mapping_names_it(sae):
+    with pytest.raises(jsae.ConfigError, match=re.escape(f"run.yaml: the 'sae' section must be a mapping of SAE "
+                                                         f"fields (architecture, d_in, d_sae, ...), got {sae!r}")):
+        jsae.TrainConfig.from_dict({"sae": sae, "total_training_tokens": 640}, where="run.yaml")

@@ -243,5 +243,8 @@ class TrainConfig:
             sae = dict(sae)
             arch = get_training_architecture(sae.pop("architecture", "standard"), where=f"{where}.sae.architecture")
             sae = dataclass_from_dict(arch.config_cls, sae, where=f"{where}.sae")
+        elif not isinstance(sae, SAEConfig):
+            raise ConfigError(f"{where}: the 'sae' section must be a mapping of SAE fields (architecture, d_in, d_sae, "
+                              f"...), got {sae!r}.")
         data["sae"] = sae
         return dataclass_from_dict(cls, data, where=where)
