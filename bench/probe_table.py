@@ -88,8 +88,9 @@ def field_probes() -> list[Probe]:
             for label, value in _bad_values(str(field.type), field.name):
                 if field.name == "lr_end" and label == "negative":
                     continue
-                out.append(Probe(f"field:{section}.{field.name}={label}", "cli_train",
-                                 DRY + ("--set", f"{prefix}{field.name}={value}"), names=(field.name,)))
+                base = ("train", "{assets}/tiny.yaml", "--dry-run") if field.name == "output_path" else DRY
+                out.append(Probe(f"field:{section}.{field.name}={label}", "cli_train",  # --output-path would win
+                                 base + ("--set", f"{prefix}{field.name}={value}"), names=(field.name,)))
     return out
 
 
