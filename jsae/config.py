@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -38,6 +39,9 @@ MAX_WIDTH = 2**31 - 1
 
 NORMALIZE_MODES = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 RESHAPE_MODES = ("none", "hook_z")
+# torch's device types (torch.device's parser), with an optional index: what SAELens writes as cfg.json's device.
+TORCH_DEVICE = re.compile(r"^(cpu|cuda|ipu|xpu|mkldnn|opengl|opencl|ideep|hip|ve|fpga|maia|xla|lazy|vulkan|mps|meta|hpu"
+                          r"|mtia|privateuseone)(:\d+)?$")
 
 
 def canonical_dtype(name: Any, *, field: str = "dtype") -> str:
@@ -163,6 +167,9 @@ class SAEConfig:
             )
         if not isinstance(self.apply_b_dec_to_input, bool):
             raise ConfigError(f"{name}.apply_b_dec_to_input must be a bool, got {self.apply_b_dec_to_input!r}.")
+        if isinstance(self.device, str) and not TORCH_DEVICE.match(self.device):  # (a non-string: below)
+            raise ConfigError(f"{name}.device must be a torch device name such as 'cpu', 'cuda' or 'cuda:1' (kept for "
+                              f"SAELens' cfg.json; jsae places arrays with JAX), got {self.device!r}.")
         if not isinstance(self.metadata, Metadata):
             raise ConfigError(f"{name}.metadata must be a jsae.Metadata, got {type(self.metadata)}.")
         for field in dataclasses.fields(self):  # a flag, coefficient or name of another type is misread later

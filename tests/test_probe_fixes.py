@@ -203,3 +203,14 @@ def test_an_sae_section_that_is_not_a_mapping_names_it(sae):
     with pytest.raises(jsae.ConfigError, match=re.escape(f"run.yaml: the 'sae' section must be a mapping of SAE "
                                                          f"fields (architecture, d_in, d_sae, ...), got {sae!r}")):
         jsae.TrainConfig.from_dict({"sae": sae, "total_training_tokens": 640}, where="run.yaml")
+
+
+@pytest.mark.parametrize("device", ["bogus_value", "", "cuda:x", "gpu"])
+def test_an_sae_device_that_is_no_torch_device_names_the_field(device):
+    with pytest.raises(jsae.ConfigError, match=r"TopKSAEConfig.device must be a torch device name"):
+        jsae.TopKSAEConfig(d_in=4, d_sae=8, k=2, device=device)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "mps", "meta"])
+def test_torch_device_names_as_sae_lens_writes_them_are_kept(device):
+    assert jsae.TopKSAEConfig(d_in=4, d_sae=8, k=2, device=device).device == device
