@@ -17,6 +17,18 @@ from jsae.tensors import cast_params, read_safetensors
 _LINEAR_KEYS = ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias")
 
 
+# What both Llama Scope loaders of SAELens write into the config besides the widths, dtype and hook.
+_SHARED_CFG = {
+    "model_name": "meta-llama/Llama-3.1-8B",
+    "hook_head_index": None,
+    "activation_fn": "relu",
+    "prepend_bos": True,
+    "dataset_path": "cerebras/SlimPajama-627B",
+    "context_size": 1024,
+    "apply_b_dec_to_input": False,
+    "normalize_activations": "expected_average_only_in",
+}
+
 def _linear_params(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """nn.Linear encoder / decoder weights in SAELens' x @ W layout."""
     return {
@@ -45,16 +57,8 @@ def convert_llama_scope(src: Source) -> Converted:
         "d_in": d_in,
         "d_sae": hyper["d_sae"],
         "dtype": "bfloat16",
-        "model_name": "meta-llama/Llama-3.1-8B",
         "hook_name": hyper["hook_point_in"],
-        "hook_head_index": None,
-        "activation_fn": "relu",
-        "prepend_bos": True,
-        "dataset_path": "cerebras/SlimPajama-627B",
-        "context_size": 1024,
-        "apply_b_dec_to_input": False,
-        "normalize_activations": "expected_average_only_in",
-    }
+    } | _SHARED_CFG
     dtype = src.overrides.get("dtype", cfg["dtype"])
     weights = src.file("checkpoints/final.safetensors")
     state = read_safetensors(weights)
@@ -79,16 +83,8 @@ def convert_llama_scope_r1_distill(src: Source) -> Converted:
         "d_in": d_in,
         "d_sae": d_in * raw["expansion_factor"],
         "dtype": "float32",
-        "model_name": "meta-llama/Llama-3.1-8B",
         "hook_name": raw["hook_point_in"],
-        "hook_head_index": None,
-        "activation_fn": "relu",
-        "prepend_bos": True,
-        "dataset_path": "cerebras/SlimPajama-627B",
-        "context_size": 1024,
-        "apply_b_dec_to_input": False,
-        "normalize_activations": "expected_average_only_in",
-    }
+    } | _SHARED_CFG
     dtype = src.overrides.get("dtype", cfg["dtype"])
     weights = src.file("sae_weights.safetensors")
     state = read_safetensors(weights)

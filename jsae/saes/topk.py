@@ -44,8 +44,13 @@ class TopKSAEConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
-            raise ConfigError(f"TopKSAEConfig.k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}.")
+        check_k(self, "TopKSAEConfig")
+
+
+def check_k(cfg, name: str | None = None) -> None:
+    """k of a TopK config (SAE or transcoder): an integer in [1, d_sae]; errors name `name` (default: cfg's class)."""
+    if isinstance(cfg.k, bool) or not isinstance(cfg.k, int) or not 0 < cfg.k <= cfg.d_sae:
+        raise ConfigError(f"{name or type(cfg).__name__}.k must be an integer in [1, d_sae={cfg.d_sae}], got {cfg.k!r}.")
 
 
 class TopKSAE(BaseSAEModule):

@@ -28,7 +28,7 @@ from jsae.saes._base import (
     zeros,
 )
 from jsae.saes.jumprelu import jumprelu
-from jsae.saes.topk import act_times_W_dec
+from jsae.saes.topk import act_times_W_dec, check_k
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,8 +84,7 @@ class TopKTranscoderConfig(TranscoderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
-            raise ConfigError(f"{type(self).__name__}.k must be an integer in [1, d_sae={self.d_sae}], got {self.k!r}.")
+        check_k(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
