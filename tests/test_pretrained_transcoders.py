@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from hub_cache import populate_hub_cache
-from saelens_helpers import rel_err, to_numpy
+from pretrained_helpers import answer_tensor_shapes_from_cache, assert_matches_saelens, path_of, rand
 from safetensors.numpy import save_file
 
 import jsae
@@ -26,17 +26,6 @@ from jsae.converters import goodfire, transcoders
 
 sae_lens = pytest.importorskip("sae_lens")
 loaders = pytest.importorskip("sae_lens.loading.pretrained_sae_loaders")
-
-CFG_FIELDS = ("d_in", "d_sae", "dtype", "apply_b_dec_to_input", "normalize_activations", "reshape_activations")
-EXTRA_FIELDS = ("d_out", "n_heads", "n_attn_layers", "bottleneck_factor", "sae_diff_type", "kval_topk",
-                "tied_weights", "activation_normalization_factor")
-METADATA_FIELDS = ("model_name", "hook_name", "hook_name_out", "hook_head_index", "hook_head_index_out",
-                   "neuronpedia_id", "dataset_path", "context_size", "prepend_bos", "model_from_pretrained_kwargs")
-
-
-def rand(rng, *shape, scale=0.3):
-    return (rng.normal(size=shape) * scale).astype(np.float32)
-
 
 def file_of(tmp_path, name, writer):
     path = tmp_path / name
@@ -53,43 +42,6 @@ def put(release, files):
     repo_id = releases.get_release(release).repo_id
     populate_hub_cache(repo_id, {k: yaml.safe_dump(v).encode() if isinstance(v, dict) else v
                                  for k, v in files.items()})
-
-
-def path_of(release, sae_id):
-    return releases.get_release(release).path(sae_id)
-
-
-def bits(a):
-    return np.ascontiguousarray(a).view(np.uint8)
-
-
-def assert_matches_saelens(release, sae_id, x, *, dtype="float32"):
-    """jsae and sae_lens load the same SAE: tensors bit for bit, cfg fields, outputs within 1e-5."""
-    ref = sae_lens.SAE.from_pretrained(release, sae_id, dtype=dtype)
-    sae = jsae.SAE.from_pretrained(release, sae_id, dtype=dtype)
-    ref_params = {k: to_numpy(v) for k, v in ref.state_dict().items()}
-    assert set(sae.params) == set(ref_params)
-    for name, value in ref_params.items():
-        ours = np.asarray(sae.params[name])
-        assert ours.dtype == value.dtype, name
-        np.testing.assert_array_equal(bits(ours), bits(value), err_msg=name)
-    ref_cfg = ref.cfg.to_dict()
-    assert sae.cfg.architecture == ref.cfg.architecture()
-    for field in CFG_FIELDS + tuple(f for f in EXTRA_FIELDS if f in ref_cfg):
-        assert getattr(sae.cfg, field) == ref_cfg[field], field
-    for field in METADATA_FIELDS:
-        assert sae.cfg.metadata.get(field) == getattr(ref.cfg.metadata, field, None), field
-    xt = torch.from_numpy(x).to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    with torch.no_grad():
-        ref_feats = ref.encode(xt)
-        expect = {"encode": ref_feats, "decode": ref.decode(ref_feats), "forward": ref(xt)}
-    feats = sae.encode(x)
-    got = {"encode": feats, "decode": sae.decode(feats), "forward": sae(x)}
-    tol = 1e-5 if dtype == "float32" else 2e-2
-    for name in expect:
-        assert rel_err(np.asarray(got[name], np.float32), expect[name].float().numpy()) <= tol, name
-    assert np.count_nonzero(np.asarray(feats)) > 0
-    return sae, ref
 
 
 # --------------------------------------------------------------------------- gemma_2_transcoder
@@ -150,15 +102,7 @@ def test_mwhanna_transcoder(tmp_path, release, wandb_name, base_config):
 # --------------------------------------------------------------------------- mntss_clt_layer_transcoder
 @pytest.fixture
 def tensor_shapes_offline(monkeypatch):
-    """SAELens asks the Hub for safetensors shapes over HTTP; answer from the cached file."""
-    from huggingface_hub import hf_hub_download
-    from safetensors import safe_open
-
-    def shapes(repo_id, filename):
-        with safe_open(hf_hub_download(repo_id, filename), framework="np") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-
-    monkeypatch.setattr(loaders, "get_safetensors_tensor_shapes", shapes)
+    answer_tensor_shapes_from_cache(monkeypatch)
 
 
 def test_mntss_clt_layer_transcoder(tmp_path, tensor_shapes_offline):
