@@ -29,22 +29,31 @@ from jsae.saes._training import TrainingFields, TrainOutput, check_nonnegative, 
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TopKSAEConfig(SAEConfig):
-    """Config of a TopK SAE.
+class TopKFields:
+    """The fields every TopK config (SAE or transcoder) adds; listed before a config's base so they
+    come after the base's fields in `to_dict` (as SAELens orders them).
 
     Attributes:
         k: latents kept per token.
         rescale_acts_by_decoder_norm: select and scale latents as if the decoder had unit rows.
     """
 
-    architecture = "topk"
+    k_error_name = None  # the class errors about k name (None: the config's own class)
 
     k: int = 100
     rescale_acts_by_decoder_norm: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_k(self, "TopKSAEConfig")
+        check_k(self, self.k_error_name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopKSAEConfig(TopKFields, SAEConfig):
+    """Config of a TopK SAE (fields in `TopKFields`)."""
+
+    architecture = "topk"
+    k_error_name = "TopKSAEConfig"
 
 
 def check_k(cfg, name: str | None = None) -> None:

@@ -28,7 +28,7 @@ from jsae.saes._base import (
     zeros,
 )
 from jsae.saes.jumprelu import jumprelu
-from jsae.saes.topk import act_times_W_dec, check_k
+from jsae.saes.topk import TopKFields, act_times_W_dec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,22 +69,10 @@ class JumpReLUSkipTranscoderConfig(TranscoderConfig):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TopKTranscoderConfig(TranscoderConfig):
-    """Config of a TopK transcoder (jsae's; SAELens has no TopK transcoder to load it).
-
-    Attributes:
-        k: latents kept per token.
-        rescale_acts_by_decoder_norm: select and scale latents as if the decoder had unit rows.
-    """
+class TopKTranscoderConfig(TopKFields, TranscoderConfig):
+    """Config of a TopK transcoder (jsae's; SAELens has no TopK transcoder to load it; fields in `TopKFields`)."""
 
     architecture = "topk_transcoder"
-
-    k: int = 100
-    rescale_acts_by_decoder_norm: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_k(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
