@@ -95,24 +95,14 @@ class SAE:
         return sae.fold_W_dec_norm() if fold_W_dec_norm else sae
 
     @classmethod
-    def from_pretrained(
-        cls,
-        release: str,
-        sae_id: str,
-        device: str | None = None,
-        dtype: str = "float32",
-        force_download: bool = False,
-        fold_W_dec_norm: bool = False,
-    ) -> SAE:
-        """Download (or read from the Hugging Face cache) a released SAE; see `jsae.pretrained`."""
-        return cls.from_pretrained_with_cfg_and_sparsity(
-            release,
-            sae_id,
-            device=device,
-            dtype=dtype,
-            force_download=force_download,
-            fold_W_dec_norm=fold_W_dec_norm,
-        )[0]
+    def from_pretrained(cls, release: str, sae_id: str, device: str | None = None, dtype: str = "float32",
+                        force_download: bool = False, fold_W_dec_norm: bool = False) -> SAE:
+        """Download (or read from the Hugging Face cache) a released SAE; see `jsae.pretrained`.
+
+        SAELens' signature; the SAE of `from_pretrained_with_cfg_and_sparsity`.
+        """
+        return cls.from_pretrained_with_cfg_and_sparsity(release, sae_id, device, dtype, force_download,
+                                                         fold_W_dec_norm)[0]
 
     @classmethod
     def from_pretrained_with_cfg_and_sparsity(
