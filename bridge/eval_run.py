@@ -8,6 +8,7 @@ import itertools
 from bridge.data import check_token_settings, eval_data_config, excluded_token_ids, heldout_split, token_rows
 from bridge.run_config import RunConfig
 from jsae import ConfigError, InputError
+from jsae.tensors import non_finite_params
 
 
 def eval_token_batches(cfg: RunConfig, model, n_batches: int | None = None) -> list:
@@ -128,14 +129,7 @@ def load_eval_model(sae, cfg: RunConfig):
 def check_finite_weights(sae, where: str) -> None:
     """Refuses an SAE whose parameters hold NaN or infinity: every metric of it would be NaN, which
     says nothing about the SAE and reads as a result."""
-    import numpy as np
-
-    bad = []
-    for name, value in sorted(sae.params.items()):
-        array = np.asarray(value, dtype=np.float32)
-        n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if n_bad:
-            bad.append(f"{name}: {n_bad} of {array.size}")
+    bad = non_finite_params(sae.params)
     if bad:
         raise InputError(f"{where}: the SAE's weights are not finite (NaN or infinite values in {'; '.join(bad)}); "
                          "there is nothing to evaluate. Retrain it (a lower lr often helps), or evaluate an earlier "

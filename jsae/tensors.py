@@ -79,15 +79,21 @@ def check_tensor_dtypes(tensors: Mapping[str, Any], *, source: str, what: str = 
             )
 
 
-def check_finite_params(params: Mapping[str, Any], *, source: str) -> None:
-    """Raise FormatError when a parameter holds NaN or infinity: such an SAE gives NaN outputs, which
-    read as results. (sparsity is not a parameter: -inf there is the log10 density of a dead feature.)"""
+def non_finite_params(params: Mapping[str, Any]) -> list[str]:
+    """'name: n_bad of size' for each parameter holding NaN or infinity, by name; empty when all are finite."""
     bad = []
     for name, value in sorted(params.items()):
         array = np.asarray(value, dtype=np.float32)
         n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         if n_bad:
             bad.append(f"{name}: {n_bad} of {array.size}")
+    return bad
+
+
+def check_finite_params(params: Mapping[str, Any], *, source: str) -> None:
+    """Raise FormatError when a parameter holds NaN or infinity: such an SAE gives NaN outputs, which
+    read as results. (sparsity is not a parameter: -inf there is the log10 density of a dead feature.)"""
+    bad = non_finite_params(params)
     if bad:
         raise FormatError(f"{source}: the SAE's weights are not finite (NaN or infinite values in {'; '.join(bad)}); "
                           "its outputs would be NaN. Retrain it (a lower lr often helps), or load an earlier checkpoint.")
