@@ -51,13 +51,7 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
         return read_sparsify_transcoder(path, raw, overrides=overrides)
     if raw.get("activation", "topk") != "topk":
         raise FormatError(f"{cfg_path}: sparsify activation {raw.get('activation')!r} is not supported (only 'topk').")
-    weights_path = path / SPARSIFY_WEIGHTS_FILENAME
-    tensors = read_safetensors(weights_path)
-    for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
-        if key not in tensors:
-            raise FormatError(f"{weights_path}: missing tensor {key!r} (found {sorted(tensors)}).")
-    check_tensor_dtypes(tensors, source=str(weights_path))
-    d_sae = raw.get("num_latents") or raw["d_in"] * (raw.get("expansion_factor") or 32)
+    weights_path, tensors = read_sparsify_tensors(path)
     match = re.search(r"layers[._](\d+)", path.name)
     hook_name = (
         "hook_embed" if path.name == "embed_tokens" else (f"blocks.{match.group(1)}.hook_resid_post" if match else None)
@@ -65,7 +59,7 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
     cfg_dict = {
         "architecture": "topk",
         "d_in": int(raw["d_in"]),
-        "d_sae": int(d_sae),
+        "d_sae": sparsify_num_latents(raw),
         "k": int(raw["k"]),
         "dtype": str(np.dtype(tensors["encoder.weight"].dtype)),
         "apply_b_dec_to_input": True,
@@ -73,14 +67,37 @@ def read_sparsify(path: Path, *, overrides: Mapping[str, Any] | None = None) -> 
         "metadata": {"hook_name": hook_name, "hf_hook_name": path.name, "sae_lens_version": SAELENS_FORMAT_VERSION},
     }
     cfg = config_from_dict(cfg_dict, source=str(cfg_path), overrides=overrides)
-    params = {
+    params = sparsify_params(tensors)
+    check_params(params, cfg, source=str(weights_path))
+    return cfg, cast_params(params, cfg.dtype, source=str(weights_path))
+
+
+def read_sparsify_tensors(path: Path, extra: tuple[str, ...] = ()) -> tuple[Path, dict]:
+    """(file, tensors) of a sparsify folder's sae.safetensors, checked to hold float encoder.weight,
+    encoder.bias, W_dec, b_dec and the `extra` tensors."""
+    weights_path = path / SPARSIFY_WEIGHTS_FILENAME
+    tensors = read_safetensors(weights_path)
+    for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec", *extra):
+        if key not in tensors:
+            raise FormatError(f"{weights_path}: missing tensor {key!r} (found {sorted(tensors)}).")
+    check_tensor_dtypes(tensors, source=str(weights_path))
+    return weights_path, tensors
+
+
+def sparsify_num_latents(raw: Mapping[str, Any]) -> int:
+    """d_sae of a sparsify cfg.json: num_latents, else d_in * expansion_factor (sparsify's default 32)."""
+    return int(raw.get("num_latents") or raw["d_in"] * (raw.get("expansion_factor") or 32))
+
+
+def sparsify_params(tensors: Mapping[str, Any]) -> dict:
+    """jsae's (SAELens') encoder and decoder of sparsify's tensors: W_enc is encoder.weight (num_latents,
+    d_in) transposed; W_dec is already (num_latents, d_in)."""
+    return {
         "W_enc": np.ascontiguousarray(tensors["encoder.weight"].T),
         "b_enc": tensors["encoder.bias"],
         "W_dec": tensors["W_dec"],
         "b_dec": tensors["b_dec"],
     }
-    check_params(params, cfg, source=str(weights_path))
-    return cfg, cast_params(params, cfg.dtype, source=str(weights_path))
 
 
 def read_gemma_scope(

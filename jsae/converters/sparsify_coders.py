@@ -21,8 +21,8 @@ import numpy as np
 from jsae._errors import FormatError
 from jsae.cfg_json import CFG_FILENAME, config_from_dict
 from jsae.config import SAELENS_FORMAT_VERSION, SAEConfig
-from jsae.converters.folders import SPARSIFY_WEIGHTS_FILENAME
-from jsae.tensors import cast_params, check_params, check_tensor_dtypes, read_safetensors
+from jsae.converters.folders import read_sparsify_tensors, sparsify_num_latents, sparsify_params
+from jsae.tensors import cast_params, check_params
 
 
 def sparsify_transcoder_hooks(hookpoint: str) -> tuple[str | None, str | None]:
@@ -52,20 +52,14 @@ def read_sparsify_transcoder(path: Path, raw: Mapping[str, Any], *,
             "has no jsae architecture; jsae loads sparsify skip connections on transcoders."
         )
     skip = bool(raw.get("skip_connection"))
-    weights_path = path / SPARSIFY_WEIGHTS_FILENAME
-    tensors = read_safetensors(weights_path)
-    needed = ("encoder.weight", "encoder.bias", "W_dec", "b_dec") + (("W_skip",) if skip else ())
-    for key in needed:
-        if key not in tensors:
-            raise FormatError(f"{weights_path}: missing tensor {key!r} (found {sorted(tensors)}).")
-    check_tensor_dtypes(tensors, source=str(weights_path))
+    weights_path, tensors = read_sparsify_tensors(path, ("W_skip",) if skip else ())
     d_in = int(raw["d_in"])
     hook_name, hook_name_out = sparsify_transcoder_hooks(path.name)
     cfg_dict = {
         "architecture": "topk_skip_transcoder" if skip else "topk_transcoder",
         "d_in": d_in,
         "d_out": d_in,
-        "d_sae": int(raw.get("num_latents") or d_in * (raw.get("expansion_factor") or 32)),
+        "d_sae": sparsify_num_latents(raw),
         "k": int(raw["k"]),
         "dtype": str(np.dtype(tensors["encoder.weight"].dtype)),
         "apply_b_dec_to_input": False,
@@ -74,12 +68,7 @@ def read_sparsify_transcoder(path: Path, raw: Mapping[str, Any], *,
                      "hf_hook_name_out": path.name, "sae_lens_version": SAELENS_FORMAT_VERSION},
     }
     cfg = config_from_dict(cfg_dict, source=str(cfg_path), overrides=overrides)
-    params = {
-        "W_enc": np.ascontiguousarray(tensors["encoder.weight"].T),
-        "b_enc": tensors["encoder.bias"],
-        "W_dec": tensors["W_dec"],
-        "b_dec": tensors["b_dec"],
-    }
+    params = sparsify_params(tensors)
     if skip:
         params["W_skip"] = tensors["W_skip"]
     check_params(params, cfg, source=str(weights_path))
