@@ -1,10 +1,39 @@
-"""Batch sources for `jsae.train` when the activations are already in memory or on disk."""
+"""Batch sources for `jsae.train` when the activations are already in memory or on disk, and the
+check every batch passes before a step."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from jsae._errors import InputError
+
+if TYPE_CHECKING:
+    from jsae.training.config import TrainConfig
+
+
+def check_batch(batch: Any, cfg: TrainConfig, n_processes: int, streams: int | None) -> None:
+    """Raise InputError unless `batch` is this process's share of a training batch: real floats of shape
+    (train_batch_size_tokens / n_processes, batch_width), with `streams` activation streams stacked in
+    front ((streams, tokens, batch_width)) where a sweep reads several."""
+    shape = tuple(getattr(batch, "shape", ()))
+    local, d_in = cfg.train_batch_size_tokens // n_processes, cfg.sae.batch_width
+    # a transcoder's rows hold its input and target side by side
+    width = "d_in" if d_in == cfg.sae.d_in else "d_in + d_out"
+    expected = (local, d_in) if streams is None else (streams, local, d_in)
+    if len(shape) != len(expected) or shape[-1] != d_in or (streams is not None and shape[0] != streams):
+        want = f"({local}, {width}={d_in})" if streams is None else f"(n_streams={streams}, {local}, {width}={d_in})"
+        raise InputError(f"batch: expected shape {want} of activations"
+                         + (" (one slice per activation stream)" if streams is not None else "")
+                         + f", got {shape}; the SAE config's {width} must match the activations' width.")
+    dtype = np.dtype(getattr(batch, "dtype", np.float32))
+    if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
+        raise InputError(f"batch: activations must be real floating-point numbers, got dtype {dtype}.")
+    if shape[-2] != local:
+        raise InputError(f"batch: expected {local} tokens per process (train_batch_size_tokens="
+                         f"{cfg.train_batch_size_tokens} over {n_processes} process(es)), got {shape[-2]}.")
 
 
 class ArrayBatches:

@@ -21,6 +21,7 @@ from jsae.saes import get_training_architecture
 from jsae.training import outputs
 from jsae.training.checkpoints import Checkpoints, fingerprint
 from jsae.training.config import TrainConfig
+from jsae.training.data import check_batch
 from jsae.training.hooks import (
     Hook,
     LogMetrics,
@@ -262,23 +263,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _to_global(self, batch: Any) -> jax.Array:
-        shape = tuple(getattr(batch, "shape", ()))
-        d_in, streams = self.cfg.sae.batch_width, self._n_streams()
-        # a transcoder's rows hold its input and target side by side
-        width = "d_in" if d_in == self.cfg.sae.d_in else "d_in + d_out"
-        expected = (self.local_batch_size, d_in) if streams is None else (streams, self.local_batch_size, d_in)
-        if len(shape) != len(expected) or shape[-1] != d_in or (streams is not None and shape[0] != streams):
-            want = f"({self.local_batch_size}, {width}={d_in})" if streams is None else (
-                f"(n_streams={streams}, {self.local_batch_size}, {width}={d_in})")
-            raise InputError(f"batch: expected shape {want} of activations"
-                             + (" (one slice per activation stream)" if streams is not None else "")
-                             + f", got {shape}; the SAE config's {width} must match the activations' width.")
-        dtype = np.dtype(getattr(batch, "dtype", np.float32))
-        if not np.issubdtype(dtype, np.floating) and dtype.name != "bfloat16":
-            raise InputError(f"batch: activations must be real floating-point numbers, got dtype {dtype}.")
-        if shape[-2] != self.local_batch_size:
-            raise InputError(f"batch: expected {self.local_batch_size} tokens per process (train_batch_size_tokens="
-                             f"{self.cfg.train_batch_size_tokens} over {self.n_processes} process(es)), got {shape[-2]}.")
+        """This process's `batch` as its share of the global batch, sharded over the data axis."""
+        check_batch(batch, self.cfg, self.n_processes, self._n_streams())
         if isinstance(batch, jax.Array):  # from the device it is on (sliced per device), never through the host
             return jax.make_array_from_process_local_data(self.batch_sharding, batch)
         return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch))
