@@ -12,7 +12,10 @@ same shuffle-buffer size in tokens:
 
 jsae's runs get the environment `jsae train`'s hint asks for (GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 where glibc and the kernel support it, see jsae/backends/hugepages.py); sae_lens' runs the plain one,
-unless `--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both.
+unless `--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both. A jsae run also starts as
+`jsae train` does, telling glibc to keep freed memory for reuse (jsae/backends/malloc.py;
+`--env JSAE_MALLOC=system` keeps glibc's defaults). The pieces' profile runs both libraries in one
+process and keeps glibc's defaults.
 
 `jsae train` keeps its compiled programs on disk (jsae.enable_compilation_cache), so how long its
 first batch takes depends on whether the same shapes ran before. `--compilation-cache` picks:
@@ -250,6 +253,9 @@ def timing_result(lib: str, flat: dict, timed: TimedBatches, t_start: float, t_f
 def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
     t_start = time.perf_counter()
     import jsae
+    from jsae.backends.malloc import retain_freed_memory
+
+    malloc = "retain" if retain_freed_memory() else "system"  # as `jsae train` starts (JSAE_MALLOC=system: off)
 
     if compilation_cache is not None:
         jsae.enable_compilation_cache(compilation_cache)
@@ -269,7 +275,7 @@ def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
     result = timing_result("jsae", flat, timed, t_start, t_fit, t_end, rss_before, skip)
     if trainer.plan.topk is not None:
         result["topk_path"] = trainer.plan.topk
-    return result
+    return result | {"malloc": malloc}
 
 
 def torch_device(flat: dict) -> dict:
@@ -483,11 +489,15 @@ def summarize(runs: list[dict]) -> dict:
         mine = [r for r in runs if r["lib"] == lib]
         out[lib] = {k: statistics.median(r[k] for r in mine) for k in keys if all(r.get(k) is not None for r in mine)}
         out[lib] |= {"n": len(mine), "jax_in_process": mine[0]["jax_in_process"],
-                     **({"topk_path": mine[0]["topk_path"]} if "topk_path" in mine[0] else {}),
+                     **{k: mine[0][k] for k in ("topk_path", "malloc") if k in mine[0]},
                      "steady_tok_s_all": [(round(r["steady_tok_s"]), round(100 * r["others_cpu_share"])) for r in mine]}
     if "jsae" in out and "sae_lens" in out:
         out["ratio_steady"] = out["jsae"]["steady_tok_s"] / out["sae_lens"]["steady_tok_s"]
         out["ratio_train"] = out["jsae"]["train_tok_s"] / out["sae_lens"]["train_tok_s"]
+        # repeat i's two runs ran back to back (the order flips each repeat): their ratio is blind to the
+        # machine's speed drifting between repeats
+        pairs = zip((r for r in runs if r["lib"] == "jsae"), (r for r in runs if r["lib"] == "sae_lens"), strict=False)
+        out["ratio_steady_paired"] = statistics.median(a["steady_tok_s"] / b["steady_tok_s"] for a, b in pairs)
     return out
 
 
@@ -532,7 +542,9 @@ def format_report(flat: dict, summary: dict, profile: dict | None, info: dict, a
            "off": " jsae's compilation cache: off."}[args.compilation_cache]
         + (f" jsae runs under GLIBC_TUNABLES={jsae_environment({})['GLIBC_TUNABLES']} (`jsae train`'s hint)"
            + ("" if any(e.startswith("GLIBC_TUNABLES=") for e in args.env) else "; sae_lens in the plain environment")
-           + "." if jsae_environment({}) else ""),
+           + "." if jsae_environment({}) else "")
+        + ("" if "malloc" not in summary.get("jsae", {}) else
+           f" jsae's malloc: {summary['jsae']['malloc']} (`jsae train` keeps freed memory for reuse unless JSAE_MALLOC=system)."),
     ]
     if info.get("jsae_only_sae_fields"):
         lines[-1] += (" jsae-only SAE settings (sae_lens has no such field): "
@@ -554,7 +566,9 @@ def format_report(flat: dict, summary: dict, profile: dict | None, info: dict, a
                      f"{s['steady_data_wait_s']:.1f} of {s['steady_s']:.1f} | {s['rss_before_train_mb']:,.0f} → "
                      f"{s.get('rss_after_step0_mb', float('nan')):,.0f} → {s['peak_rss_mb']:,.0f} |")
     if "ratio_steady" in summary:
-        lines += ["", f"jsae / sae_lens: {summary['ratio_steady']:.2f}x steady, {summary['ratio_train']:.2f}x train."]
+        lines += ["", f"jsae / sae_lens: {summary['ratio_steady']:.2f}x steady, {summary['ratio_train']:.2f}x train "
+                      f"(medians); the median of each repeat's back-to-back steady ratio: "
+                      f"{summary['ratio_steady_paired']:.2f}x."]
     libs = [lib for lib in ("jsae", "sae_lens") if lib in summary]
     if libs:
         lines += ["", "Steady tok/s of each run (in brackets: the share of the machine's CPU other jobs took "
