@@ -20,15 +20,13 @@ from jsae.saes._base import (
     BaseSAEModule,
     ForwardOutput,
     InputState,
-    decoder_row_norms,
     fold_decoder_norms,
     kaiming_uniform_rows,
     normalize,
-    topk_scatter,
     zeros,
 )
 from jsae.saes.jumprelu import jumprelu
-from jsae.saes.topk import TopKFields, act_times_W_dec
+from jsae.saes.topk import TopKFields, TopKSAE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,14 +151,9 @@ class JumpReLUSkipTranscoder(JumpReLUTranscoder):
 class TopKTranscoder(Transcoder):
     cfg: TopKTranscoderConfig
 
-    def encode_prepared(self, sae_in: Array) -> tuple[Array, Array]:
-        hidden_pre = sae_in @ self.W_enc + self.b_enc
-        if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * decoder_row_norms(self.W_dec)
-        return topk_scatter(hidden_pre, self.cfg.k), hidden_pre
-
-    def decode_linear(self, feature_acts: Array) -> Array:
-        return act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm) + self.b_dec
+    # the TopK SAE's encoder and decoder (rescaled by the decoder norms where the config says so)
+    encode_prepared = TopKSAE.encode_prepared
+    decode_linear = TopKSAE.decode_linear
 
 
 class TopKSkipTranscoder(TopKTranscoder):
