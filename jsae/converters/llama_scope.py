@@ -8,6 +8,8 @@ llama_scope_sae_huggingface_loader and their r1_distill counterparts).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from jsae.config import DTYPES
@@ -29,14 +31,22 @@ _SHARED_CFG = {
     "normalize_activations": "expected_average_only_in",
 }
 
-def _linear_params(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """nn.Linear encoder / decoder weights in SAELens' x @ W layout."""
-    return {
+
+def _read_weights(src: Source, name: str, dtype: str, extra: tuple[str, ...] = ()) -> tuple[Path, dict[str, np.ndarray]]:
+    """(file, params) of the release's safetensors file `name`: its nn.Linear encoder / decoder weights
+    in SAELens' x @ W layout and the `extra` tensors as stored, all cast to `dtype`."""
+    weights = src.file(name)
+    state = read_safetensors(weights)
+    keys = (*_LINEAR_KEYS, *extra)
+    require(state, keys, source=weights, what="tensor")
+    state = cast_params({k: state[k] for k in keys}, dtype, source=str(weights))
+    params = {
         "W_enc": state["encoder.weight"].T,
         "W_dec": state["decoder.weight"].T,
         "b_enc": state["encoder.bias"],
         "b_dec": state["decoder.bias"],
     }
+    return weights, params | {k: state[k] for k in extra}
 
 
 def convert_llama_scope(src: Source) -> Converted:
@@ -60,11 +70,7 @@ def convert_llama_scope(src: Source) -> Converted:
         "hook_name": hyper["hook_point_in"],
     } | _SHARED_CFG
     dtype = src.overrides.get("dtype", cfg["dtype"])
-    weights = src.file("checkpoints/final.safetensors")
-    state = read_safetensors(weights)
-    require(state, _LINEAR_KEYS, source=weights, what="tensor")
-    state = cast_params({k: state[k] for k in _LINEAR_KEYS}, dtype, source=str(weights))
-    params = _linear_params(state)
+    weights, params = _read_weights(src, "checkpoints/final.safetensors", dtype)
     # ones(d_sae) * threshold as torch computes it: in float64 for float64, else in float32, then rounded
     compute = np.float64 if dtype == "float64" else np.float32
     params["threshold"] = np.full((hyper["d_sae"],), compute(threshold), compute).astype(DTYPES[dtype])
@@ -86,12 +92,8 @@ def convert_llama_scope_r1_distill(src: Source) -> Converted:
         "hook_name": raw["hook_point_in"],
     } | _SHARED_CFG
     dtype = src.overrides.get("dtype", cfg["dtype"])
-    weights = src.file("sae_weights.safetensors")
-    state = read_safetensors(weights)
-    require(state, (*_LINEAR_KEYS, "log_jumprelu_threshold"), source=weights, what="tensor")
-    state = cast_params({k: state[k] for k in (*_LINEAR_KEYS, "log_jumprelu_threshold")}, dtype, source=str(weights))
-    params = _linear_params(state)
-    log_threshold = state["log_jumprelu_threshold"]
+    weights, params = _read_weights(src, "sae_weights.safetensors", dtype, ("log_jumprelu_threshold",))
+    log_threshold = params.pop("log_jumprelu_threshold")
     # exp in float64, rounded once: the correctly rounded threshold. torch's vectorised float32 exp is
     # accurate to about 1 ulp, so SAELens' threshold can differ from this one in the last bits.
     params["threshold"] = np.exp(log_threshold.astype(np.float64)).astype(log_threshold.dtype)
