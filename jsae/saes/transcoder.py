@@ -116,6 +116,9 @@ class Transcoder(BaseSAEModule):
 
 
 class SkipTranscoder(Transcoder):
+    """A ReLU transcoder plus x W_skipᵀ. The JumpReLU and TopK skip transcoders name it before their
+    own base: W_skip is created after that base's parameters, and the encoder and decoder stay the base's."""
+
     cfg: SkipTranscoderConfig
 
     def extra_params(self) -> None:
@@ -138,14 +141,8 @@ class JumpReLUTranscoder(Transcoder):
         return jumprelu(hidden_pre, self.threshold), hidden_pre
 
 
-class JumpReLUSkipTranscoder(JumpReLUTranscoder):
+class JumpReLUSkipTranscoder(SkipTranscoder, JumpReLUTranscoder):
     cfg: JumpReLUSkipTranscoderConfig
-
-    def extra_params(self) -> None:
-        super().extra_params()
-        self.W_skip = self.param("W_skip", zeros, (self.cfg.d_out, self.cfg.d_in), self.cfg.jnp_dtype)
-
-    skip = SkipTranscoder.skip
 
 
 class TopKTranscoder(Transcoder):
@@ -156,14 +153,8 @@ class TopKTranscoder(Transcoder):
     decode_linear = TopKSAE.decode_linear
 
 
-class TopKSkipTranscoder(TopKTranscoder):
+class TopKSkipTranscoder(SkipTranscoder, TopKTranscoder):
     cfg: TopKSkipTranscoderConfig
-
-    def extra_params(self) -> None:
-        super().extra_params()
-        self.W_skip = self.param("W_skip", zeros, (self.cfg.d_out, self.cfg.d_in), self.cfg.jnp_dtype)
-
-    skip = SkipTranscoder.skip
 
 
 def fold_W_dec_norm(params: dict, cfg: TranscoderConfig) -> dict:
