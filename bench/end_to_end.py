@@ -12,10 +12,7 @@ same shuffle-buffer size in tokens:
 
 jsae's runs get the environment `jsae train`'s hint asks for (GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 where glibc and the kernel support it, see jsae/backends/hugepages.py); sae_lens' runs the plain one,
-unless `--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both. A jsae run also starts as
-`jsae train` does, telling glibc to keep freed memory for reuse (jsae/backends/malloc.py;
-`--env JSAE_MALLOC=system` keeps glibc's defaults). The pieces' profile runs both libraries in one
-process and keeps glibc's defaults.
+unless `--env GLIBC_TUNABLES=glibc.malloc.hugetlb=1` gives it to both.
 
 `jsae train` keeps its compiled programs on disk (jsae.enable_compilation_cache), so how long its
 first batch takes depends on whether the same shapes ran before. `--compilation-cache` picks:
@@ -253,9 +250,6 @@ def timing_result(lib: str, flat: dict, timed: TimedBatches, t_start: float, t_f
 def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
     t_start = time.perf_counter()
     import jsae
-    from jsae.backends.malloc import retain_freed_memory
-
-    malloc = "retain" if retain_freed_memory() else "system"  # as `jsae train` starts (JSAE_MALLOC=system: off)
 
     if compilation_cache is not None:
         jsae.enable_compilation_cache(compilation_cache)
@@ -275,7 +269,7 @@ def jsae_worker(flat: dict, skip: int, compilation_cache: Path | None) -> dict:
     result = timing_result("jsae", flat, timed, t_start, t_fit, t_end, rss_before, skip)
     if trainer.plan.topk is not None:
         result["topk_path"] = trainer.plan.topk
-    return result | {"malloc": malloc}
+    return result
 
 
 def torch_device(flat: dict) -> dict:
@@ -489,7 +483,7 @@ def summarize(runs: list[dict]) -> dict:
         mine = [r for r in runs if r["lib"] == lib]
         out[lib] = {k: statistics.median(r[k] for r in mine) for k in keys if all(r.get(k) is not None for r in mine)}
         out[lib] |= {"n": len(mine), "jax_in_process": mine[0]["jax_in_process"],
-                     **{k: mine[0][k] for k in ("topk_path", "malloc") if k in mine[0]},
+                     **({"topk_path": mine[0]["topk_path"]} if "topk_path" in mine[0] else {}),
                      "steady_tok_s_all": [(round(r["steady_tok_s"]), round(100 * r["others_cpu_share"])) for r in mine]}
     if "jsae" in out and "sae_lens" in out:
         out["ratio_steady"] = out["jsae"]["steady_tok_s"] / out["sae_lens"]["steady_tok_s"]
@@ -542,9 +536,7 @@ def format_report(flat: dict, summary: dict, profile: dict | None, info: dict, a
            "off": " jsae's compilation cache: off."}[args.compilation_cache]
         + (f" jsae runs under GLIBC_TUNABLES={jsae_environment({})['GLIBC_TUNABLES']} (`jsae train`'s hint)"
            + ("" if any(e.startswith("GLIBC_TUNABLES=") for e in args.env) else "; sae_lens in the plain environment")
-           + "." if jsae_environment({}) else "")
-        + ("" if "malloc" not in summary.get("jsae", {}) else
-           f" jsae's malloc: {summary['jsae']['malloc']} (`jsae train` keeps freed memory for reuse unless JSAE_MALLOC=system)."),
+           + "." if jsae_environment({}) else ""),
     ]
     if info.get("jsae_only_sae_fields"):
         lines[-1] += (" jsae-only SAE settings (sae_lens has no such field): "

@@ -382,13 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jsae {args.command}: error: {err}", file=sys.stderr)
         return 2
     # at a real command line: programs compiled by an earlier run of the same shapes load from disk (a dry
-    # run compiles nothing and leaves nothing behind, the cache folder included), and glibc keeps freed
-    # memory for the next batch's buffers (jsae.backends.malloc; JSAE_MALLOC=system keeps its defaults)
+    # run compiles nothing and leaves nothing behind, the cache folder included)
     if argv is None and not getattr(args, "dry_run", False):
-        from jsae.backends.malloc import retain_freed_memory
-
         enable_compilation_cache()
-        retain_freed_memory()
 
     try:
         return args.func(args)
