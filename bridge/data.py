@@ -238,6 +238,37 @@ def check_token_ids(row, d_vocab: int, cfg: RunConfig, index: int) -> None:
                          f"(0 to {d_vocab - 1}); tokenize the data with this model's tokenizer.")
 
 
+DOCUMENTS_PER_TOKENIZER_CALL = 32
+
+
+def document_tokens(model, texts: Iterator[str]) -> Iterator[list[int]]:
+    """Each text's token ids exactly as `model.to_tokens(text, prepend_bos=False, truncate=False)` gives them
+    (SAELens' activations store tokenizes each document so), the tokenizer called on
+    `DOCUMENTS_PER_TOKENIZER_CALL` documents at a time: a fast tokenizer encodes them in parallel.
+
+    to_tokens is the tokenizer's ids, less the first where the tokenizer adds a BOS by itself: which of
+    the two holds is read off the first document. A model whose to_tokens gives neither is asked one
+    document at a time.
+    """
+    def one(text: str) -> list[int]:
+        return model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False)[0].tolist()
+
+    texts = iter(texts)
+    first = next(texts, None)
+    if first is None:
+        return
+    expected = one(first)
+    yield expected
+    raw = model.tokenizer([first], truncation=False)["input_ids"][0] if model.tokenizer is not None else None
+    drop = 0 if raw == expected else 1 if raw is not None and raw[1:] == expected else None
+    if drop is None:
+        yield from map(one, texts)
+        return
+    while chunk := list(itertools.islice(texts, DOCUMENTS_PER_TOKENIZER_CALL)):
+        for ids in model.tokenizer(chunk, truncation=False)["input_ids"]:
+            yield ids[drop:]
+
+
 def _with_text(documents: Iterator[Any], cfg: RunConfig) -> Iterator[Any]:
     """`documents`, refused when none holds more than whitespace: such data still packs into rows (of
     whitespace tokens) and would be trained on, epoch after epoch."""
@@ -279,8 +310,7 @@ def token_rows(cfg: RunConfig, model, *, split: str | None = None, cycle: bool =
                                      f"context_size={cfg.context_size}.")
                 yield row
             return
-        tokens = (model.to_tokens(text, prepend_bos=False, truncate=False, move_to_device=False)[0].tolist()
-                  for text in _with_text(documents, cfg))
+        tokens = document_tokens(model, _with_text(documents, cfg))
         yield from pack_token_sequences(tokens, cfg.context_size, bos_token_id=bos, separator_token_id=separator,
                                         disable_concat_sequences=cfg.disable_concat_sequences)
 

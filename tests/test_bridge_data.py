@@ -88,6 +88,43 @@ def test_packing_function_equals_saelens_on_edge_cases():
                 assert [list(map(int, r)) for r in got] == want, (ctx, bos, sep, start, disable)
 
 
+def _tokenizer_adding_bos_and_eos(tokenizer):
+    """A copy of `tokenizer` that puts BOS before and EOS after every text (as Llama-style tokenizers do)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = copy.deepcopy(tokenizer)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)])
+    return tokenizer
+
+
+@pytest.mark.parametrize("tokenizer", ["model's", "adds BOS and EOS", "to_tokens of its own"])
+def test_documents_tokenize_in_batches_as_to_tokens_tokenizes_each(model, tokenizer):
+    """document_tokens calls the tokenizer on many documents at once and gives each document's ids exactly as
+    `to_tokens(text, prepend_bos=False, truncate=False)` does (a BOS the tokenizer adds is dropped, an EOS kept);
+    a model whose to_tokens is not the tokenizer's ids is asked one document at a time."""
+    import copy
+
+    from bridge.data import DOCUMENTS_PER_TOKENIZER_CALL, document_tokens
+
+    model = copy.copy(model)  # the module's model keeps its tokenizer, cfg and to_tokens
+    model.cfg = copy.deepcopy(model.cfg)
+    if tokenizer == "adds BOS and EOS":
+        model.set_tokenizer(_tokenizer_adding_bos_and_eos(model.tokenizer))
+    if tokenizer == "to_tokens of its own":
+        plain = model.to_tokens
+        model.to_tokens = lambda text, **kw: plain(text.upper(), **kw)
+    docs = DOCS * 3 + [" leading space", "trailing space ", "\n\n"]
+    assert len(docs) > 2 * DOCUMENTS_PER_TOKENIZER_CALL
+    want = [model.to_tokens(d, prepend_bos=False, truncate=False, move_to_device=False)[0].tolist() for d in docs]
+    assert list(document_tokens(model, iter(docs))) == want
+    if tokenizer == "adds BOS and EOS":
+        assert want[DOCS.index("")] == [model.tokenizer.eos_token_id]
+
+
 @pytest.mark.parametrize(("exclude", "seqpos"), [(False, (None,)), (True, (None,)), (False, (2, 30)),
                                                  (True, (1, None, 2))])
 def test_activations_equal_saelens(model, exclude, seqpos):
