@@ -14,10 +14,15 @@ time than all of the model's matrix products:
   normalises once and projects q, k and v with one product against the stacked weights.
 - **Matrix products.** On CPU in float32, the products go to oneDNN
   (`torch.ops.mkldnn._linear_pointwise`) rather than MKL through `torch.addmm`, which measured
-  faster at the model's shapes (bench/RESULTS.md).
+  faster at the model's shapes (bench/RESULTS.md). When nothing reads hook_pre, the MLP's
+  activation (GELU, either form, or ReLU) runs inside its first product as a oneDNN post-op
+  instead of as a separate pass over (batch, pos, d_mlp).
+- **LayerNorm.** TransformerLens' LayerNorm and LayerNormPre take seven elementwise passes
+  (mean, subtract, square, mean, add, sqrt, divide, then scale and shift); when nothing reads
+  hook_scale or hook_normalized, `torch.nn.functional.layer_norm` computes the same in one.
 
-hook_q, hook_k, hook_v, hook_rot_q, hook_rot_k, hook_z, the MLP's hooks and every block-level
-hook (resid_pre/mid/post, attn_out, mlp_out) still fire, with the same shapes. The results
+hook_q, hook_k, hook_v, hook_rot_q, hook_rot_k, hook_z, hook_post and every block-level hook
+(resid_pre/mid/post, attn_out, mlp_out) still fire, with the same shapes. The results
 equal TransformerLens' within float rounding (1e-5 in the tests). The one difference is
 summation order: oneDNN and MKL add up a dot product in different orders.
 
@@ -26,7 +31,9 @@ summation order: oneDNN and MKL add up a dot product in different orders.
 - only on the modules whose configuration is covered exactly (see `covered`);
 - each call still falls back to TransformerLens' own forward when something needs the steps
   it skips: a hook on the scores or the pattern, a hook inside the block's first LayerNorm,
-  a KV cache, a padding mask or a position bias, or gradients (oneDNN's product has none).
+  a KV cache, a padding mask or a position bias, or gradients (oneDNN's product has none); a
+  hook on hook_pre (the activation's input) or inside a LayerNorm; a LayerNorm under autocast or
+  in a precision other than the model's float32 / float64.
 """
 
 from __future__ import annotations
@@ -51,14 +58,25 @@ def _onednn_available() -> bool:
 _ONEDNN = _onednn_available()
 
 
+# TransformerLens' activation names whose function oneDNN applies as a post-op of a product, as
+# (post-op, algorithm). "gelu" is F.gelu (erf); "gelu_new" is GPT-2's tanh form, the same formula as
+# F.gelu(approximate="tanh") (transformer_lens/utilities/activation_functions.py).
+_POST_OPS = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+             "relu": ("relu", "")}
+
+
+def _on_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` (weight: (out, in)), through oneDNN for float32 CPU inference."""
     if x.device != weight.device:
         weight = weight.to(x.device)
     if bias is not None and bias.device != x.device:
         bias = bias.to(x.device)
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled()):
+    if _on_onednn(x, weight):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -66,9 +84,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 # ---------------------------------------------------------------------- what is covered
 def covered(module) -> bool:
     """Whether `module` is a module whose configuration a fused forward reproduces exactly."""
-    from transformer_lens.components import MLP, Attention, GroupedQueryAttention, TransformerBlock
+    from transformer_lens.components import (
+        MLP, Attention, GroupedQueryAttention, LayerNorm, LayerNormPre, TransformerBlock,
+    )
 
     kind = type(module)
+    if kind in (LayerNorm, LayerNormPre):
+        return True
     if kind in (Attention, GroupedQueryAttention):
         return _attention_covered(module)
     if kind is MLP:
@@ -156,7 +178,12 @@ def _attention_forward(self, query_input, key_input, value_input, past_kv_cache_
 
 
 def _mlp_forward(self, x):
-    """TransformerLens' MLP forward (x @ W_in + b_in, activation, @ W_out + b_out) on `linear`."""
+    """TransformerLens' MLP forward (x @ W_in + b_in, activation, @ W_out + b_out) on `linear`; the
+    activation inside the first product where oneDNN has it and nothing reads hook_pre."""
+    post_op = _POST_OPS.get(self.cfg.act_fn)
+    if post_op is not None and not self.hook_pre.has_hooks() and _on_onednn(x, self.W_in):
+        post_act = torch.ops.mkldnn._linear_pointwise(x, self.W_in.T, self.b_in, post_op[0], [], post_op[1])
+        return linear(self.hook_post(post_act), self.W_out.T, self.b_out)
     pre_act = self.hook_pre(linear(x, self.W_in.T, self.b_in))
     if self.cfg.is_layer_norm_activation() and self.hook_mid is not None and self.ln is not None:
         post_act = self.hook_post(self.ln(self.hook_mid(self.act_fn(pre_act))))
@@ -189,9 +216,20 @@ def _block_forward(self, resid_pre, shortformer_pos_embed=None, past_kv_cache_en
     return self.hook_resid_post(resid_mid + self.apply_mlp(self.ln2(mlp_in)))
 
 
-def _forward_for(module):
-    from transformer_lens.components import MLP, TransformerBlock
+def _layer_norm_forward(self, x):
+    """TransformerLens' LayerNorm / LayerNormPre (x - mean, over sqrt(variance + eps), then w and b
+    where the module has them) as one `F.layer_norm`."""
+    if (self.hook_scale.has_hooks() or self.hook_normalized.has_hooks() or x.dtype != self.cfg.dtype
+            or x.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(x.device.type)):
+        return type(self).forward(self, x)
+    return F.layer_norm(x, x.shape[-1:], getattr(self, "w", None), getattr(self, "b", None), self.eps)
 
+
+def _forward_for(module):
+    from transformer_lens.components import MLP, LayerNorm, LayerNormPre, TransformerBlock
+
+    if isinstance(module, (LayerNorm, LayerNormPre)):
+        return _layer_norm_forward
     if isinstance(module, TransformerBlock):
         return _block_forward
     if isinstance(module, MLP):

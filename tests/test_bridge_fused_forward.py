@@ -51,6 +51,13 @@ def make_model(**overrides):
     return model.eval()
 
 
+def norms(model):
+    """How many LayerNorm / LayerNormPre modules `model` has (each gets the fused norm)."""
+    from transformer_lens.components import LayerNorm, LayerNormPre
+
+    return sum(type(m) in (LayerNorm, LayerNormPre) for m in model.modules())
+
+
 def tokens(model, rows=3):
     return torch.randint(0, model.cfg.d_vocab, (rows, model.cfg.n_ctx), generator=torch.Generator().manual_seed(1))
 
@@ -100,7 +107,7 @@ def test_configurations_it_does_not_cover_keep_transformer_lens_attention(overri
         plain, _ = run(model, toks)
     with fused_forward(model) as switched:
         got, _ = run(model, toks)
-    assert switched == 2 * model.cfg.n_layers and not fused_calls  # blocks and MLPs, no attention
+    assert switched == 2 * model.cfg.n_layers + norms(model) and not fused_calls  # no attention
     torch.testing.assert_close(plain, want, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -133,7 +140,8 @@ def test_a_padding_mask_gets_transformer_lens_forward(fused_calls):
     with fused_forward(model):
         got = model(toks, attention_mask=mask)
     assert not fused_calls
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the norms still run fused (float rounding); attention ignoring the mask would differ by far more
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_is_restored_on_exit_and_after_an_error():
@@ -142,7 +150,7 @@ def test_forward_is_restored_on_exit_and_after_an_error():
         assert switched == 0 and "forward" not in vars(model.blocks[0].attn)
     with pytest.raises(RuntimeError, match="inside"):
         with fused_forward(model) as switched:
-            assert switched == 6 and "forward" in vars(model.blocks[0].attn)
+            assert switched == 6 + 5 and "forward" in vars(model.blocks[0].attn)  # and 5 LayerNorms
             raise RuntimeError("inside")
     assert not any("forward" in vars(m) for m in model.modules())
 
@@ -210,6 +218,55 @@ def test_a_hook_inside_the_first_layernorm_gets_transformer_lens_block():
     assert len(seen) == 6  # three calls in each forward, as TransformerLens makes them
     torch.testing.assert_close(seen[3], seen[0], rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act_fn, post_op", [("gelu", "gelu"), ("gelu_new", "gelu"), ("gelu_pytorch_tanh", "gelu"),
+                                             ("relu", "relu"), ("silu", None)])
+@pytest.mark.parametrize("normalization_type", ["LN", "LNPre"])
+def test_activation_in_the_product_and_one_pass_norms_equal_transformer_lens(act_fn, post_op, normalization_type,
+                                                                             monkeypatch):
+    """With no hook on hook_pre or inside a norm, the MLP's activation runs as the first product's
+    post-op (where oneDNN has it) and each norm as one F.layer_norm; the logits stay TransformerLens'."""
+    model = make_model(act_fn=act_fn, normalization_type=normalization_type)
+    toks = tokens(model)
+    post_ops, layer_norms = [], []
+    pointwise, layer_norm = torch.ops.mkldnn._linear_pointwise, F.layer_norm
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda *a: post_ops.append(a[3]) or pointwise(*a), raising=False)
+    monkeypatch.setattr(F, "layer_norm", lambda *a, **k: layer_norms.append(1) or layer_norm(*a, **k))
+    with torch.no_grad():
+        want = model(toks)
+        post_ops.clear(), layer_norms.clear()
+        with fused_forward(model):
+            got = model(toks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(layer_norms) == 2 * model.cfg.n_layers + 1  # ln1 (once), ln2, ln_final
+    if ff._ONEDNN:
+        assert post_ops.count(post_op) == (model.cfg.n_layers if post_op else 0)
+    seen = []
+    with torch.no_grad(), fused_forward(model):  # a hook on the activation's input: the product, then the activation
+        hooked = model.run_with_hooks(toks, fwd_hooks=[("blocks.0.mlp.hook_pre", lambda v, hook: seen.append(v))])
+    torch.testing.assert_close(hooked, want, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 1
+
+
+def test_a_layer_norm_under_autocast_or_in_another_dtype_gets_transformer_lens_norm():
+    from transformer_lens.components import LayerNorm
+
+    norm = make_model().blocks[0].ln2
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = LayerNorm.forward(norm, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want_autocast = LayerNorm.forward(norm, x)
+        with fused_forward(norm):
+            got = norm(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got_autocast = norm(x)
+            got_double = norm(x.double())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_autocast, want_autocast, rtol=0, atol=0)
+    torch.testing.assert_close(got_double, LayerNorm.forward(norm, x.double()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 64), (33, 64)])
