@@ -85,7 +85,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def covered(module) -> bool:
     """Whether `module` is a module whose configuration a fused forward reproduces exactly."""
     from transformer_lens.components import (
-        MLP, Attention, GroupedQueryAttention, LayerNorm, LayerNormPre, TransformerBlock,
+        MLP,
+        Attention,
+        GroupedQueryAttention,
+        LayerNorm,
+        LayerNormPre,
+        TransformerBlock,
     )
 
     kind = type(module)
