@@ -371,27 +371,26 @@ def main(argv: list[str] | None = None) -> int:
         # after each torch operation would take them from XLA (libgomp reads this once, when torch loads)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from jsae import JsaeError, enable_compilation_cache
+    from jsae.training.hooks import sigterm_interrupts
 
-    try:
-        _jax_memory_policy(args)
-        if args.command == "train" and not args.dry_run:
-            from bridge.distributed import initialize
+    try:  # SIGTERM stops a command as Ctrl-C does (training checkpoints first: TrainingInterrupted)
+        with sigterm_interrupts():
+            _jax_memory_policy(args)
+            if args.command == "train" and not args.dry_run:
+                from bridge.distributed import initialize
 
-            initialize(args.coordinator, args.num_processes, args.process_id)
+                initialize(args.coordinator, args.num_processes, args.process_id)
+            # at a real command line: programs compiled by an earlier run of the same shapes load from disk (a
+            # dry run compiles nothing and leaves nothing behind, the cache folder included)
+            if argv is None and not getattr(args, "dry_run", False):
+                enable_compilation_cache()
+            return args.func(args)
     except JsaeError as err:
         print(f"jsae {args.command}: error: {err}", file=sys.stderr)
         return 2
-    # at a real command line: programs compiled by an earlier run of the same shapes load from disk (a dry
-    # run compiles nothing and leaves nothing behind, the cache folder included)
-    if argv is None and not getattr(args, "dry_run", False):
-        enable_compilation_cache()
-
-    try:
-        return args.func(args)
-    except JsaeError as err:
-        print(f"jsae {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
+    except KeyboardInterrupt:
+        print(f"jsae {args.command}: stopped by a signal", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,8 +15,8 @@ import pytest
 WORKER = Path(__file__).with_name("train_worker.py")
 
 
-def run(out_dir, kill_at=-1, sig="SIGKILL"):
-    return subprocess.run([sys.executable, str(WORKER), str(out_dir), str(kill_at), sig],
+def run(out_dir, kill_at=-1, sig="SIGKILL", after_loop=""):
+    return subprocess.run([sys.executable, str(WORKER), str(out_dir), str(kill_at), sig, after_loop],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -67,6 +67,21 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("after_loop, message", [("eval", "final evaluation stopped by a signal"),
+                                                 ("save", "stopped by signal 15 while saving")])
+def test_sigterm_after_the_loop_saves_the_sae_and_says_so(tmp_path, reference, after_loop, message):
+    """SIGTERM in the final evaluation, or while the SAE is written: the finished SAE is saved whole and
+    the run stops with a message, never silently by SIGTERM's default action."""
+    stopped = run(tmp_path, sig="SIGTERM", after_loop=after_loop)
+    assert stopped.returncode == 1 and "TrainingInterrupted" in stopped.stderr and message in stderr_of(stopped)
+    assert_same_run(tmp_path, reference)  # every step ran: the weights and cfg.json are the uninterrupted run's
+
+
+def stderr_of(result):
+    return " ".join(result.stderr.split())
+
+
+@pytest.mark.slow
 def test_a_checkpoint_half_written_when_killed_is_ignored(tmp_path, reference):
     killed = run(tmp_path, 21)
     assert killed.returncode == -9
@@ -81,3 +96,19 @@ def test_a_checkpoint_half_written_when_killed_is_ignored(tmp_path, reference):
     resumed = run(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_stops_a_cli_command_with_a_message():
+    """Outside the training loop (which checkpoints first), SIGTERM stops a `jsae` command as Ctrl-C
+    does: a message and exit status 130, then SIGTERM's own handler is back."""
+    code = "\n".join([
+        "import os, signal, sys",
+        "import bridge.cli as cli",
+        "cli.demo = lambda args: os.kill(os.getpid(), signal.SIGTERM) or 0",
+        "status = cli.main(['demo'])",
+        "print(status, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["130", "True"]
+    assert "jsae demo: stopped by a signal" in result.stderr

@@ -7,6 +7,7 @@ too); `Trainer.add_hook(fn, every=n)` adds one of your own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -81,6 +82,21 @@ class StopSignals:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
         self._previous = {}
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """For the duration, SIGTERM raises KeyboardInterrupt as Ctrl-C does (main thread only), so work
+    outside the loop's StopSignals (the final evaluation, the CLI's own evaluation) stops through the
+    same path as Ctrl-C, with its message, rather than by SIGTERM's default action (no message)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_finite(metrics: dict, step_index: int) -> None:

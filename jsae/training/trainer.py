@@ -31,6 +31,7 @@ from jsae.training.hooks import (
     StepInfo,
     StopSignals,
     TrainingInterrupted,
+    sigterm_interrupts,
     wait_for_device,
 )
 from jsae.training.memory import refuse_if_too_large, step_memory
@@ -175,7 +176,8 @@ class Trainer:
                     checkpoints.save(state, batches_consumed=consumed, norm_batches=norm_batches, step=total)
             progress.close()
             self.state = state
-            return self._finish(state, evaluator, logger)
+            with sigterm_interrupts():
+                return self._finish(state, evaluator, logger)
         finally:
             for closing in (progress, logger, checkpoints):
                 if closing is not None:
@@ -235,7 +237,8 @@ class Trainer:
 
     def _finish(self, state: TrainState, evaluator, logger: MetricsLogger) -> Any:
         """The SAEs as saved: refused where training left non-finite weights; evaluated, then written to
-        output_path (a signal during the final evaluation stops it after saving the SAEs without its metrics)."""
+        output_path (a signal during the final evaluation stops it after saving the SAEs without its metrics;
+        one during the write stops the run once the folders are complete)."""
         saes = self._saes(state)
         for name, sae in zip(self._names(), saes, strict=True):
             bad = sorted(k for k, v in sae.params.items() if not np.all(np.isfinite(np.asarray(v))))
@@ -252,14 +255,19 @@ class Trainer:
                                           "eval_metrics") from None
             saes = [SAE(sae.cfg.replace(metadata=sae.cfg.metadata.replace(eval_metrics=final)), sae.params,
                         sae.sparsity) for sae, final in zip(saes, finals, strict=True)]
-        self._save(saes)
+        if (received := self._save(saes)) is not None:
+            raise TrainingInterrupted(f"stopped by signal {received} while saving; the SAEs were saved")
         log_final_artifacts(self, logger, saes)
         return saes[0] if self.sweep is None else SweepResult(tuple(self.sweep.names), tuple(saes))
 
-    def _save(self, saes: list[SAE]) -> None:
-        if self.cfg.output_path is not None and self.is_primary:
-            for name, sae in zip(self._names(), saes, strict=True):
-                sae.save_model(self.cfg.output_path if name is None else f"{self.cfg.output_path}/{name}")
+    def _save(self, saes: list[SAE]) -> int | None:
+        """Write the SAEs to output_path; a signal meanwhile waits until every folder is complete and is
+        returned (None when none came)."""
+        with StopSignals() as signals:
+            if self.cfg.output_path is not None and self.is_primary:
+                for name, sae in zip(self._names(), saes, strict=True):
+                    sae.save_model(self.cfg.output_path if name is None else f"{self.cfg.output_path}/{name}")
+        return signals.received
 
     # ------------------------------------------------------------------ data
     def _to_global(self, batch: Any) -> jax.Array:
