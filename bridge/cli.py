@@ -175,7 +175,7 @@ def cache(args: argparse.Namespace) -> int:
     elif cfg.activations_cache:
         path = cfg.activations_cache
     else:
-        raise SystemExit("jsae cache: give --cache-path or set activation_cache_path in the config.")
+        raise SystemExit("jsae cache: give --cache-path, or set activation_cache_path (or SAELens' cached_activations_path / use_cached_activations) in the config.")
     if args.dry_run:
         from bridge.dry_run import dry_run_train
 

@@ -130,9 +130,10 @@ class RunConfig:
         activations_dtype: the dtype of the shuffle buffer and of the batches JAX trains on: "float32" or
             "bfloat16".
         fused_forward: the forwards that feed training run fused attention (torch's
-            scaled_dot_product_attention), one LayerNorm and one product for q, k and v, and oneDNN
-            products on CPU, wherever nothing reads what they skip (see bridge/fused_forward.py); the
-            activations equal TransformerLens' within float error. false: TransformerLens' forward as written.
+            scaled_dot_product_attention), one-pass LayerNorms (the block's first once), one product for q,
+            k and v, and oneDNN products on CPU with the MLP's activation inside the first, wherever nothing
+            reads what they skip (see bridge/fused_forward.py); the activations equal TransformerLens'
+            within float error. false: TransformerLens' forward as written.
         activation_cache_path: train from a cache written by `jsae cache` instead of the model.
         autocast: SAELens' flag for training the SAE under torch.autocast: true sets the training
             products' `compute_dtype` to bfloat16 (float32 accumulation; see docs/gpu.md).
@@ -140,6 +141,10 @@ class RunConfig:
             as SAELens' activation store does.
         cached_activations_path: SAELens' name for the same: a cache folder of either layout (jsae's, or the
             `datasets` folder sae_lens' CacheActivationsRunner and `jsae cache --format saelens` write).
+        use_cached_activations: SAELens' switch for cached_activations_path. true: train from the cache,
+            by default at SAELens' path activations/{dataset_path}/{model_name}/{hook_name}[_{hook_head_index}]
+            ('/' in the names as '_'); false: train from the model, leaving cached_activations_path unused
+            as SAELens does. Not given: a cache path given is the cache to train from.
         train: the SAE and training settings (None for a config that only evaluates).
     """
 
@@ -177,6 +182,7 @@ class RunConfig:
     autocast_lm: bool = False
     activation_cache_path: str | None = None
     cached_activations_path: str | None = None
+    use_cached_activations: bool | None = None
     train: TrainConfig | None = None
 
     def __post_init__(self) -> None:
@@ -241,6 +247,11 @@ class RunConfig:
                 raise ConfigError(f"hook_names lists a hook twice: {names}.")
             object.__setattr__(self, "hook_names", list(names))
         self._check_transcoder()
+        if self.use_cached_activations not in (None, True, False):
+            raise ConfigError(f"use_cached_activations must be true or false, got {self.use_cached_activations!r}.")
+        if self.use_cached_activations is False and self.activation_cache_path is not None:
+            raise ConfigError("use_cached_activations is false but activation_cache_path names a cache to train "
+                              "from; remove one of them.")
         if self.activation_cache_path is not None and self.cached_activations_path is not None:
             raise ConfigError("activation_cache_path and cached_activations_path name the same thing (the cache to "
                               "train from); set one of them.")
@@ -345,8 +356,15 @@ class RunConfig:
 
     @property
     def activations_cache(self) -> str | None:
-        """The activation cache this run trains from (activation_cache_path or cached_activations_path), or None."""
-        return self.activation_cache_path if self.activation_cache_path is not None else self.cached_activations_path
+        """The activation cache this run trains from (activation_cache_path or cached_activations_path, or with
+        use_cached_activations SAELens' default path: sae_lens/config.py, _default_cached_activations_path), or None."""
+        if self.use_cached_activations is False:
+            return None
+        given = self.activation_cache_path if self.activation_cache_path is not None else self.cached_activations_path
+        if given is not None or not self.use_cached_activations:
+            return given
+        path = f"activations/{self.dataset_path.replace('/', '_')}/{self.model_name.replace('/', '_')}/{self.hook_name}"
+        return path if self.hook_head_index is None else f"{path}_{self.hook_head_index}"
 
     @property
     def hooks(self) -> list[str]:

@@ -88,3 +88,41 @@ def test_a_config_file_that_is_not_a_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(jsae.ConfigError, match="expected a mapping"):
         RunConfig.from_yaml(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("head", [None, 3])
+def test_use_cached_activations_reads_sae_lens_default_cache_path(head):
+    """use_cached_activations: true with no path trains from the folder SAELens' runner would read
+    (and its CacheActivationsRunner writes by default)."""
+    from sae_lens.config import _default_cached_activations_path
+
+    extra = [] if head is None else ["--set", f"hook_head_index={head}", "--set", "hook_name=blocks.1.attn.hook_z"]
+    cfg = cli_config("train", "--set", "use_cached_activations=true", "--set", "dataset_path=org/my-data",
+                     "--set", "model_name=org/model", *extra)
+    assert cfg.activations_cache == _default_cached_activations_path("org/my-data", "org/model", cfg.hook_name, head)
+    assert cfg.activations_cache.startswith("activations/org_my-data/org_model/")
+
+
+def test_use_cached_activations_switches_cached_activations_path_as_in_sae_lens():
+    from jsae import ConfigError
+
+    given = ["--set", "cached_activations_path=acts/here"]
+    assert cli_config("train", *given).activations_cache == "acts/here"  # not given: a path is the cache
+    assert cli_config("train", *given, "--set", "use_cached_activations=true").activations_cache == "acts/here"
+    assert cli_config("train", *given, "--set", "use_cached_activations=false").activations_cache is None
+    assert cli_config("train").activations_cache is None
+    with pytest.raises(ConfigError, match="use_cached_activations is false but activation_cache_path"):
+        cli_config("train", "--set", "activation_cache_path=acts", "--set", "use_cached_activations=false")
+    with pytest.raises(ConfigError, match="use_cached_activations must be true or false"):
+        cli_config("train", "--set", "use_cached_activations=yes please")
+
+
+def test_dry_run_names_the_default_cache_path_it_would_read(tmp_path, monkeypatch, capsys):
+    from bridge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("use_cached_activations: true\ntotal_training_tokens: 8192\n"
+                                     "sae: {architecture: topk, d_in: 128, d_sae: 256, k: 8}\n")
+    assert main(["train", "c.yaml", "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cached_activations_path: activations/stdlib/embedded/blocks.2.hook_resid_pre does not exist yet" in out
