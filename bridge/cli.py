@@ -175,7 +175,8 @@ def cache(args: argparse.Namespace) -> int:
     elif cfg.activations_cache:
         path = cfg.activations_cache
     else:
-        raise SystemExit("jsae cache: give --cache-path, or set activation_cache_path (or SAELens' cached_activations_path / use_cached_activations) in the config.")
+        raise SystemExit("jsae cache: give --cache-path, or set activation_cache_path (or SAELens' "
+                         "cached_activations_path / use_cached_activations) in the config.")
     if args.dry_run:
         from bridge.dry_run import dry_run_train
 
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"jsae {args.command}: stopped by a signal", file=sys.stderr)
         return 130
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,9 +17,9 @@ time than all of the model's matrix products:
   faster at the model's shapes (bench/RESULTS.md). When nothing reads hook_pre, the MLP's
   activation (GELU, either form, or ReLU) runs inside its first product as a oneDNN post-op
   instead of as a separate pass over (batch, pos, d_mlp).
-- **LayerNorm.** TransformerLens' LayerNorm and LayerNormPre take seven elementwise passes
-  (mean, subtract, square, mean, add, sqrt, divide, then scale and shift); when nothing reads
-  hook_scale or hook_normalized, `torch.nn.functional.layer_norm` computes the same in one.
+- **LayerNorm.** TransformerLens' LayerNorm and LayerNormPre take a pass over the activations
+  for each of mean, subtract, square, mean, add, sqrt, divide (and scale and shift); when nothing
+  reads hook_scale or hook_normalized, `torch.nn.functional.layer_norm` computes the same in one.
 
 hook_q, hook_k, hook_v, hook_rot_q, hook_rot_k, hook_z, hook_post and every block-level hook
 (resid_pre/mid/post, attn_out, mlp_out) still fire, with the same shapes. The results
