@@ -161,3 +161,15 @@ def test_complex_activations_are_refused(tmp_path):
     batches = [b.astype(np.complex64) for b in data()]
     with pytest.raises(jsae.InputError, match="real floating-point numbers, got dtype complex64"):
         jsae.Trainer(cfg(tmp_path, checkpoint_path=None)).fit(iter(batches))
+
+
+def test_weights_left_non_finite_are_refused_naming_each_tensor_and_not_saved(tmp_path):
+    """Every batch skipped (on_nonfinite: skip) leaves a NaN start where it was: the run refuses to
+    save that SAE and names the tensor and how many of its values are bad."""
+    run_cfg = cfg(tmp_path, on_nonfinite="skip", checkpoint_path=None)
+    params = {k: np.asarray(v) for k, v in jsae.Trainer(run_cfg).init_state().params.items()}
+    params["b_dec"] = params["b_dec"].copy()
+    params["b_dec"][:3] = np.nan
+    with pytest.raises(jsae.InputError, match=rf"non-finite values in b_dec: 3 of {D_IN}; the SAE was not saved"):
+        jsae.Trainer(run_cfg).fit(data(), params=params)
+    assert not (tmp_path / "sae" / "sae_weights.safetensors").exists()  # (its metrics.jsonl is there)

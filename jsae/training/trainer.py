@@ -18,6 +18,7 @@ from jsae._errors import ConfigError, InputError
 from jsae.backends import ExecutionPlan, resolve_plan
 from jsae.sae import SAE
 from jsae.saes import get_training_architecture
+from jsae.tensors import non_finite_params
 from jsae.training import outputs
 from jsae.training.checkpoints import Checkpoints, fingerprint
 from jsae.training.config import TrainConfig
@@ -241,11 +242,10 @@ class Trainer:
         one during the write stops the run once the folders are complete)."""
         saes = self._saes(state)
         for name, sae in zip(self._names(), saes, strict=True):
-            bad = sorted(k for k, v in sae.params.items() if not np.all(np.isfinite(np.asarray(v))))
-            if bad:
-                raise InputError(f"training left non-finite values in {', '.join(bad)}" + (f" of {name}" if name else "")
-                                 + "; the SAE was not saved. Check the data (on_nonfinite: error stops at the first "
-                                   "bad batch) and the learning rate.")
+            if bad := non_finite_params(sae.params):
+                raise InputError(f"training left non-finite values in {'; '.join(bad)}"
+                                 + (f" of {name}" if name else "") + "; the SAE was not saved. Check the data "
+                                   "(on_nonfinite: error stops at the first bad batch) and the learning rate.")
         if evaluator is not None and self.is_primary:
             try:
                 finals = self._evaluate(evaluator, saes, logger, self.cfg.total_training_steps)
